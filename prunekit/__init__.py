@@ -1,0 +1,15 @@
+"""prunekit: visual-token pruning for vision-language models, side by side and fairly measured."""
+from .adapters import adapter_for, supported_families
+from .budget import Budget
+from .pruner import Keep, PruneContext, Site, Stage, TokenPruner
+from .registry import build_strategy, list_strategies, load_plugins, register_strategy
+from .runtime import PruningError, PruningHandle, attach
+from .trace import PruneTrace
+
+__all__ = [
+    "TokenPruner", "Stage", "Site", "Keep", "PruneContext", "Budget",
+    "register_strategy", "build_strategy", "list_strategies", "load_plugins",
+    "attach", "PruningHandle", "PruningError", "PruneTrace",
+    "adapter_for", "supported_families",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,54 @@
+"""LLaVA-1.5 (``LlavaForConditionalGeneration``): CLIP tower, MLP projector, Llama-family decoder."""
+from __future__ import annotations
+
+import math
+
+from torch import Tensor, nn
+
+from .base import ModelAdapter, register_adapter
+
+
+@register_adapter
+class LlavaAdapter(ModelAdapter):
+    family = "llava-1.5"
+    model_classes = ("LlavaForConditionalGeneration",)
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        cfg = model.config
+        if cfg.vision_feature_select_strategy != "default":
+            raise ValueError(
+                f"prunekit's LLaVA adapter expects vision_feature_select_strategy='default' (CLS dropped), "
+                f"this model uses {cfg.vision_feature_select_strategy!r}"
+            )
+        if not isinstance(cfg.vision_feature_layer, int):
+            raise ValueError("prunekit's LLaVA adapter expects a single vision_feature_layer (an int)")
+
+    @property
+    def multimodal_model(self) -> nn.Module:
+        return self.model.model
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self.model.model.vision_tower
+
+    @property
+    def projector(self) -> nn.Module:
+        return self.model.model.multi_modal_projector
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.model.model.language_model
+
+    def image_token_mask(self, input_ids: Tensor | None, inputs_embeds: Tensor | None) -> Tensor:
+        return self._placeholder_mask(
+            self.language_model.embed_tokens, self.model.config.image_token_id, input_ids, inputs_embeds
+        )
+
+    def tokens_per_image(self) -> int:
+        vc = self.model.config.vision_config
+        return (vc.image_size // vc.patch_size) ** 2
+
+    def image_grid(self, n_tokens: int) -> tuple[int, int] | None:
+        side = math.isqrt(n_tokens)
+        return (side, side) if side * side == n_tokens else None

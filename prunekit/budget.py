@@ -1,0 +1,38 @@
+"""Token budgets and the three accounting conventions (baselines.md §0.3).
+
+- ``n_in``: visual tokens entering the language model;
+- ``n_final``: visual tokens after the last pruning step (what reaches the last layer);
+- ``n_avg``: layer-averaged visual tokens over the language model's layers (each layer counted with
+  the tokens it takes as input).
+
+Papers mix these; prunekit logs all three and records which one a budget constrained.
+"""
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+
+CONVENTIONS = ("n_in", "n_final", "n_avg")
+
+
+@dataclass(frozen=True)
+class Budget:
+    tokens: int
+    convention: str = "n_in"
+
+    def __post_init__(self):
+        if isinstance(self.tokens, bool) or not isinstance(self.tokens, numbers.Integral):
+            raise TypeError(f"budget must be a whole number of visual tokens, got {self.tokens!r}")
+        if self.tokens <= 0:
+            raise ValueError(
+                f"budget must be > 0 visual tokens, got {self.tokens}. "
+                "To keep every token use the `keep_all` strategy."
+            )
+        if self.convention not in CONVENTIONS:
+            raise ValueError(f"unknown budget convention {self.convention!r}; choose one of {CONVENTIONS}")
+        object.__setattr__(self, "tokens", int(self.tokens))
+
+
+def layer_average(counts_per_layer: list[int]) -> float:
+    """n_avg: the mean over layers of the visual tokens each layer takes as input."""
+    return sum(counts_per_layer) / len(counts_per_layer) if counts_per_layer else 0.0

@@ -1,0 +1,166 @@
+"""The strategy contract: where a pruner acts (sites), what it sees (context), what it returns (Keep)."""
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, ClassVar, Sequence
+
+import torch
+from torch import Tensor
+
+from .budget import Budget
+
+
+class Stage(str, Enum):
+    """The four insertion points every method in the literature uses (DESIGN.md)."""
+
+    VISION_LAYER = "vision_layer"  # inside the vision encoder, after layer l
+    VISION_OUTPUT = "vision_output"  # vision feature layer, before the projector
+    PROJECTOR_OUTPUT = "projector_output"  # projected embeddings, before the language model
+    LLM_LAYER = "llm_layer"  # inside the language model, before decoder layer k (prefill only)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+POSITION_POLICIES = ("compact", "original")
+
+
+@dataclass(frozen=True)
+class Site:
+    """One place a strategy acts: a stage and, for layer stages, the layer index."""
+
+    stage: Stage
+    layer: int | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "stage", Stage(self.stage))
+        if self.stage in (Stage.VISION_LAYER, Stage.LLM_LAYER):
+            if not isinstance(self.layer, int) or self.layer < 0:
+                raise ValueError(f"stage {self.stage} needs a layer index >= 0, got {self.layer!r}")
+        elif self.layer is not None:
+            raise ValueError(f"stage {self.stage} takes no layer index, got {self.layer!r}")
+
+    def __str__(self) -> str:
+        return f"{self.stage}" if self.layer is None else f"{self.stage}[{self.layer}]"
+
+
+@dataclass
+class Keep:
+    """A strategy's decision for one site: per unit (image or sample), which visual tokens survive.
+
+    ``indices[u]`` are indices into the unit's current visual tokens, one per output token; for merged
+    tokens it is the representative. ``features[u]`` (optional) replaces the gathered features of the
+    output tokens (merging); ``members[u][j]`` lists the current tokens merged into output token j.
+    The runtime sorts outputs by representative, so sequence order is always the original order.
+    """
+
+    indices: list[Tensor]
+    features: list[Tensor] | None = None
+    members: list[list[Tensor]] | None = None
+
+    @classmethod
+    def rows(cls, indices: Tensor | Sequence[Tensor], features=None, members=None) -> "Keep":
+        """Build from a batched (U, K) index tensor (and (U, K, D) features) or per-unit lists."""
+        idx = list(indices.unbind(0)) if isinstance(indices, Tensor) else list(indices)
+        feats = list(features.unbind(0)) if isinstance(features, Tensor) else features
+        return cls(idx, feats, members)
+
+
+@dataclass
+class PruneContext:
+    """What a strategy sees at one site. It never touches model internals.
+
+    ``tokens`` holds each unit's current visual tokens, right-padded to a common length; ``lengths``
+    says how many are live. Units are images at vision stages and samples at ``llm_layer``.
+    """
+
+    site: Site
+    tokens: Tensor  # (U, N, D)
+    lengths: Tensor  # (U,) long
+    grids: list[tuple[int, int] | None]  # per unit: the patch grid if its tokens are still a full raster grid
+    sample_of: list[int]  # per unit: index of the sample in the batch
+    budget: Budget | None = None
+    num_layers: int | None = None  # layers of the module the site is in (vision tower or language model)
+    _seed_source: Any = field(default=None, repr=False)
+
+    @property
+    def stage(self) -> Stage:
+        return self.site.stage
+
+    @property
+    def layer(self) -> int | None:
+        return self.site.layer
+
+    @property
+    def num_units(self) -> int:
+        return self.tokens.shape[0]
+
+    def target(self, unit: int) -> int:
+        """Tokens to keep for ``unit``: the budget's per-unit target, clamped to what is there."""
+        n = int(self.lengths[unit])
+        return n if self.budget is None else min(self.budget.tokens, n)
+
+    def seed(self, unit: int) -> int:
+        """A seed derived from the unit's image content, identical whatever the batch (invariant 5)."""
+        return self._seed_source(unit)
+
+    def generator(self, unit: int) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed(unit))
+
+
+def content_seed(*tensors: Tensor) -> int:
+    """A 63-bit seed from the exact bytes of tensors (pixel values are bit-stable across batch sizes)."""
+    h = hashlib.blake2b(digest_size=8)
+    for t in tensors:
+        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return int.from_bytes(h.digest(), "little") >> 1
+
+
+def combine_seeds(seeds: Sequence[int]) -> int:
+    """One seed from several (a sample with several images)."""
+    h = hashlib.blake2b(digest_size=8)
+    for s in seeds:
+        h.update(int(s).to_bytes(8, "little"))
+    return int.from_bytes(h.digest(), "little") >> 1
+
+
+class TokenPruner(ABC):
+    """Base class of every strategy.
+
+    A subclass declares its ``sites()`` and implements ``prune(ctx) -> Keep``; it is registered with
+    ``@register_strategy("name")``. ``position_policy`` says which positions kept tokens get in the
+    language model: ``compact`` (renumbered as if the short sequence had been the prompt) or
+    ``original`` (the unpruned positions, with gaps).
+    """
+
+    name: ClassVar[str] = "?"  # set by @register_strategy
+    position_policy: str = "compact"
+
+    def __init__(self, budget: int | None = None, convention: str = "n_in"):
+        self.budget = None if budget is None else Budget(budget, convention)
+
+    @abstractmethod
+    def sites(self) -> Sequence[Site]:
+        """Where this strategy acts."""
+
+    @abstractmethod
+    def prune(self, ctx: PruneContext) -> Keep:
+        """Decide which visual tokens of each unit survive at ``ctx.site``."""
+
+    def supports(self, adapter) -> str | None:
+        """Return a reason if this strategy cannot run on ``adapter``'s model family, else None."""
+        return None
+
+    def params(self) -> dict[str, Any]:
+        """The knobs, for logging. Subclasses with more knobs extend it."""
+        out: dict[str, Any] = {"name": self.name, "position_policy": self.position_policy}
+        if self.budget is not None:
+            out.update(budget=self.budget.tokens, convention=self.budget.convention)
+        return out
+
+    def __repr__(self) -> str:
+        knobs = ", ".join(f"{k}={v!r}" for k, v in self.params().items() if k != "name")
+        return f"{type(self).__name__}({knobs})"

@@ -1,0 +1,3 @@
+from .attach import PruningError, PruningHandle, attach
+
+__all__ = ["attach", "PruningHandle", "PruningError"]

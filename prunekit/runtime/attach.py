@@ -1,0 +1,580 @@
+"""``attach(model, strategy)``: per-instance hooks that make a strategy prune inside ``forward``/``generate``.
+
+Hooks (all on this model instance, all removed by ``detach()``):
+
+- vision tower, forward pre-hook: remembers the pixel values (content seeds for randomised strategies);
+- projector, forward pre-hook (``vision_output`` sites): the strategy picks or merges vision features,
+  and the projector runs once on the kept ``[images, T, D]`` batch;
+- projector, forward hook (``projector_output`` sites, then always when pruned): kept embeddings are
+  scattered back into the N placeholder slots, so transformers' placeholder-count check passes;
+- multimodal model, forward pre-hook: finds the image-token span of each sample from ``input_ids``;
+- language model, forward pre-hook: in prefill, physically removes the dropped slots from
+  ``inputs_embeds`` / ``attention_mask`` / ``position_ids``; in decode steps, rewrites the mask and the
+  positions per sample (transformers keeps passing original-length masks and original positions);
+- decoder layers from the first ``llm_layer`` site on, forward pre-hooks: prune hidden states and slice
+  the loop-level kwargs (RoPE tables, mask, positions) that the language model computed once;
+- top model, forward pre-hook and an instance-level ``generate`` guard: refuse what is not supported.
+
+See docs/architecture.md for the data flow.
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+import weakref
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+from transformers import DynamicCache
+from transformers.masking_utils import create_causal_mask
+
+from ..adapters import ModelAdapter, adapter_for
+from ..pruner import Keep, PruneContext, Site, Stage, TokenPruner, combine_seeds, content_seed
+from ..registry import build_strategy
+from ..trace import PruneTrace, SampleTrack, StageEvent
+from .sequence import Segment, pack, take
+
+_ATTACHED: "weakref.WeakKeyDictionary[nn.Module, PruningHandle]" = weakref.WeakKeyDictionary()
+_RUNTIME_STAGES = (Stage.VISION_OUTPUT, Stage.PROJECTOR_OUTPUT, Stage.LLM_LAYER)
+
+
+class PruningError(RuntimeError):
+    """A use of an attached model that prunekit cannot serve correctly (yet)."""
+
+
+@dataclass
+class ImageDecision:
+    """Vision-side outcome for one image: which of its N tokens survive (representatives) and members."""
+
+    n_tokens: int
+    kept: Tensor  # (k,) ascending indices into the image's N tokens
+    members: list[Tensor]
+
+
+@dataclass
+class VisionPass:
+    """State of one pass through the vision tower + projector, consumed by the next prefill."""
+
+    pixel_values: Tensor | None
+    images: list[ImageDecision] | None = None
+    events: list[tuple[str, list[int], list[int]]] = field(default_factory=list)  # per image in/out
+    seeds: dict[int, int] = field(default_factory=dict)
+
+    def seed(self, image: int) -> int:
+        if image not in self.seeds:
+            if self.pixel_values is None:
+                raise PruningError("a randomised strategy needs the pixel values of each image for its seed")
+            self.seeds[image] = content_seed(self.pixel_values[image])
+        return self.seeds[image]
+
+
+@dataclass
+class Prefill:
+    """What the last prefill decided, kept to rewrite its decode steps."""
+
+    cache: Any  # weakref to the KV cache filled by this prefill, or None
+    length_orig: int
+    entry: Segment
+    segments: list[Segment]  # llm_layer segments, in layer order
+    active: bool  # False when nothing was pruned (no images): decode passes through
+    vision: VisionPass | None = None
+    sample_images: list[list[int]] = field(default_factory=list)  # per sample: its images in the vision pass
+    step: int = 0
+    step_positions: Tensor | None = None  # original positions of the current decode step's tokens
+    step_tail: Tensor | None = None  # mask columns of generated tokens, current step included
+
+
+def attach(model: nn.Module, strategy: TokenPruner | str | Mapping[str, Any], **params: Any) -> "PruningHandle":
+    """Attach ``strategy`` to ``model`` (this instance only). Usable as a plain call or a context manager."""
+    if not isinstance(strategy, TokenPruner):
+        strategy = build_strategy(strategy, **params)
+    elif params:
+        raise TypeError("pass knobs either to build_strategy or with a strategy name, not with an instance")
+    return PruningHandle(model, strategy)
+
+
+class PruningHandle:
+    def __init__(self, model: nn.Module, strategy: TokenPruner):
+        if model in _ATTACHED:
+            raise PruningError(
+                f"this model already has {_ATTACHED[model].strategy!r} attached; detach() it first "
+                "(one strategy per model instance)"
+            )
+        self.model = model
+        self.strategy = strategy
+        self.adapter: ModelAdapter = adapter_for(model)
+        self.sites = list(strategy.sites())
+        self._validate()
+        self.trace: PruneTrace | None = None
+        self.replaying = False
+        self._recorded: dict[Site, Keep] = {}
+        self._vision: VisionPass | None = None
+        self._span: Tensor | None = None  # (B, L) image-token mask of the current multimodal forward
+        self._prefill: Prefill | None = None
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._had_generate = "generate" in model.__dict__
+        self._old_generate = model.__dict__.get("generate")
+        self._install()
+        _ATTACHED[model] = self
+
+    # --- public -----------------------------------------------------------------------------------
+    def detach(self) -> None:
+        """Remove every hook; the model behaves exactly as if never attached."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        if self._had_generate:
+            self.model.generate = self._old_generate
+        else:
+            self.model.__dict__.pop("generate", None)
+        if _ATTACHED.get(self.model) is self:
+            del _ATTACHED[self.model]
+        self._prefill = self._vision = None
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    @contextmanager
+    def replay(self):
+        """Re-apply the last prefill's decisions instead of asking the strategy (cache ≡ recompute tests)."""
+        if not self._recorded:
+            raise PruningError("nothing to replay: run a prefill with this handle first")
+        self.replaying = True
+        try:
+            yield self
+        finally:
+            self.replaying = False
+
+    def __enter__(self) -> "PruningHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    def __repr__(self) -> str:
+        state = "attached" if self.attached else "detached"
+        return f"PruningHandle({self.strategy!r} on {self.adapter.describe()}, {state})"
+
+    # --- set-up -----------------------------------------------------------------------------------
+    def _validate(self) -> None:
+        name = self.strategy.name
+        reason = self.strategy.supports(self.adapter)
+        if reason:
+            raise PruningError(f"strategy {name!r} cannot run on {self.adapter.describe()}: {reason}")
+        if not self.sites:
+            raise PruningError(f"strategy {name!r} declares no sites")
+        for site in self.sites:
+            if site.stage not in _RUNTIME_STAGES:
+                raise PruningError(
+                    f"strategy {name!r} acts at {site}, a stage this runtime does not serve yet "
+                    f"(served: {', '.join(map(str, _RUNTIME_STAGES))})"
+                )
+            if site.stage is Stage.LLM_LAYER and site.layer >= self.adapter.num_llm_layers:
+                raise PruningError(
+                    f"strategy {name!r} prunes before LLM layer {site.layer}, but the language model has "
+                    f"{self.adapter.num_llm_layers} layers (0..{self.adapter.num_llm_layers - 1})"
+                )
+        if len(set(self.sites)) != len(self.sites):
+            raise PruningError(f"strategy {name!r} lists a site twice: {self.sites}")
+        budget, per_image = self.strategy.budget, self.adapter.tokens_per_image()
+        vision_side = any(s.stage is not Stage.LLM_LAYER for s in self.sites)
+        if budget is not None and vision_side and per_image is not None and budget.tokens > per_image:
+            raise ValueError(
+                f"budget {budget.tokens} exceeds the {per_image} visual tokens per image of this model; "
+                f"use a budget <= {per_image} ({per_image} keeps every token)"
+            )
+        if self.strategy.position_policy not in ("compact", "original"):
+            raise ValueError(f"strategy {name!r} has unknown position_policy {self.strategy.position_policy!r}")
+
+    def _install(self) -> None:
+        a, hook = self.adapter, self._handles.append
+        hook(a.vision_tower.register_forward_pre_hook(self._on_vision_tower, with_kwargs=True))
+        hook(a.projector.register_forward_pre_hook(self._on_projector_input))
+        hook(a.projector.register_forward_hook(self._on_projector_output))
+        hook(a.multimodal_model.register_forward_pre_hook(self._on_multimodal, with_kwargs=True))
+        hook(a.language_model.register_forward_pre_hook(self._on_llm_entry, with_kwargs=True))
+        llm_layers = sorted(s.layer for s in self.sites if s.stage is Stage.LLM_LAYER)
+        if llm_layers:
+            for i, layer in enumerate(a.decoder_layers):
+                if i >= llm_layers[0]:
+                    hook(layer.register_forward_pre_hook(functools.partial(self._on_decoder_layer, i), with_kwargs=True))
+        hook(self.model.register_forward_pre_hook(self._on_top_forward, with_kwargs=True))
+        self.model.generate = self._guarded_generate(self.model.generate)
+
+    # --- decisions --------------------------------------------------------------------------------
+    def _decide(self, ctx: PruneContext) -> Keep:
+        if self.replaying:
+            if ctx.site not in self._recorded:
+                raise PruningError(f"replay has no recorded decision for {ctx.site}")
+            keep = self._recorded[ctx.site]
+        else:
+            keep = self.strategy.prune(ctx)
+            if not isinstance(keep, Keep):
+                raise TypeError(f"{self.strategy.name}.prune must return a Keep, got {type(keep).__name__}")
+        keep = _normalise(keep, ctx, self.strategy.name)
+        self._recorded[ctx.site] = keep
+        return keep
+
+    def _site(self, stage: Stage, layer: int | None = None) -> Site | None:
+        site = Site(stage, layer)
+        return site if site in self.sites else None
+
+    # --- vision side ------------------------------------------------------------------------------
+    def _on_vision_tower(self, module, args, kwargs):
+        pixels = args[0] if args else kwargs.get("pixel_values")
+        self._vision = VisionPass(pixel_values=pixels)
+
+    def _on_projector_input(self, module, args):
+        vision = self._vision
+        site = self._site(Stage.VISION_OUTPUT)
+        if vision is None:
+            vision = self._vision = VisionPass(pixel_values=None)
+        features = args[0]
+        n_images, n_tokens = features.shape[:2]
+        vision.images = [ImageDecision(n_tokens, torch.arange(n_tokens), []) for _ in range(n_images)]
+        for d in vision.images:
+            d.members = list(d.kept.unsqueeze(1))
+        vision.events = []
+        if site is None:
+            return None
+        ctx = self._image_context(site, features, vision)
+        keep = self._decide(ctx)
+        self._apply_to_images(vision, keep, str(site))
+        return (_assemble(features, keep),) + tuple(args[1:])
+
+    def _on_projector_output(self, module, args, output):
+        vision = self._vision
+        if vision is None or vision.images is None:
+            return None
+        site = self._site(Stage.PROJECTOR_OUTPUT)
+        if site is not None:
+            lengths = torch.tensor([len(d.kept) for d in vision.images])
+            ctx = self._image_context(site, output, vision, lengths)
+            keep = self._decide(ctx)
+            self._apply_to_images(vision, keep, str(site))
+            output = _assemble(output, keep)
+        if all(len(d.kept) == d.n_tokens for d in vision.images) and not vision.events:
+            return None
+        # scatter kept embeddings back into the N placeholder slots; the LLM entry drops the others
+        full = output.new_zeros(output.shape[0], vision.images[0].n_tokens, output.shape[2])
+        for u, d in enumerate(vision.images):
+            full[u, d.kept.to(full.device)] = output[u, : len(d.kept)]
+        return full
+
+    def _image_context(self, site: Site, tokens: Tensor, vision: VisionPass, lengths: Tensor | None = None):
+        n_images, n_tokens = tokens.shape[:2]
+        if lengths is None:
+            lengths = torch.full((n_images,), n_tokens, dtype=torch.long)
+        grids = [
+            self.adapter.image_grid(d.n_tokens) if len(d.kept) == d.n_tokens else None for d in vision.images
+        ]
+        return PruneContext(
+            site=site, tokens=tokens, lengths=lengths, grids=grids, sample_of=list(range(n_images)),
+            budget=self.strategy.budget, num_layers=None, _seed_source=vision.seed,
+        )
+
+    @staticmethod
+    def _apply_to_images(vision: VisionPass, keep: Keep, site: str) -> None:
+        n_in = [len(d.kept) for d in vision.images]
+        for u, d in enumerate(vision.images):
+            idx = keep.indices[u].cpu()
+            members = keep.members[u] if keep.members else [i.view(1) for i in idx]
+            d.members = [torch.cat([d.members[j] for j in m.cpu().tolist()]).sort().values for m in members]
+            d.kept = d.kept[idx]
+        vision.events.append((site, n_in, [len(d.kept) for d in vision.images]))
+
+    # --- multimodal model and LLM entry -----------------------------------------------------------
+    def _on_multimodal(self, module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        self._span = self.adapter.image_token_mask(input_ids, kwargs.get("inputs_embeds"))
+
+    def _on_llm_entry(self, module, args, kwargs):
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:
+            raise PruningError("prunekit expects the language model to receive inputs_embeds from the multimodal model")
+        cache = kwargs.get("past_key_values")
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:
+            use_cache = getattr(module.config, "use_cache", False)
+        past = cache.get_seq_length() if cache is not None else 0
+        if past == 0:
+            if use_cache and cache is None:  # create it here (as the LM would) so decode steps can be matched to it
+                cache = kwargs["past_key_values"] = DynamicCache(config=module.config)
+            self._start_prefill(embeds, kwargs, cache)
+        else:
+            self._start_decode(embeds, kwargs, cache)
+        return args, kwargs
+
+    def _start_prefill(self, embeds: Tensor, kwargs: dict, cache) -> None:
+        batch, length = embeds.shape[:2]
+        span = self._span
+        self._span = None
+        if span is None or span.shape != (batch, length):
+            raise PruningError("the language model was called without going through the multimodal model")
+        device = embeds.device
+        span = span.to(device)
+        mask = kwargs.get("attention_mask")
+        mask = torch.ones(batch, length, dtype=torch.bool, device=device) if mask is None else mask.to(torch.bool)
+        if mask.dim() != 2:
+            raise PruningError("prunekit needs a 2-D attention_mask (batch, length); got a prepared 4-D mask")
+        positions = kwargs.get("position_ids")
+        if positions is None:
+            positions = torch.arange(length, device=device).unsqueeze(0)
+        positions = positions.expand(batch, length)
+        entry = Segment(0, mask, positions, span & mask, torch.zeros(batch, dtype=torch.long, device=device))
+
+        trace = PruneTrace(
+            strategy=self.strategy.name, batch_size=batch, num_llm_layers=self.adapter.num_llm_layers,
+            budget=self.strategy.budget, position_policy=self.strategy.position_policy, replayed=self.replaying,
+        )
+        vision, self._vision = self._vision, None
+        trace.samples, sample_images = self._sample_tracks(span, vision, trace)
+        keep = ~entry.visual
+        for b, track in enumerate(trace.samples):
+            slots = entry.visual[b].nonzero().squeeze(1)
+            keep[b, slots[track.kept.to(device)]] = True
+        index, entry = entry.select(keep, self.strategy.position_policy, start_layer=0)
+        kwargs["inputs_embeds"] = take(embeds, index)
+        kwargs["attention_mask"] = entry.mask.long()
+        kwargs["position_ids"] = entry.positions
+        counts = entry.visual_counts().cpu()
+        trace.llm_layer_counts = counts.unsqueeze(1).repeat(1, self.adapter.num_llm_layers)
+        active = bool(span.any())
+        if not active:
+            trace.notes.append("no image tokens in this prefill: nothing pruned")
+        self.trace = trace
+        self._prefill = Prefill(
+            cache=weakref.ref(cache) if cache is not None else None,
+            length_orig=length, entry=entry, segments=[], active=active, vision=vision,
+            sample_images=sample_images,
+        )
+
+    def _sample_tracks(self, span: Tensor, vision: VisionPass | None, trace: PruneTrace):
+        """Match the vision pass's images to samples (they fill the placeholders in batch order)."""
+        counts = span.sum(1).tolist()
+        vision_sites = [s for s in self.sites if s.stage is not Stage.LLM_LAYER]
+        if vision is None or vision.images is None:
+            if vision_sites and any(counts):
+                raise PruningError(
+                    f"{self.strategy.name!r} prunes at {vision_sites[0]}, but this forward has image tokens and "
+                    "no image went through the vision tower (were precomputed inputs_embeds passed?). "
+                    "Pass pixel_values so prunekit can prune the image features."
+                )
+            return [SampleTrack.full([c] if c else []) for c in counts], [[] for _ in counts]
+        remaining = list(range(len(vision.images)))
+        tracks, sample_images = [], []
+        for b, count in enumerate(counts):
+            mine, total = [], 0
+            while total < count and remaining:
+                u = remaining.pop(0)
+                mine.append(u)
+                total += vision.images[u].n_tokens
+            if total != count:
+                raise PruningError(
+                    f"sample {b} has {count} image tokens but its images give {total} features; "
+                    "prompt placeholders and images do not line up"
+                )
+            tracks.append(SampleTrack.from_images([vision.images[u] for u in mine]))
+            sample_images.append(mine)
+        image_to_sample = {u: b for b, mine in enumerate(sample_images) for u in mine}
+        for site, n_in, n_out in vision.events:
+            per_in, per_out = [0] * len(counts), [0] * len(counts)
+            for u, b in image_to_sample.items():
+                per_in[b] += n_in[u]
+                per_out[b] += n_out[u]
+            trace.events.append(StageEvent(site, per_in, per_out))
+        return tracks, sample_images
+
+    def _start_decode(self, embeds: Tensor, kwargs: dict, cache) -> None:
+        prefill = self._prefill
+        if prefill is None or prefill.cache is None or prefill.cache() is not cache:
+            raise PruningError(
+                "this KV cache was not filled by a prefill under this attachment; prunekit cannot continue it "
+                "(start generation from the prompt with the strategy attached)"
+            )
+        if not prefill.active:
+            return
+        batch, q = embeds.shape[:2]
+        if q != 1:
+            raise PruningError(
+                f"continuing a pruned KV cache with {q} new tokens at once (a second turn, or chunked / assisted "
+                "decoding) is not supported yet; generate one token per step or re-run the prompt"
+            )
+        entry = prefill.entry
+        generated = cache.get_seq_length() - entry.length  # tokens already appended after the prefill
+        mask = kwargs.get("attention_mask")
+        if mask is None:
+            tail = torch.ones(batch, generated + q, dtype=torch.bool, device=embeds.device)
+        else:
+            if mask.shape[1] != prefill.length_orig + generated + q:
+                raise PruningError(
+                    f"decode attention_mask has {mask.shape[1]} columns; expected the prompt's "
+                    f"{prefill.length_orig} plus {generated + q} generated"
+                )
+            tail = mask[:, prefill.length_orig :].to(torch.bool)
+        positions = kwargs.get("position_ids")
+        if positions is None:
+            positions = torch.arange(q, device=embeds.device) + prefill.length_orig + generated
+        positions = positions.expand(batch, q)
+        prefill.step += 1
+        prefill.step_positions, prefill.step_tail = positions, tail
+        kwargs["attention_mask"] = torch.cat([entry.mask, tail], dim=1).long()
+        kwargs["position_ids"] = positions - entry.shift[:, None]
+
+    # --- decoder layers (llm_layer sites) ---------------------------------------------------------
+    def _on_decoder_layer(self, index: int, module, args, kwargs):
+        prefill = self._prefill
+        if prefill is None or not prefill.active:
+            return None
+        hidden = args[0]
+        is_prefill = prefill.step == 0
+        site = self._site(Stage.LLM_LAYER, index)
+        if is_prefill and site is not None:
+            hidden = self._prune_llm(site, hidden, kwargs)
+        segment = prefill.segments[-1] if prefill.segments else None
+        if segment is None:
+            return None
+        if segment.step != prefill.step:
+            segment.step = prefill.step
+            segment.layer_kwargs = self._segment_kwargs(segment, hidden, kwargs, is_prefill)
+        kwargs.update(segment.layer_kwargs)
+        return (hidden,) + tuple(args[1:]), kwargs
+
+    def _prune_llm(self, site: Site, hidden: Tensor, kwargs: dict) -> Tensor:
+        prefill = self._prefill
+        current = prefill.segments[-1] if prefill.segments else prefill.entry
+        slots, valid = pack(current.visual, align="left")  # (B, n) slots of live visual tokens
+        units = [b for b in range(hidden.shape[0]) if bool(current.visual[b].any())]
+        trace = self.trace
+        keep = ~current.visual
+        n_in = current.visual_counts().tolist()
+        if units:
+            unit_slots = slots[units]
+            tokens = take(hidden, unit_slots)
+            lengths = valid[units].sum(1).cpu()
+            grids = [
+                self.adapter.image_grid(trace.samples[b].span_length) if trace.samples[b].intact_single_image else None
+                for b in units
+            ]
+            ctx = PruneContext(
+                site=site, tokens=tokens, lengths=lengths, grids=grids, sample_of=units,
+                budget=self.strategy.budget, num_layers=self.adapter.num_llm_layers,
+                _seed_source=lambda u: self._sample_seed(units[u]),
+            )
+            decision = self._decide(ctx)
+            if decision.features is not None:
+                hidden = hidden.clone()
+            for u, b in enumerate(units):
+                idx = decision.indices[u].to(hidden.device)
+                keep[b, unit_slots[u, idx]] = True
+                if decision.features is not None:
+                    hidden[b, unit_slots[u, idx]] = decision.features[u].to(hidden.dtype)
+                trace.samples[b].select(decision.indices[u], decision.members[u] if decision.members else None)
+        index, segment = current.select(keep, self.strategy.position_policy, start_layer=site.layer)
+        prefill.segments.append(segment)
+        counts = segment.visual_counts().cpu()
+        trace.llm_layer_counts[:, site.layer :] = counts.unsqueeze(1)
+        trace.events.append(StageEvent(str(site), n_in, counts.tolist()))
+        return take(hidden, index)
+
+    def _sample_seed(self, sample: int) -> int:
+        prefill = self._prefill
+        if prefill.vision is None:
+            raise PruningError("a randomised strategy needs the sample's pixel values for its seed")
+        return combine_seeds([prefill.vision.seed(u) for u in prefill.sample_images[sample]])
+
+    def _segment_kwargs(self, segment: Segment, hidden: Tensor, kwargs: dict, is_prefill: bool) -> dict:
+        prefill = self._prefill
+        if is_prefill:
+            mask2d, positions = segment.mask, segment.positions
+        else:
+            mask2d = torch.cat([segment.mask, prefill.step_tail], dim=1)
+            positions = prefill.step_positions - segment.shift[:, None]
+        out = {"position_ids": positions}
+        if is_prefill or not torch.equal(segment.shift, prefill.entry.shift):
+            out["position_embeddings"] = self.adapter.rope(hidden, positions)
+        out["attention_mask"] = create_causal_mask(
+            config=self.adapter.text_config, inputs_embeds=hidden, attention_mask=mask2d,
+            past_key_values=kwargs.get("past_key_values"), position_ids=None, layer_idx=segment.start_layer,
+        )
+        return out
+
+    # --- guards -----------------------------------------------------------------------------------
+    def _on_top_forward(self, module, args, kwargs):
+        if kwargs.get("labels") is not None:
+            raise PruningError(
+                "labels are not supported with pruning attached: the pruned sequence no longer lines up with "
+                "the labels (training through pruning is not implemented). Detach the strategy for a loss."
+            )
+
+    def _guarded_generate(self, generate):
+        model = self.model
+
+        @functools.wraps(generate)
+        def guarded(*args, **kwargs):
+            gen_cfg = kwargs.get("generation_config") or model.generation_config
+
+            def setting(name):
+                return kwargs.get(name, getattr(gen_cfg, name, None))
+
+            if (setting("num_beams") or 1) > 1:
+                raise PruningError("beam search is not supported with pruning attached (beams reorder the "
+                                   "per-sample pruned caches); use greedy or sampling (num_beams=1)")
+            if kwargs.get("assistant_model") is not None or setting("prompt_lookup_num_tokens"):
+                raise PruningError("assisted / speculative decoding is not supported with pruning attached")
+            if setting("prefill_chunk_size"):
+                raise PruningError("chunked prefill is not supported with pruning attached")
+            if setting("cache_implementation") not in (None, "dynamic"):
+                raise PruningError(
+                    f"cache_implementation={setting('cache_implementation')!r} is not supported: pruning gives "
+                    "layers KV caches of different lengths, which needs the dynamic cache"
+                )
+            return generate(*args, **kwargs)
+
+        return guarded
+
+
+def _normalise(keep: Keep, ctx: PruneContext, name: str) -> Keep:
+    """Validate a decision and order each unit's outputs by representative (= sequence order)."""
+    if len(keep.indices) != ctx.num_units:
+        raise PruningError(f"{name} returned decisions for {len(keep.indices)} units at {ctx.site}; expected {ctx.num_units}")
+    device = ctx.tokens.device
+    indices, features, members = [], [] if keep.features is not None else None, [] if keep.members is not None else None
+    for u, idx in enumerate(keep.indices):
+        idx = torch.as_tensor(idx, dtype=torch.long).reshape(-1)
+        order = torch.argsort(idx)
+        idx = idx[order]
+        n = int(ctx.lengths[u])
+        if idx.numel() and (int(idx[0]) < 0 or int(idx[-1]) >= n):
+            raise PruningError(f"{name} kept index out of range at {ctx.site}: unit {u} has {n} tokens")
+        if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
+            raise PruningError(f"{name} kept a token twice at {ctx.site} (unit {u}); representatives must be unique")
+        indices.append(idx.to(device))
+        if features is not None:
+            f = keep.features[u]
+            if f.shape[0] != idx.numel():
+                raise PruningError(f"{name}: unit {u} has {idx.numel()} kept indices but {f.shape[0]} features")
+            features.append(f[order.to(f.device)])
+        if members is not None:
+            m = keep.members[u]
+            if len(m) != idx.numel():
+                raise PruningError(f"{name}: unit {u} has {idx.numel()} kept indices but {len(m)} member lists")
+            members.append([torch.as_tensor(m[j], dtype=torch.long).reshape(-1).cpu() for j in order.tolist()])
+    return Keep(indices, features, members)
+
+
+def _assemble(tokens: Tensor, keep: Keep) -> Tensor:
+    """(U, K_max, D): each unit's kept (or merged) tokens in sequence order, zero right-padded."""
+    sizes = {len(i) for i in keep.indices}
+    if len(sizes) == 1:
+        if keep.features is not None:
+            return torch.stack([f.to(tokens.dtype) for f in keep.features])
+        return take(tokens, torch.stack(keep.indices))
+    out = tokens.new_zeros(tokens.shape[0], max(sizes), tokens.shape[2])
+    for u, idx in enumerate(keep.indices):
+        out[u, : len(idx)] = keep.features[u].to(tokens.dtype) if keep.features is not None else tokens[u, idx]
+    return out

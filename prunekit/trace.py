@@ -1,0 +1,151 @@
+"""PruneTrace: what happened to the visual tokens in the last prefill.
+
+Every visual token that reaches the language model has one representative index into its sample's
+unpruned visual-token span (all image tokens of the sample in prompt order, 0..N-1; raster order for a
+LLaVA-1.5 image). Merged tokens also list their members. Stage events give tokens in/out per sample.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .budget import Budget, layer_average
+
+
+@dataclass
+class StageEvent:
+    site: str  # e.g. "vision_output" or "llm_layer[2]"
+    n_in: list[int]  # per sample
+    n_out: list[int]
+
+
+@dataclass
+class SampleTrack:
+    """Per sample: the visual tokens currently alive, as indices into the unpruned span."""
+
+    span_length: int  # N: unpruned visual tokens of the sample
+    image_of: Tensor  # (N,) which image of the sample each span index belongs to
+    kept: Tensor  # (n,) representative span index of each live token, ascending
+    members: list[Tensor]  # per live token: its member span indices
+
+    @classmethod
+    def full(cls, image_lengths: list[int]) -> "SampleTrack":
+        n = sum(image_lengths)
+        image_of = torch.repeat_interleave(torch.arange(len(image_lengths)), torch.tensor(image_lengths, dtype=torch.long))
+        kept = torch.arange(n)
+        return cls(n, image_of, kept, [kept[i : i + 1] for i in range(n)])
+
+    @classmethod
+    def from_images(cls, images) -> "SampleTrack":
+        """From per-image vision outcomes (``n_tokens``, ``kept``, ``members``), offset into the sample span."""
+        track = cls.full([d.n_tokens for d in images])
+        offset, kept, members = 0, [], []
+        for d in images:
+            kept.append(offset + d.kept)
+            members += [offset + m for m in d.members]
+            offset += d.n_tokens
+        if images:
+            track.kept, track.members = torch.cat(kept), members
+        return track
+
+    @property
+    def intact_single_image(self) -> bool:
+        """One image whose tokens are all still there (so they form its full grid)."""
+        return self.span_length > 0 and len(self.kept) == self.span_length and int(self.image_of.max()) == 0
+
+    def select(self, indices: Tensor, members: list[Tensor] | None = None) -> None:
+        """Apply a decision given as indices into the live tokens (and members, also into live tokens)."""
+        indices = indices.cpu()
+        if members is None:
+            new_members = [self.members[i] for i in indices.tolist()]
+        else:
+            new_members = [
+                torch.cat([self.members[j] for j in m.cpu().tolist()]).sort().values for m in members
+            ]
+        self.kept = self.kept[indices]
+        self.members = new_members
+
+
+@dataclass
+class PruneTrace:
+    strategy: str
+    batch_size: int
+    num_llm_layers: int
+    budget: Budget | None = None
+    position_policy: str = "compact"
+    events: list[StageEvent] = field(default_factory=list)
+    samples: list[SampleTrack] = field(default_factory=list)
+    # visual tokens taken as input by each language-model layer, per sample: (B, L) long
+    llm_layer_counts: Tensor | None = None
+    notes: list[str] = field(default_factory=list)
+    replayed: bool = False
+
+    # --- per sample -------------------------------------------------------------------------------
+    def kept_positions(self, sample: int) -> Tensor:
+        """Representative span indices (0..N-1) of the visual tokens reaching the last LLM layer."""
+        return self.samples[sample].kept.clone()
+
+    def members(self, sample: int) -> list[Tensor]:
+        """For each kept visual token, the span indices it stands for (itself unless merged)."""
+        return [m.clone() for m in self.samples[sample].members]
+
+    def images(self, sample: int) -> Tensor:
+        """For each kept visual token, which image of the sample it comes from."""
+        s = self.samples[sample]
+        return s.image_of[s.kept]
+
+    def has_images(self, sample: int) -> bool:
+        return self.samples[sample].span_length > 0
+
+    # --- accounting (per sample lists) ------------------------------------------------------------
+    @property
+    def n_vanilla(self) -> list[int]:
+        return [s.span_length for s in self.samples]
+
+    @property
+    def n_in(self) -> list[int]:
+        return self._column(0)
+
+    @property
+    def n_final(self) -> list[int]:
+        return [len(s.kept) for s in self.samples]
+
+    @property
+    def n_avg(self) -> list[float]:
+        if self.llm_layer_counts is None:
+            return [0.0] * self.batch_size
+        return [layer_average(row.tolist()) for row in self.llm_layer_counts]
+
+    def _column(self, layer: int) -> list[int]:
+        if self.llm_layer_counts is None:
+            return [0] * self.batch_size
+        return self.llm_layer_counts[:, layer].tolist()
+
+    def summary(self) -> dict:
+        """Batch means of the three conventions plus what the budget constrained."""
+        mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
+        out = {
+            "strategy": self.strategy,
+            "batch_size": self.batch_size,
+            "n_vanilla": mean(self.n_vanilla),
+            "n_in": mean(self.n_in),
+            "n_final": mean(self.n_final),
+            "n_avg": mean(self.n_avg),
+            "position_policy": self.position_policy,
+        }
+        if self.budget is not None:
+            out.update(budget=self.budget.tokens, budget_convention=self.budget.convention)
+        return out
+
+    def __str__(self) -> str:
+        lines = [f"PruneTrace({self.strategy}, batch={self.batch_size}, positions={self.position_policy})"]
+        if self.budget is not None:
+            lines.append(f"  budget: {self.budget.tokens} visual tokens ({self.budget.convention})")
+        for ev in self.events:
+            lines.append(f"  {ev.site:<22} in {ev.n_in} -> out {ev.n_out}")
+        lines.append(f"  n_vanilla={self.n_vanilla} n_in={self.n_in} n_final={self.n_final} "
+                     f"n_avg={[round(x, 2) for x in self.n_avg]}")
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)

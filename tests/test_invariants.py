@@ -1,0 +1,187 @@
+"""DESIGN.md invariants 1-5 and 7 on a tiny LLaVA-1.5, for every stage the runtime serves."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import prunekit
+from helpers import batch, generate_positions, greedy, vision_features
+
+B = 16  # budget: 16 of the tiny model's 64 visual tokens
+N = 64
+L_LAYERS = 4
+
+PRUNING = {
+    "random@vision_output": dict(name="random", budget=B),
+    "random@projector_output": dict(name="random", budget=B, stage="projector_output"),
+    "random@llm1": dict(name="random", budget=B, stage="llm_layer", layer=1),
+    "random@llm2-compact": dict(name="random", budget=B, stage="llm_layer", layer=2, positions="compact"),
+    "pooling@vision_output": dict(name="pooling", budget=B),
+    "pooling@projector_output-original": dict(name="pooling", budget=B, stage="projector_output", positions="original"),
+    "pooling@llm2": dict(name="pooling", budget=B, stage="llm_layer", layer=2),
+}
+KEEP_ALL = {
+    "keep_all@vision_output": dict(name="keep_all"),
+    "keep_all@projector_output": dict(name="keep_all", stage="projector_output"),
+    "keep_all@llm0": dict(name="keep_all", stage="llm_layer", layer=0),
+    "keep_all@llm2": dict(name="keep_all", stage="llm_layer", layer=2),
+}
+ALL = {**PRUNING, **KEEP_ALL}
+
+
+def hooks(model):
+    """Every forward hook on the model (transformers installs some of its own) and instance overrides."""
+    found = {(name, kind, key) for name, m in model.named_modules()
+             for kind, d in (("pre", m._forward_pre_hooks), ("post", m._forward_hooks)) for key in d}
+    return found | ({("", "attr", "generate")} if "generate" in model.__dict__ else set())
+
+
+# 1. Detached == never attached -------------------------------------------------------------------
+@pytest.mark.parametrize("spec", list(ALL.values()), ids=list(ALL))
+def test_detach_restores_the_model_exactly(model, processor, spec):
+    x = batch(processor, [0, 1])
+    logits = model(**x).logits
+    tokens, _ = greedy(model, x)
+    before = hooks(model)
+    handle = prunekit.attach(model, spec)
+    assert hooks(model) > before
+    model(**x)
+    greedy(model, x)
+    handle.detach()
+    assert hooks(model) == before
+    assert torch.equal(model(**x).logits, logits)
+    assert torch.equal(greedy(model, x)[0], tokens)
+
+
+# 2. Keep-all == vanilla ---------------------------------------------------------------------------
+@pytest.mark.parametrize("spec", list(KEEP_ALL.values()), ids=list(KEEP_ALL))
+def test_keep_all_gives_identical_logits(model, processor, spec):
+    x = batch(processor, [0, 1, 2])  # left padding included
+    logits = model(**x).logits
+    tokens, step_logits = greedy(model, x)
+    with prunekit.attach(model, spec) as h:
+        assert torch.equal(model(**x).logits, logits)
+        assert h.trace.n_final == [N] * 3
+        t2, l2 = greedy(model, x)
+    assert torch.equal(t2, tokens)
+    assert torch.equal(l2, step_logits)
+
+
+# 3. Pruning before the LLM == reduced input -------------------------------------------------------
+def reduced_reference(model, x, trace, features_per_sample, policy):
+    """Logits of the unpatched language model fed only the kept features (built without prunekit)."""
+    lm, ids, mask = model.model.language_model, x["input_ids"], x["attention_mask"]
+    img = ids == model.config.image_token_id
+    rows = []
+    for b in range(ids.shape[0]):
+        slots = img[b].nonzero().squeeze(1)
+        keep = ~img[b]
+        keep[slots[trace.kept_positions(b)]] = True
+        embeds = lm.embed_tokens(ids[b])
+        embeds[slots[trace.kept_positions(b)]] = features_per_sample[b].to(embeds.dtype)
+        pos = torch.arange(ids.shape[1])
+        if policy == "compact":
+            pos = torch.arange(int(keep.sum()))
+        else:
+            pos = pos[keep]
+        rows.append((embeds[keep], mask[b][keep], pos))
+    embeds = torch.stack([r[0] for r in rows])
+    out = lm(inputs_embeds=embeds, attention_mask=torch.stack([r[1] for r in rows]),
+             position_ids=torch.stack([r[2] for r in rows]))
+    return model.lm_head(out.last_hidden_state)
+
+
+def pooled(features, budget):
+    side = int(features.shape[1] ** 0.5)
+    grid = features.transpose(1, 2).reshape(features.shape[0], -1, side, side)
+    k = int(budget ** 0.5)
+    return F.adaptive_avg_pool2d(grid, (k, k)).flatten(2).transpose(1, 2)
+
+
+@pytest.mark.parametrize("key", [k for k in PRUNING if "llm" not in k])
+def test_pre_llm_pruning_equals_reduced_input(model, processor, key):
+    spec = PRUNING[key]
+    x = batch(processor, [0, 3])  # same prompt length: the reference needs no re-padding
+    feats = vision_features(model, x["pixel_values"])
+    proj = model.model.multi_modal_projector
+    with prunekit.attach(model, spec) as h:
+        logits = model(**x).logits
+        trace = h.trace
+    if spec["name"] == "pooling":
+        kept = proj(pooled(feats, B)) if spec.get("stage") is None else pooled(proj(feats), B)
+    else:
+        kept = torch.stack([proj(feats)[b, trace.kept_positions(b)] for b in range(2)])
+    ref = reduced_reference(model, x, trace, kept, h.strategy.position_policy)
+    assert logits.shape == ref.shape == (2, x["input_ids"].shape[1] - (N - B), ref.shape[-1])
+    torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
+
+
+# 4. Cache == recompute (with the prefill's decisions replayed) -----------------------------------
+@pytest.mark.parametrize("spec", list(PRUNING.values()), ids=list(PRUNING))
+def test_cached_generation_equals_recompute_with_replay(model, processor, spec):
+    x = batch(processor, [0, 1])
+    steps = 4
+    with prunekit.attach(model, spec) as h:
+        tokens, step_logits = greedy(model, x, steps)
+        kept = [h.trace.kept_positions(b) for b in range(2)]
+        with h.replay():
+            for t in range(steps):
+                ids = torch.cat([x["input_ids"], tokens[:, :t]], 1)
+                mask = torch.cat([x["attention_mask"], torch.ones_like(tokens[:, :t])], 1)
+                out = model(input_ids=ids, attention_mask=mask, pixel_values=x["pixel_values"],
+                            position_ids=generate_positions(mask), use_cache=False).logits[:, -1]
+                torch.testing.assert_close(out, step_logits[:, t], rtol=1e-5, atol=1e-5)
+                assert torch.equal(out.argmax(-1), tokens[:, t])
+                assert all(torch.equal(h.trace.kept_positions(b), kept[b]) for b in range(2))
+                assert h.trace.replayed
+
+
+def test_replay_needs_a_prefill(model):
+    with prunekit.attach(model, "random", budget=B) as h:
+        with pytest.raises(prunekit.PruningError, match="nothing to replay"):
+            with h.replay():
+                pass
+
+
+# 5. Batch independence ----------------------------------------------------------------------------
+@pytest.mark.parametrize("spec", list(ALL.values()), ids=list(ALL))
+def test_batch_of_four_with_padding_equals_batch_of_one(model, processor, spec):
+    x4 = batch(processor, [0, 1, 2, 3])
+    assert (x4["attention_mask"] == 0).any(), "the batch must be left-padded"
+    with prunekit.attach(model, spec) as h:
+        logits4 = model(**x4).logits[:, -1]
+        kept4 = [h.trace.kept_positions(b) for b in range(4)]
+        members4 = [h.trace.members(b) for b in range(4)]
+        tokens4, _ = greedy(model, x4)
+        for b in range(4):
+            x1 = batch(processor, [b])
+            torch.testing.assert_close(model(**x1).logits[:, -1], logits4[b : b + 1], rtol=1e-5, atol=1e-5)
+            assert torch.equal(h.trace.kept_positions(0), kept4[b])
+            assert all(torch.equal(m1, m4) for m1, m4 in zip(h.trace.members(0), members4[b]))
+            assert torch.equal(greedy(model, x1)[0], tokens4[b : b + 1])
+
+
+# 7. Honest accounting -----------------------------------------------------------------------------
+@pytest.mark.parametrize("key", list(PRUNING))
+def test_trace_counts_match_the_budget_and_the_sequence(model, processor, key):
+    spec = PRUNING[key]
+    x = batch(processor, [0, 3])
+    with prunekit.attach(model, spec) as h:
+        logits = model(**x).logits
+    t = h.trace
+    layer = spec.get("layer") if spec.get("stage") == "llm_layer" else None
+    assert t.n_vanilla == [N, N]
+    assert t.n_final == [B, B]
+    assert [len(t.kept_positions(b)) for b in range(2)] == [B, B]
+    if layer is None:
+        assert t.n_in == [B, B] and t.n_avg == [B, B]
+        assert t.budget.convention == "n_in"
+    else:
+        assert t.n_in == [N, N]
+        assert t.n_avg == [(layer * N + (L_LAYERS - layer) * B) / L_LAYERS] * 2
+        assert t.budget.convention == "n_final"
+    assert logits.shape[1] == x["input_ids"].shape[1] - (N - B)  # tokens physically removed
+    for b in range(2):
+        kept = t.kept_positions(b)
+        assert torch.equal(kept, kept.sort().values) and kept.unique().numel() == B
+        assert sum(len(m) for m in t.members(b)) >= B
+        assert all(int(k) in m.tolist() for k, m in zip(kept, t.members(b)))
