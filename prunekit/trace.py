@@ -38,14 +38,14 @@ class SampleTrack:
         return cls(n, image_of, kept, [kept[i : i + 1] for i in range(n)])
 
     @classmethod
-    def from_images(cls, images) -> "SampleTrack":
-        """From per-image vision outcomes (``n_tokens``, ``kept``, ``members``), offset into the sample span."""
-        track = cls.full([d.n_tokens for d in images])
+    def from_images(cls, images: list["SampleTrack"]) -> "SampleTrack":
+        """A sample's track from its images' tracks, offset into the sample's span."""
+        track = cls.full([d.span_length for d in images])
         offset, kept, members = 0, [], []
         for d in images:
             kept.append(offset + d.kept)
             members += [offset + m for m in d.members]
-            offset += d.n_tokens
+            offset += d.span_length
         if images:
             track.kept, track.members = torch.cat(kept), members
         return track

@@ -46,20 +46,11 @@ class PruningError(RuntimeError):
 
 
 @dataclass
-class ImageDecision:
-    """Vision-side outcome for one image: which of its N tokens survive (representatives) and members."""
-
-    n_tokens: int
-    kept: Tensor  # (k,) ascending indices into the image's N tokens
-    members: list[Tensor]
-
-
-@dataclass
 class VisionPass:
     """State of one pass through the vision tower + projector, consumed by the next prefill."""
 
     pixel_values: Tensor | None
-    images: list[ImageDecision] | None = None
+    images: list[SampleTrack] | None = None  # per image: which of its N tokens survive, and members
     events: list[tuple[str, list[int], list[int]]] = field(default_factory=list)  # per image in/out
     seeds: dict[int, int] = field(default_factory=dict)
 
@@ -235,9 +226,7 @@ class PruningHandle:
             vision = self._vision = VisionPass(pixel_values=None)
         features = args[0]
         n_images, n_tokens = features.shape[:2]
-        vision.images = [ImageDecision(n_tokens, torch.arange(n_tokens), []) for _ in range(n_images)]
-        for d in vision.images:
-            d.members = list(d.kept.unsqueeze(1))
+        vision.images = [SampleTrack.full([n_tokens]) for _ in range(n_images)]
         vision.events = []
         if site is None:
             return None
@@ -257,10 +246,10 @@ class PruningHandle:
             keep = self._decide(ctx)
             self._apply_to_images(vision, keep, str(site))
             output = _assemble(output, keep)
-        if all(len(d.kept) == d.n_tokens for d in vision.images) and not vision.events:
+        if not vision.events:
             return None
         # scatter kept embeddings back into the N placeholder slots; the LLM entry drops the others
-        full = output.new_zeros(output.shape[0], vision.images[0].n_tokens, output.shape[2])
+        full = output.new_zeros(output.shape[0], vision.images[0].span_length, output.shape[2])
         for u, d in enumerate(vision.images):
             full[u, d.kept.to(full.device)] = output[u, : len(d.kept)]
         return full
@@ -269,9 +258,7 @@ class PruningHandle:
         n_images, n_tokens = tokens.shape[:2]
         if lengths is None:
             lengths = torch.full((n_images,), n_tokens, dtype=torch.long)
-        grids = [
-            self.adapter.image_grid(d.n_tokens) if len(d.kept) == d.n_tokens else None for d in vision.images
-        ]
+        grids = [self.adapter.image_grid(d.span_length) if d.intact_single_image else None for d in vision.images]
         return PruneContext(
             site=site, tokens=tokens, lengths=lengths, grids=grids, sample_of=list(range(n_images)),
             budget=self.strategy.budget, num_layers=None, _seed_source=vision.seed,
@@ -281,10 +268,7 @@ class PruningHandle:
     def _apply_to_images(vision: VisionPass, keep: Keep, site: str) -> None:
         n_in = [len(d.kept) for d in vision.images]
         for u, d in enumerate(vision.images):
-            idx = keep.indices[u].cpu()
-            members = keep.members[u] if keep.members else [i.view(1) for i in idx]
-            d.members = [torch.cat([d.members[j] for j in m.cpu().tolist()]).sort().values for m in members]
-            d.kept = d.kept[idx]
+            d.select(keep.indices[u], keep.members[u] if keep.members else None)
         vision.events.append((site, n_in, [len(d.kept) for d in vision.images]))
 
     # --- multimodal model and LLM entry -----------------------------------------------------------
@@ -372,7 +356,7 @@ class PruningHandle:
             while total < count and remaining:
                 u = remaining.pop(0)
                 mine.append(u)
-                total += vision.images[u].n_tokens
+                total += vision.images[u].span_length
             if total != count:
                 raise PruningError(
                     f"sample {b} has {count} image tokens but its images give {total} features; "
