@@ -1,0 +1,30 @@
+"""Every served stage runs in bf16 and fp16 without NaN, with honest counts, through generate."""
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText
+
+import prunekit
+from helpers import batch
+
+SPECS = [
+    dict(name="keep_all"),
+    dict(name="random", budget=16, stage="projector_output"),
+    dict(name="pooling", budget=16),
+    dict(name="random", budget=16, stage="llm_layer", layer=1),
+    dict(name="pooling", budget=4, stage="llm_layer", layer=2),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_all_stages_in_half_precision(tiny_dir, processor, dtype):
+    model = AutoModelForImageTextToText.from_pretrained(tiny_dir, dtype=dtype).eval()
+    x = batch(processor, [0, 1, 2])
+    x["pixel_values"] = x["pixel_values"].to(dtype)
+    for spec in SPECS:
+        with prunekit.attach(model, spec) as h:
+            logits = model(**x).logits
+            assert logits.dtype == dtype and torch.isfinite(logits).all(), spec
+            expected = spec.get("budget", 64)
+            assert h.trace.n_final == [expected] * 3, spec
+            out = model.generate(**x, max_new_tokens=3, do_sample=False, min_new_tokens=3)
+            assert out.shape[1] == x["input_ids"].shape[1] + 3
