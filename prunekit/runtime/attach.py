@@ -20,7 +20,6 @@ See docs/architecture.md for the data flow.
 from __future__ import annotations
 
 import functools
-import warnings
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
