@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import Enum, IntEnum
 from typing import Any, ClassVar, Sequence
 
 import torch
@@ -26,6 +26,15 @@ class Stage(str, Enum):
 
 
 POSITION_POLICIES = ("compact", "original")
+
+
+class TokenType(IntEnum):
+    """Kinds of prompt tokens a language-model-stage strategy sees in ``PruneContext.token_types``."""
+
+    PAD = 0
+    SYSTEM = 1  # text before the first image token
+    IMAGE = 2
+    TEXT = 3  # text after the first image token (the instruction)
 
 
 @dataclass(frozen=True)
@@ -75,6 +84,10 @@ class PruneContext:
 
     ``tokens`` holds each unit's current visual tokens, right-padded to a common length; ``lengths``
     says how many are live. Units are images at vision stages and samples at ``llm_layer``.
+    ``grid_positions[u]`` gives each current token's origin as (image, row, col) in the unpruned patch
+    grid (row and col are -1 where the image has no grid). Signals the strategy declared in
+    ``signals(site)`` are read with ``attention``, ``keys``, ``values`` and ``query_values``.
+    ``token_types`` (``llm_layer`` only) labels each unit's whole current sequence with ``TokenType``.
     """
 
     site: Site
@@ -84,6 +97,9 @@ class PruneContext:
     sample_of: list[int]  # per unit: index of the sample in the batch
     budget: Budget | None = None
     num_layers: int | None = None  # layers of the module the site is in (vision tower or language model)
+    grid_positions: list[Tensor] | None = None  # per unit: (n, 3) image, row, col of each current token
+    token_types: Tensor | None = None  # (U, L) TokenType of each unit's current sequence (llm_layer)
+    signals: Any = field(default=None, repr=False)  # SiteSignals, when the strategy declared any
     _seed_source: Any = field(default=None, repr=False)
 
     @property
@@ -109,6 +125,31 @@ class PruneContext:
 
     def generator(self, unit: int) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed(unit))
+
+    # --- signals (declared in TokenPruner.signals) ---------------------------------------------------
+    def attention(self, query: str = "last", heads: str = "mean") -> Tensor:
+        """Attention of ``query`` over each unit's visual tokens: (U, N) head-mean or (U, H, N)."""
+        return self._signals().attention(query, heads)
+
+    def keys(self) -> Tensor:
+        return self._signals().keys()
+
+    def values(self) -> Tensor:
+        return self._signals().values()
+
+    def query_values(self, query: str = "first") -> Tensor:
+        return self._signals().query_values(query)
+
+    def text_queries(self) -> Tensor:
+        return self._signals().text_queries()
+
+    def _signals(self):
+        if self.signals is None:
+            raise RuntimeError(
+                f"no signals were recorded at {self.site}: declare them in the strategy's signals(site), "
+                "e.g. return Signals(rows=(AttentionRows('last'),))"
+            )
+        return self.signals
 
 
 def content_seed(*tensors: Tensor) -> int:
@@ -149,6 +190,10 @@ class TokenPruner(ABC):
     @abstractmethod
     def prune(self, ctx: PruneContext) -> Keep:
         """Decide which visual tokens of each unit survive at ``ctx.site``."""
+
+    def signals(self, site: Site):
+        """The signals (``prunekit.signals.Signals``) needed at ``site``; none by default."""
+        return None
 
     def supports(self, adapter) -> str | None:
         """Return a reason if this strategy cannot run on ``adapter``'s model family, else None."""

@@ -1,18 +1,24 @@
 """Score signals from inside attention, without eager attention or N x N maps.
 
-``AttentionProbe`` watches chosen attention modules of one model instance. For each, it computes only
-the attention rows a strategy asks for (the CLS / first query, the last query, or the mean query) from
-that layer's own q and k, softmaxed over all keys under the same causal / padding mask the layer uses,
-and keeps the layer's values on request. The model keeps its attention implementation: the probe
-registers a wrapping implementation (``prunekit_<impl>``) that records the rows and then calls the
-original one (for ``eager``, the module's own ``eager_attention_forward``), with the original mask
-function registered under the same name (environment.md §3.3: an unknown name would get no mask).
+A strategy declares per site what it needs (``Signals``: attention rows, keys, values). The runtime
+then watches one attention module per site with an ``AttentionProbe``: the layer whose output the site
+prunes (``vision_layer[l]``: layer l; ``vision_output`` / ``projector_output``: the vision feature
+layer; ``llm_layer[k]``: layer k-1). For each it computes only the requested rows — the first query
+(CLS in a ViT), the last query, the mean query, or every text query (raters) — from that layer's own q
+and k, softmaxed over all keys under the mask the layer uses, and keeps keys and values on request.
+
+The model keeps its attention implementation: the probe registers a wrapping implementation
+(``prunekit_<impl>``) that records and then calls the original one (for ``eager``, the module's own
+``eager_attention_forward``), with the original mask function registered under the same name
+(environment.md §3.3: an unknown name would get no mask; ``sdpa_mask`` keeps sdpa on its fast path).
+``SiteSignals`` is the strategy's view: the captured tensors restricted to each unit's visual tokens.
 """
 from __future__ import annotations
 
 import sys
 import weakref
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -20,14 +26,25 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-QUERIES = ("first", "last", "mean")
+from .runtime.sequence import pack
+
+QUERIES = ("first", "last", "mean", "text")
 _PROBES: "weakref.WeakKeyDictionary[nn.Module, AttentionProbe]" = weakref.WeakKeyDictionary()
+
+
+class SignalError(RuntimeError):
+    """A strategy read a signal it did not declare, or one that does not exist at its site."""
 
 
 @dataclass(frozen=True)
 class AttentionRows:
-    """Attention probabilities of one query over all keys: ``first`` (CLS in a ViT), ``last`` (the last
-    prompt token) or ``mean`` (the mean query vector); head-averaged (B, kv) or per head (B, H, kv)."""
+    """Attention probabilities of chosen queries over all keys, head-averaged or per head.
+
+    ``first``: the first live query (CLS in a ViT). ``last``: the last query (the last prompt token).
+    ``mean``: one synthetic query, the mean of the live query vectors (a global token, for towers
+    without CLS); it takes the last live row's mask. ``text``: every text-token query of the prompt
+    (rater candidates), one row each.
+    """
 
     query: str = "last"
     heads: str = "mean"
@@ -39,38 +56,92 @@ class AttentionRows:
             raise ValueError(f"heads must be 'mean' or 'all', got {self.heads!r}")
 
 
+@dataclass(frozen=True)
+class Signals:
+    """What a strategy needs at one site besides the tokens: attention rows, keys, values."""
+
+    rows: tuple[AttentionRows, ...] = ()
+    keys: bool = False
+    values: bool = False
+
+    def __bool__(self) -> bool:
+        return bool(self.rows) or self.keys or self.values
+
+
+def _row_index(which: str, live: Tensor, text: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(B, R) query rows for ``which`` and their validity."""
+    q_len = live.shape[1]
+    if which == "text":
+        if text is None:
+            raise SignalError("text-query rows exist only inside the language model")
+        return pack(text, align="left")
+    if which == "first":
+        rows = live.int().argmax(1, keepdim=True)
+    else:  # last, and the row whose mask the mean query takes
+        rows = q_len - 1 - live.flip(1).int().argmax(1, keepdim=True)
+    return rows, torch.ones_like(rows, dtype=torch.bool)
+
+
 def attention_rows(query: Tensor, key: Tensor, mask: Tensor | None, scaling: float, causal: bool,
-                   which: AttentionRows) -> Tensor:
-    """Rows of softmax(q k^T * scaling + mask) for the chosen query, in fp32. query (B,H,q,d), key (B,Hkv,kv,d)."""
-    heads, q_len, kv_len = query.shape[1], query.shape[2], key.shape[2]
+                   which: AttentionRows, live: Tensor | None = None, text: Tensor | None = None) -> Tensor:
+    """softmax(q k^T * scaling + mask) for the chosen queries, in fp32.
+
+    query (B, H, q, d), key (B, Hkv, kv, d); ``live`` (B, q) marks real (non-padding) queries, ``text``
+    (B, q) the text queries. Returns (B, [H,] kv), or (B, [H,] R, kv) for ``text`` (rows past a sample's
+    text count are zero).
+    """
+    batch, heads, q_len, dim = query.shape
+    kv_len = key.shape[2]
     key = key.repeat_interleave(heads // key.shape[1], dim=1)  # GQA: as transformers' repeat_kv
-    row = 0 if which.query == "first" else q_len - 1  # the mean query takes the last row's mask
-    q = query.mean(2, keepdim=True) if which.query == "mean" else query[:, :, row : row + 1]
-    scores = (q.float() @ key.float().transpose(-1, -2)) * scaling  # (B, H, 1, kv)
+    live = torch.ones(batch, q_len, dtype=torch.bool, device=query.device) if live is None else live.to(query.device)
+    rows, valid = _row_index(which.query, live, None if text is None else text.to(query.device))
+    n_rows = rows.shape[1]
+    if which.query == "mean":
+        weight = live.float() / live.sum(1, keepdim=True).clamp(min=1)
+        q = torch.einsum("bhqd,bq->bhd", query.float(), weight)[:, :, None]
+    else:
+        q = query.gather(2, rows[:, None, :, None].expand(batch, heads, n_rows, dim)).float()
+    scores = (q @ key.float().transpose(-1, -2)) * scaling  # (B, H, R, kv)
     if mask is not None:
-        m = mask[:, :, row : row + 1, :kv_len] if mask.shape[2] > 1 else mask[..., :kv_len]
+        m = mask[..., :kv_len].expand(batch, -1, -1, -1)
+        if m.shape[2] > 1:
+            m = m.gather(2, rows[:, None, :, None].expand(batch, m.shape[1], n_rows, kv_len))
         scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m.float()
-    elif causal and which.query != "mean":
-        allowed = torch.arange(kv_len, device=scores.device) <= row + kv_len - q_len
+    elif causal:
+        allowed = torch.arange(kv_len, device=scores.device) <= (rows + kv_len - q_len)[:, None, :, None]
         scores = scores.masked_fill(~allowed, float("-inf"))
-    probs = scores.softmax(-1).squeeze(2)  # (B, H, kv); fully masked rows (padding queries) give NaN
-    probs = torch.nan_to_num(probs, nan=0.0)
-    return probs.mean(1) if which.heads == "mean" else probs
+    probs = torch.nan_to_num(scores.softmax(-1), nan=0.0)  # fully masked rows give NaN: make them 0
+    probs = probs * valid[:, None, :, None]
+    probs = probs.mean(1) if which.heads == "mean" else probs
+    return probs if which.query == "text" else probs.squeeze(-2)
+
+
+QueryMasks = Callable[[nn.Module], "tuple[Tensor | None, Tensor | None] | None"]
 
 
 class AttentionProbe:
-    """Records requested attention rows (and values) of watched attention modules on each forward."""
+    """Records requested attention rows, keys and values of watched attention modules on each forward.
 
-    def __init__(self):
+    ``queries(module)`` (optional) returns the (live, text) query masks of the module's current call,
+    or None to skip recording (e.g. decode steps).
+    """
+
+    def __init__(self, queries: QueryMasks | None = None):
+        self.queries = queries
         self.requests: dict[nn.Module, list[AttentionRows]] = {}
+        self.keep_keys: set[nn.Module] = set()
         self.keep_values: set[nn.Module] = set()
         self.rows: dict[tuple[nn.Module, AttentionRows], Tensor] = {}
+        self.keys: dict[nn.Module, Tensor] = {}
         self.values: dict[nn.Module, Tensor] = {}
+        self.masks: dict[nn.Module, tuple[Tensor | None, Tensor | None]] = {}
         self._restore: list[tuple[object, str]] = []
 
-    def watch(self, module: nn.Module, *rows: AttentionRows, values: bool = False) -> None:
+    def watch(self, module: nn.Module, *rows: AttentionRows, keys: bool = False, values: bool = False) -> None:
         self.requests.setdefault(module, [])
         self.requests[module] += [r for r in rows if r not in self.requests[module]]
+        if keys:
+            self.keep_keys.add(module)
         if values:
             self.keep_values.add(module)
 
@@ -94,16 +165,23 @@ class AttentionProbe:
         self._restore = []
 
     def clear(self) -> None:
-        self.rows.clear()
-        self.values.clear()
+        for store in (self.rows, self.keys, self.values, self.masks):
+            store.clear()
 
     # --- capture ------------------------------------------------------------------------------------
     def _capture(self, module, query, key, value, mask, scaling) -> None:
+        masks = self.queries(module) if self.queries is not None else (None, None)
+        if masks is None:
+            return
+        live, text = masks
         causal = bool(getattr(module, "is_causal", False))
         for which in self.requests.get(module, ()):
-            self.rows[(module, which)] = attention_rows(query, key, mask, scaling, causal, which)
+            self.rows[(module, which)] = attention_rows(query, key, mask, scaling, causal, which, live, text)
+        if module in self.keep_keys:
+            self.keys[module] = key
         if module in self.keep_values:
             self.values[module] = value
+        self.masks[module] = masks
 
 
 def _wrapping(impl: str) -> str:
@@ -125,3 +203,73 @@ def _wrapping(impl: str) -> str:
         AttentionInterface.register(name, forward)
         AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[impl])
     return name
+
+
+class SiteSignals:
+    """A strategy's view of what the probe recorded for its site, restricted to each unit's visual tokens.
+
+    ``columns`` (U, N) are the key positions of each unit's current visual tokens in the watched layer's
+    sequence (``valid`` marks real ones; padded entries read as zero). ``batch_rows`` maps units to the
+    layer's batch rows. Rows are probabilities over *all* keys of the layer (CLS, text, ...), so they do
+    not sum to 1 over the visual tokens.
+    """
+
+    def __init__(self, probe: AttentionProbe, module: nn.Module, site: str, batch_rows: list[int],
+                 columns: Tensor, valid: Tensor):
+        self.probe, self.module, self.site = probe, module, site
+        self.batch_rows = torch.as_tensor(batch_rows, dtype=torch.long)
+        self.columns, self.valid = columns, valid
+
+    def _recorded(self, store: dict, key, what: str) -> Tensor:
+        if key not in store:
+            raise SignalError(
+                f"{what} was not recorded at {self.site}: declare it in the strategy's signals(site) "
+                "(e.g. Signals(rows=(AttentionRows('first'),), values=True))"
+            )
+        x = store[key]
+        return x[self.batch_rows.to(x.device)]
+
+    def attention(self, query: str = "last", heads: str = "mean") -> Tensor:
+        """(U, N) head-mean or (U, H, N) per-head probabilities; ``text``: (U, [H,] R, N)."""
+        which = AttentionRows(query, heads)
+        rows = self._recorded(self.probe.rows, (self.module, which), f"attention rows {which}")
+        cols = self.columns.to(rows.device)
+        shape = (cols.shape[0],) + (1,) * (rows.dim() - 2) + (cols.shape[1],)
+        index = cols.view(shape).expand(*rows.shape[:-1], cols.shape[1])
+        return rows.gather(-1, index) * self.valid.to(rows.device).view(shape)
+
+    def text_queries(self) -> Tensor:
+        """(U, R) validity of the rows returned by ``attention('text')``."""
+        live, text = self.probe.masks[self.module]
+        if text is None:
+            raise SignalError(f"there are no text queries at {self.site}")
+        _, valid = pack(text, align="left")
+        return valid[self.batch_rows.to(valid.device)]
+
+    def keys(self) -> Tensor:
+        """(U, Hkv, N, d) keys of the visual tokens (after RoPE in a language model)."""
+        return self._gather_tokens(self._recorded(self.probe.keys, self.module, "keys"))
+
+    def values(self) -> Tensor:
+        """(U, Hkv, N, d) values of the visual tokens."""
+        return self._gather_tokens(self._recorded(self.probe.values, self.module, "values"))
+
+    def query_values(self, query: str = "first") -> Tensor:
+        """(U, Hkv, d) the value vector of the query token (``first``/``last``) or the live mean (``mean``)."""
+        values = self._recorded(self.probe.values, self.module, "values")
+        live, _ = self.probe.masks[self.module]
+        if live is None:
+            live = torch.ones(values.shape[0], values.shape[2], dtype=torch.bool)
+        else:
+            live = live[self.batch_rows.to(live.device)]
+        live = live.to(values.device)
+        if query == "mean":
+            w = live.to(values.dtype) / live.sum(1, keepdim=True).clamp(min=1)
+            return torch.einsum("uhnd,un->uhd", values, w)
+        rows, _ = _row_index(query, live, None)
+        return values.gather(2, rows[:, None, :, None].expand(-1, values.shape[1], 1, values.shape[3])).squeeze(2)
+
+    def _gather_tokens(self, x: Tensor) -> Tensor:
+        cols = self.columns.to(x.device)
+        index = cols[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3])
+        return x.gather(2, index) * self.valid.to(x.device)[:, None, :, None]

@@ -19,6 +19,7 @@ class StageEvent:
     site: str  # e.g. "vision_output" or "llm_layer[2]"
     n_in: list[int]  # per sample
     n_out: list[int]
+    kept: list[Tensor] | None = None  # per sample: span indices (representatives) alive after the site
 
 
 @dataclass
@@ -54,6 +55,23 @@ class SampleTrack:
     def intact_single_image(self) -> bool:
         """One image whose tokens are all still there (so they form its full grid)."""
         return self.span_length > 0 and len(self.kept) == self.span_length and int(self.image_of.max()) == 0
+
+    def grid_positions(self, grid_of) -> Tensor:
+        """(n, 3): image, row, col of each live token's representative; row/col -1 without a grid.
+
+        ``grid_of(n_tokens)`` gives the (rows, cols) grid of an intact image of that many tokens.
+        """
+        image = self.image_of[self.kept]
+        lengths = torch.bincount(self.image_of, minlength=int(image.max()) + 1 if image.numel() else 0)
+        starts = torch.cumsum(lengths, 0) - lengths
+        local = self.kept - starts[image] if image.numel() else self.kept
+        row, col = torch.full_like(local, -1), torch.full_like(local, -1)
+        for i, n in enumerate(lengths.tolist()):
+            grid = grid_of(n) if n else None
+            if grid is not None:
+                sel = image == i
+                row[sel], col[sel] = local[sel] // grid[1], local[sel] % grid[1]
+        return torch.stack([image, row, col], 1)
 
     def select(self, indices: Tensor, members: list[Tensor] | None = None) -> None:
         """Apply a decision given as indices into the live tokens (and members, also into live tokens)."""
@@ -95,6 +113,13 @@ class PruneTrace:
         """For each kept visual token, which image of the sample it comes from."""
         s = self.samples[sample]
         return s.image_of[s.kept]
+
+    def kept_after(self, site: str, sample: int) -> Tensor:
+        """Representative span indices alive after ``site`` (e.g. ``"vision_layer[3]"``): per-layer overlays."""
+        for ev in self.events:
+            if ev.site == site and ev.kept is not None:
+                return ev.kept[sample].clone()
+        raise KeyError(f"no pruning event at {site!r}; events: {[ev.site for ev in self.events]}")
 
     def has_images(self, sample: int) -> bool:
         return self.samples[sample].span_length > 0

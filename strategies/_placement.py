@@ -5,9 +5,14 @@ from prunekit import Site, Stage
 
 
 def single_site(stage: str, layer: int | None, allowed: tuple[Stage, ...], strategy: str) -> Site:
+    """The site for ``stage``; ``layer`` defaults to 2 inside the LLM and must be given inside the encoder."""
     stage = Stage(stage)
     if stage not in allowed:
         raise ValueError(f"{strategy} acts at {', '.join(map(str, allowed))}; got stage={stage}")
+    if stage is Stage.VISION_LAYER and layer is None:
+        raise ValueError(f"{strategy} at stage=vision_layer needs layer=<encoder layer whose output it prunes>")
+    if stage is Stage.LLM_LAYER and layer is None:
+        layer = 2
     return Site(stage, layer if stage in (Stage.LLM_LAYER, Stage.VISION_LAYER) else None)
 
 

@@ -12,7 +12,7 @@ from ._placement import default_policy, single_site
 class KeepAll(TokenPruner):
     def __init__(self, stage: str = "vision_output", layer: int | None = None, positions: str | None = None):
         super().__init__(budget=None)
-        self.site = single_site(stage, layer, (Stage.VISION_OUTPUT, Stage.PROJECTOR_OUTPUT, Stage.LLM_LAYER), "keep_all")
+        self.site = single_site(stage, layer, tuple(Stage), "keep_all")
         self.position_policy = default_policy(self.site, positions)
 
     def sites(self):

@@ -45,9 +45,9 @@ def pool_windows(rows: int, cols: int, h: int, w: int) -> tuple[Tensor, list[Ten
 
 @register_strategy("pooling")
 class Pooling(TokenPruner):
-    def __init__(self, budget: int = 64, stage: str = "vision_output", layer: int | None = 2,
+    def __init__(self, budget: int = 64, stage: str = "vision_output", layer: int | None = None,
                  positions: str | None = None):
-        site = single_site(stage, layer, (Stage.VISION_OUTPUT, Stage.PROJECTOR_OUTPUT, Stage.LLM_LAYER), "pooling")
+        site = single_site(stage, layer, tuple(Stage), "pooling")
         super().__init__(budget, convention(site))
         self.site = site
         self.position_policy = positions or "compact"

@@ -14,9 +14,9 @@ from ._placement import convention, default_policy, single_site
 
 @register_strategy("random")
 class RandomPruner(TokenPruner):
-    def __init__(self, budget: int = 64, stage: str = "vision_output", layer: int | None = 2,
+    def __init__(self, budget: int = 64, stage: str = "vision_output", layer: int | None = None,
                  positions: str | None = None):
-        site = single_site(stage, layer, (Stage.VISION_OUTPUT, Stage.PROJECTOR_OUTPUT, Stage.LLM_LAYER), "random")
+        site = single_site(stage, layer, tuple(Stage), "random")
         super().__init__(budget, convention(site))
         self.site = site
         self.position_policy = default_policy(site, positions)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from prunekit import Keep, Stage, TokenPruner
+from prunekit.signals import AttentionRows, Signals
 from prunekit.tiny import synthetic_image
 
 QUESTIONS = [
@@ -43,3 +45,56 @@ def vision_features(model, pixel_values):
     """Vision features at LLaVA's feature layer, CLS dropped: what reaches the projector."""
     hs = model.model.vision_tower(pixel_values, output_hidden_states=True).hidden_states
     return hs[model.config.vision_feature_layer][:, 1:]
+
+
+def tower_reference(model, pixel_values, cuts):
+    """Vision features with patch tokens reduced after given encoder layers, computed by hand.
+
+    ``cuts`` maps a layer index to a function (patches (B, n, D)) -> patches; CLS always passes.
+    """
+    tower = model.model.vision_tower
+    feature = model.config.vision_feature_layer % (len(tower.encoder.layers) + 1) - 1
+    hidden = tower.pre_layrnorm(tower.embeddings(pixel_values))
+    for i, layer in enumerate(tower.encoder.layers[: feature + 1]):
+        hidden = layer(hidden, None)
+        if i in cuts:
+            hidden = torch.cat([hidden[:, :1], cuts[i](hidden[:, 1:])], 1)
+    return hidden[:, 1:]
+
+
+ROWS = (AttentionRows("first", "all"), AttentionRows("mean", "mean"))
+LLM_ROWS = (AttentionRows("last", "all"), AttentionRows("text", "mean"))
+
+
+class Recorder(TokenPruner):
+    """Keeps everything (or a ragged random subset at ``cut``) and records what its contexts show."""
+
+    name = "recorder"
+
+    def __init__(self, sites, cut=None):
+        super().__init__()
+        self._sites, self.cut, self.seen = list(sites), cut, {}
+
+    def sites(self):
+        return self._sites + ([self.cut] if self.cut else [])
+
+    def signals(self, site):
+        if site == self.cut:
+            return None
+        rows = LLM_ROWS if site.stage is Stage.LLM_LAYER else ROWS
+        return Signals(rows=rows, keys=True, values=True)
+
+    def prune(self, ctx):
+        if ctx.site == self.cut:  # 5..16 tokens per image, drawn from the image's seed
+            keep = []
+            for u in range(ctx.num_units):
+                g = ctx.generator(u)
+                keep.append(torch.randperm(int(ctx.lengths[u]), generator=g)[: int(torch.randint(5, 17, (1,), generator=g))].sort().values)
+            return Keep(keep)
+        rows = LLM_ROWS if ctx.stage is Stage.LLM_LAYER else ROWS
+        self.seen[ctx.site] = dict(
+            rows={r: ctx.attention(r.query, r.heads) for r in rows}, keys=ctx.keys(), values=ctx.values(),
+            lengths=ctx.lengths.clone(), types=ctx.token_types, text=ctx.text_queries() if ctx.stage is Stage.LLM_LAYER else None,
+            cls_value=None if ctx.stage is Stage.LLM_LAYER else ctx.query_values("first"),
+        )
+        return Keep([torch.arange(int(n)) for n in ctx.lengths])

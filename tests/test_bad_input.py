@@ -91,3 +91,10 @@ def test_image_placeholders_without_pixels_cannot_be_pruned_before_the_llm(model
     with prunekit.attach(model, "random", budget=8):
         with pytest.raises(PruningError, match="no image went through the vision tower"):
             model(inputs_embeds=embeds, attention_mask=x["attention_mask"])
+
+
+def test_vision_layer_at_or_after_the_feature_layer_is_refused(model):
+    # tiny LLaVA: 4 encoder layers, features read at hidden_states[-2] = output of layer 2
+    with pytest.raises(PruningError, match="output of vision layer 2.*0..1.*vision_output"):
+        prunekit.attach(model, "random", budget=8, stage="vision_layer", layer=2)
+    prunekit.attach(model, "random", budget=8, stage="vision_layer", layer=1).detach()

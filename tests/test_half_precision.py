@@ -4,12 +4,15 @@ import torch
 from transformers import AutoModelForImageTextToText
 
 import prunekit
-from helpers import batch
+from prunekit import Site
+from helpers import Recorder, batch
 
 SPECS = [
     dict(name="keep_all"),
     dict(name="random", budget=16, stage="projector_output"),
     dict(name="pooling", budget=16),
+    dict(name="random", budget=16, stage="vision_layer", layer=1),
+    dict(name="pooling", budget=16, stage="vision_layer", layer=0),
     dict(name="random", budget=16, stage="llm_layer", layer=1),
     dict(name="pooling", budget=4, stage="llm_layer", layer=2),
 ]
@@ -28,3 +31,12 @@ def test_all_stages_in_half_precision(tiny_dir, processor, dtype):
             assert h.trace.n_final == [expected] * 3, spec
             out = model.generate(**x, max_new_tokens=3, do_sample=False, min_new_tokens=3)
             assert out.shape[1] == x["input_ids"].shape[1] + 3
+    # signals after a ragged cut in the encoder, and in the language model
+    recorder = Recorder([Site("vision_layer", 1), Site("llm_layer", 2)], cut=Site("vision_layer", 0))
+    with prunekit.attach(model, recorder):
+        assert torch.isfinite(model(**x).logits).all()
+        model.generate(**x, max_new_tokens=2, do_sample=False)
+    for seen in recorder.seen.values():
+        for rows in seen["rows"].values():
+            assert rows.dtype == torch.float32 and torch.isfinite(rows).all()
+        assert torch.isfinite(seen["values"]).all() and seen["values"].dtype == dtype

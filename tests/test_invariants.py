@@ -1,16 +1,36 @@
-"""DESIGN.md invariants 1-5 and 7 on a tiny LLaVA-1.5, for every stage the runtime serves."""
+"""DESIGN.md invariants 1-5 and 7 on a tiny LLaVA-1.5, for all four stages."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 import prunekit
-from helpers import batch, generate_positions, greedy, vision_features
+from prunekit import Keep, Site, TokenPruner
+from helpers import batch, generate_positions, greedy, tower_reference, vision_features
 
 B = 16  # budget: 16 of the tiny model's 64 visual tokens
 N = 64
 L_LAYERS = 4
 
+class Progressive(TokenPruner):
+    """Random halving inside the encoder after layers 0 and 1 (64 -> 32 -> 16), like a progressive schedule."""
+
+    name = "progressive_random"
+
+    def __init__(self):
+        super().__init__(budget=B)
+
+    def sites(self):
+        return [Site("vision_layer", 0), Site("vision_layer", 1)]
+
+    def prune(self, ctx):
+        return Keep([torch.randperm(int(n), generator=ctx.generator(u))[: int(n) // 2].sort().values
+                     for u, n in enumerate(ctx.lengths)])
+
+
 PRUNING = {
+    "random@vision_layer0": dict(name="random", budget=B, stage="vision_layer", layer=0),
+    "pooling@vision_layer1": dict(name="pooling", budget=B, stage="vision_layer", layer=1),
+    "progressive@vision_layer0+1": Progressive,
     "random@vision_output": dict(name="random", budget=B),
     "random@projector_output": dict(name="random", budget=B, stage="projector_output"),
     "random@llm1": dict(name="random", budget=B, stage="llm_layer", layer=1),
@@ -20,12 +40,21 @@ PRUNING = {
     "pooling@llm2": dict(name="pooling", budget=B, stage="llm_layer", layer=2),
 }
 KEEP_ALL = {
+    "keep_all@vision_layer1": dict(name="keep_all", stage="vision_layer", layer=1),
     "keep_all@vision_output": dict(name="keep_all"),
     "keep_all@projector_output": dict(name="keep_all", stage="projector_output"),
     "keep_all@llm0": dict(name="keep_all", stage="llm_layer", layer=0),
     "keep_all@llm2": dict(name="keep_all", stage="llm_layer", layer=2),
 }
 ALL = {**PRUNING, **KEEP_ALL}
+
+
+def attach(model, spec):
+    return prunekit.attach(model, spec() if isinstance(spec, type) else spec)
+
+
+def stage_of(spec) -> str:
+    return "vision_layer" if isinstance(spec, type) else spec.get("stage", "vision_output")
 
 
 def hooks(model):
@@ -42,7 +71,7 @@ def test_detach_restores_the_model_exactly(model, processor, spec):
     logits = model(**x).logits
     tokens, _ = greedy(model, x)
     before = hooks(model)
-    handle = prunekit.attach(model, spec)
+    handle = attach(model, spec)
     assert hooks(model) > before
     model(**x)
     greedy(model, x)
@@ -58,7 +87,7 @@ def test_keep_all_gives_identical_logits(model, processor, spec):
     x = batch(processor, [0, 1, 2])  # left padding included
     logits = model(**x).logits
     tokens, step_logits = greedy(model, x)
-    with prunekit.attach(model, spec) as h:
+    with attach(model, spec) as h:
         assert torch.equal(model(**x).logits, logits)
         assert h.trace.n_final == [N] * 3
         t2, l2 = greedy(model, x)
@@ -103,10 +132,12 @@ def test_pre_llm_pruning_equals_reduced_input(model, processor, key):
     x = batch(processor, [0, 3])  # same prompt length: the reference needs no re-padding
     feats = vision_features(model, x["pixel_values"])
     proj = model.model.multi_modal_projector
-    with prunekit.attach(model, spec) as h:
+    with attach(model, spec) as h:
         logits = model(**x).logits
         trace = h.trace
-    if spec["name"] == "pooling":
+    if stage_of(spec) == "vision_layer":
+        kept = proj(tower_reference(model, x["pixel_values"], vision_cuts(spec, h)))
+    elif spec["name"] == "pooling":
         kept = proj(pooled(feats, B)) if spec.get("stage") is None else pooled(proj(feats), B)
     else:
         kept = torch.stack([proj(feats)[b, trace.kept_positions(b)] for b in range(2)])
@@ -115,12 +146,24 @@ def test_pre_llm_pruning_equals_reduced_input(model, processor, key):
     torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
 
 
+def vision_cuts(spec, handle):
+    """The encoder reductions a vision_layer spec made, rebuilt from the trace by hand."""
+    if isinstance(spec, type):  # progressive: the recorded per-site decisions, applied in turn
+        site0, site1 = (handle._recorded[Site("vision_layer", i)].indices for i in (0, 1))
+        return {0: lambda p: torch.stack([p[b, site0[b]] for b in range(2)]),
+                1: lambda p: torch.stack([p[b, site1[b]] for b in range(2)])}
+    if spec["name"] == "pooling":
+        return {spec["layer"]: lambda p: pooled(p, B)}
+    kept = [handle.trace.kept_positions(b) for b in range(2)]
+    return {spec["layer"]: lambda p: torch.stack([p[b, kept[b]] for b in range(2)])}
+
+
 # 4. Cache == recompute (with the prefill's decisions replayed) -----------------------------------
 @pytest.mark.parametrize("spec", list(PRUNING.values()), ids=list(PRUNING))
 def test_cached_generation_equals_recompute_with_replay(model, processor, spec):
     x = batch(processor, [0, 1])
     steps = 4
-    with prunekit.attach(model, spec) as h:
+    with attach(model, spec) as h:
         tokens, step_logits = greedy(model, x, steps)
         kept = [h.trace.kept_positions(b) for b in range(2)]
         with h.replay():
@@ -147,7 +190,7 @@ def test_replay_needs_a_prefill(model):
 def test_batch_of_four_with_padding_equals_batch_of_one(model, processor, spec):
     x4 = batch(processor, [0, 1, 2, 3])
     assert (x4["attention_mask"] == 0).any(), "the batch must be left-padded"
-    with prunekit.attach(model, spec) as h:
+    with attach(model, spec) as h:
         logits4 = model(**x4).logits[:, -1]
         kept4 = [h.trace.kept_positions(b) for b in range(4)]
         members4 = [h.trace.members(b) for b in range(4)]
@@ -165,10 +208,10 @@ def test_batch_of_four_with_padding_equals_batch_of_one(model, processor, spec):
 def test_trace_counts_match_the_budget_and_the_sequence(model, processor, key):
     spec = PRUNING[key]
     x = batch(processor, [0, 3])
-    with prunekit.attach(model, spec) as h:
+    with attach(model, spec) as h:
         logits = model(**x).logits
     t = h.trace
-    layer = spec.get("layer") if spec.get("stage") == "llm_layer" else None
+    layer = spec.get("layer") if stage_of(spec) == "llm_layer" else None
     assert t.n_vanilla == [N, N]
     assert t.n_final == [B, B]
     assert [len(t.kept_positions(b)) for b in range(2)] == [B, B]
@@ -185,3 +228,17 @@ def test_trace_counts_match_the_budget_and_the_sequence(model, processor, key):
         assert torch.equal(kept, kept.sort().values) and kept.unique().numel() == B
         assert sum(len(m) for m in t.members(b)) >= B
         assert all(int(k) in m.tolist() for k, m in zip(kept, t.members(b)))
+
+
+def test_trace_keeps_each_sites_survivors_for_progressive_overlays(model, processor):
+    with prunekit.attach(model, Progressive()) as h:
+        model(**batch(processor, [0, 1]))
+    t = h.trace
+    assert [ev.site for ev in t.events] == ["vision_layer[0]", "vision_layer[1]"]
+    for b in range(2):
+        first, second = t.kept_after("vision_layer[0]", b), t.kept_after("vision_layer[1]", b)
+        assert len(first) == N // 2 and len(second) == B
+        assert set(second.tolist()) <= set(first.tolist())
+        assert torch.equal(second, t.kept_positions(b))
+    with pytest.raises(KeyError, match="no pruning event at 'llm_layer\\[2\\]'"):
+        t.kept_after("llm_layer[2]", 0)

@@ -29,6 +29,7 @@ class RaggedRandom(TokenPruner):
 
 
 SITES = {
+    "vision_layer0": (Site("vision_layer", 0), "compact"),
     "vision_output": (Site("vision_output"), "compact"),
     "projector_output-original": (Site("projector_output"), "original"),
     "llm1-original": (Site("llm_layer", 1), "original"),

@@ -73,8 +73,8 @@ def test_fractional_budget_is_refused():
 def test_unknown_stage_or_policy_is_refused():
     with pytest.raises(ValueError):
         build_strategy("random", stage="decoder")
-    with pytest.raises(ValueError, match="pooling acts at"):
-        build_strategy("pooling", stage="vision_layer", layer=2)
+    with pytest.raises(ValueError, match="needs layer="):
+        build_strategy("pooling", stage="vision_layer")
     assert prunekit.Stage("llm_layer") is prunekit.Stage.LLM_LAYER
 
 

@@ -3,8 +3,11 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText
 
-from prunekit.signals import AttentionProbe, AttentionRows
-from helpers import batch
+import prunekit
+from prunekit import Site, TokenPruner
+from prunekit.pruner import TokenType
+from prunekit.signals import AttentionProbe, AttentionRows, SignalError, Signals
+from helpers import LLM_ROWS, ROWS, Recorder, batch
 
 
 @pytest.fixture(scope="module")
@@ -77,3 +80,105 @@ def test_rows_in_half_precision_are_finite_distributions(tiny_dir, processor, dt
 def test_unknown_query_is_refused():
     with pytest.raises(ValueError, match="unknown query"):
         AttentionRows("cls")
+
+
+# --- signals as strategies see them (PruneContext) ------------------------------------------------
+def projections(model, layer_attn, x):
+    """Keys and values (B, Hkv, L, d) a layer computes, recorded by hooks on its projections (no RoPE)."""
+    out = {}
+    hooks = [getattr(layer_attn, p).register_forward_hook(lambda m, a, o, p=p: out.__setitem__(p, o))
+             for p in ("k_proj", "v_proj")]
+    try:
+        model(**x)
+    finally:
+        for h in hooks:
+            h.remove()
+    d = layer_attn.head_dim
+    return {p: o.view(*o.shape[:2], -1, d).transpose(1, 2) for p, o in out.items()}
+
+
+def test_context_signals_equal_eager_attention_at_every_stage(model, eager_model, processor):
+    x = batch(processor, [0, 1, 2, 3])
+    eager = eager_model(**x, output_attentions=True)
+    ref_vis = eager_model.model.vision_tower(x["pixel_values"], output_attentions=True).attentions
+    lm_attn = eager.attentions[1]  # layer 1 scores the cut before layer 2
+    sites = [Site("vision_layer", 1), Site("vision_output"), Site("llm_layer", 2)]
+    recorder = Recorder(sites)
+    with prunekit.attach(model, recorder):
+        model(**x)
+        assert model.config.vision_config._attn_implementation == "prunekit_sdpa"
+    assert model.config.vision_config._attn_implementation == "sdpa"
+    for site, layer in ((sites[0], 1), (sites[1], 2)):  # vision_output scores at the feature layer (2)
+        seen = recorder.seen[site]
+        torch.testing.assert_close(seen["rows"][ROWS[0]], ref_vis[layer][:, :, 0, 1:], rtol=0, atol=1e-6)
+        mean = seen["rows"][ROWS[1]]
+        assert mean.shape == (4, 64) and bool((mean.sum(-1) < 1).all())  # CLS takes the rest
+    vis_v = projections(model, model.model.vision_tower.encoder.layers[1].self_attn, x)["v_proj"]
+    torch.testing.assert_close(recorder.seen[sites[0]]["values"], vis_v[:, :, 1:], rtol=0, atol=1e-6)
+    torch.testing.assert_close(recorder.seen[sites[0]]["cls_value"], vis_v[:, :, 0], rtol=0, atol=1e-6)
+
+    seen = recorder.seen[sites[2]]
+    img = x["input_ids"] == model.config.image_token_id
+    for b in range(4):
+        cols = img[b].nonzero().squeeze(1)
+        torch.testing.assert_close(seen["rows"][LLM_ROWS[0]][b], lm_attn[b, :, -1, cols], rtol=0, atol=1e-6)
+        types = seen["types"][b]
+        assert torch.equal(types == TokenType.IMAGE, img[b])
+        assert torch.equal(types == TokenType.PAD, x["attention_mask"][b] == 0)
+        text = (types == TokenType.TEXT).nonzero().squeeze(1)
+        assert int(text.min()) > int(cols.max())  # the instruction follows the image
+        rows = seen["rows"][LLM_ROWS[1]][b]
+        n_text = int(seen["text"][b].sum())
+        assert n_text == len(text)
+        ref = lm_attn[b][:, text][:, :, cols].mean(0)
+        torch.testing.assert_close(rows[:n_text], ref, rtol=0, atol=1e-6)
+        assert (rows[n_text:] == 0).all()
+    lm_v = projections(model, model.model.language_model.layers[1].self_attn, x)["v_proj"]
+    cols = torch.stack([img[b].nonzero().squeeze(1) for b in range(4)])
+    torch.testing.assert_close(seen["values"], torch.stack([lm_v[b][:, cols[b]] for b in range(4)]), rtol=0, atol=1e-6)
+    assert seen["keys"].shape == seen["values"].shape  # keys are taken after RoPE
+
+
+def test_signals_after_ragged_encoder_pruning_equal_batch_of_one(model, processor):
+    """Live-token masks keep rows (and the mean query) of a padded image identical to running it alone."""
+    def run(indices):
+        recorder = Recorder([Site("vision_layer", 1)], cut=Site("vision_layer", 0))
+        with prunekit.attach(model, recorder):
+            model(**batch(processor, indices))
+        return recorder.seen[Site("vision_layer", 1)]
+
+    four = run([0, 1, 2, 3])
+    assert len(set(four["lengths"].tolist())) > 1, "the test needs ragged counts"
+    for b in range(4):
+        one, n = run([b]), int(four["lengths"][b])
+        for r in ROWS:
+            torch.testing.assert_close(four["rows"][r][b, ..., :n], one["rows"][r][0, ..., :n], rtol=0, atol=1e-6)
+            assert (four["rows"][r][b, ..., n:] == 0).all()
+        torch.testing.assert_close(four["values"][b, :, :n], one["values"][0, :, :n], rtol=0, atol=1e-6)
+
+
+def test_undeclared_signals_and_signals_at_llm_layer_0_are_refused(model, processor):
+    class Greedy(TokenPruner):
+        name = "greedy"
+
+        def __init__(self, site, signals=None):
+            super().__init__()
+            self.site, self._signals = site, signals
+
+        def sites(self):
+            return [self.site]
+
+        def signals(self, site):
+            return self._signals
+
+        def prune(self, ctx):
+            ctx.attention("last")
+
+    with prunekit.attach(model, Greedy(Site("llm_layer", 2))):
+        with pytest.raises(RuntimeError, match="declare them in the strategy's signals"):
+            model(**batch(processor, [0]))
+    with prunekit.attach(model, Greedy(Site("llm_layer", 2), Signals(rows=(AttentionRows("first"),)))):
+        with pytest.raises(SignalError, match="was not recorded at llm_layer\\[2\\]"):
+            model(**batch(processor, [0]))
+    with pytest.raises(prunekit.PruningError, match="llm_layer\\[0\\].*none"):
+        prunekit.attach(model, Greedy(Site("llm_layer", 0), Signals(rows=(AttentionRows("last"),))))

@@ -71,6 +71,27 @@ class ModelAdapter(ABC):
         return self.language_model.layers
 
     @property
+    @abstractmethod
+    def vision_layers(self) -> nn.ModuleList:
+        """The vision encoder's layers (``vision_layer`` sites prune between them)."""
+
+    @property
+    def vision_prefix_tokens(self) -> int:
+        """Tokens before the patches in the vision encoder's sequence (CLS); never pruned there."""
+        return 0
+
+    @property
+    @abstractmethod
+    def vision_feature_layer(self) -> int:
+        """0-based index of the vision layer whose output the projector reads."""
+
+    def vision_attention(self, layer: int) -> nn.Module:
+        return self.vision_layers[layer].self_attn
+
+    def llm_attention(self, layer: int) -> nn.Module:
+        return self.decoder_layers[layer].self_attn
+
+    @property
     def text_config(self):
         return self.language_model.config
 

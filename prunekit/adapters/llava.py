@@ -33,6 +33,20 @@ class LlavaAdapter(ModelAdapter):
         return self.model.model.vision_tower
 
     @property
+    def vision_layers(self) -> nn.ModuleList:
+        return self.vision_tower.encoder.layers
+
+    @property
+    def vision_prefix_tokens(self) -> int:
+        return 1  # CLS; LLaVA's 'default' feature selection drops it before the projector
+
+    @property
+    def vision_feature_layer(self) -> int:
+        # hidden_states[k] is the output of layer k-1 (hidden_states[0] = embeddings)
+        k = self.model.config.vision_feature_layer % (len(self.vision_layers) + 1)
+        return k - 1
+
+    @property
     def projector(self) -> nn.Module:
         return self.model.model.multi_modal_projector
 

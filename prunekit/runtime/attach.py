@@ -3,6 +3,8 @@
 Hooks (all on this model instance, all removed by ``detach()``):
 
 - vision tower, forward pre-hook: remembers the pixel values (content seeds for randomised strategies);
+- vision encoder layers after the first ``vision_layer`` site, forward pre-hooks: prune the patch tokens
+  entering the layer (CLS kept) and, when images keep different counts, pass a key-padding mask;
 - projector, forward pre-hook (``vision_output`` sites): the strategy picks or merges vision features,
   and the projector runs once on the kept ``[images, T, D]`` batch;
 - projector, forward hook (``projector_output`` sites, then always when pruned): kept embeddings are
@@ -13,7 +15,8 @@ Hooks (all on this model instance, all removed by ``detach()``):
   positions per sample (transformers keeps passing original-length masks and original positions);
 - decoder layers from the first ``llm_layer`` site on, forward pre-hooks: prune hidden states and slice
   the loop-level kwargs (RoPE tables, mask, positions) that the language model computed once;
-- top model, forward pre-hook and an instance-level ``generate`` guard: refuse what is not supported.
+- top model, forward pre-hook and an instance-level ``generate`` guard: refuse what is not supported;
+- when the strategy declares signals: an ``AttentionProbe`` on the scored attention modules.
 
 See docs/architecture.md for the data flow.
 """
@@ -31,13 +34,14 @@ from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask
 
 from ..adapters import ModelAdapter, adapter_for
-from ..pruner import Keep, PruneContext, Site, Stage, TokenPruner, combine_seeds, content_seed
+from ..pruner import Keep, PruneContext, Site, Stage, TokenPruner, TokenType, combine_seeds, content_seed
+from ..signals import AttentionProbe, Signals, SiteSignals
 from ..registry import build_strategy
 from ..trace import PruneTrace, SampleTrack, StageEvent
 from .sequence import Segment, pack, take
 
 _ATTACHED: "weakref.WeakKeyDictionary[nn.Module, PruningHandle]" = weakref.WeakKeyDictionary()
-_RUNTIME_STAGES = (Stage.VISION_OUTPUT, Stage.PROJECTOR_OUTPUT, Stage.LLM_LAYER)
+_RUNTIME_STAGES = tuple(Stage)
 
 
 class PruningError(RuntimeError):
@@ -50,8 +54,10 @@ class VisionPass:
 
     pixel_values: Tensor | None
     images: list[SampleTrack] | None = None  # per image: which of its N tokens survive, and members
-    events: list[tuple[str, list[int], list[int]]] = field(default_factory=list)  # per image in/out
+    events: list[tuple[str, list[int], list[Tensor]]] = field(default_factory=list)  # per image: n in, kept after
     seeds: dict[int, int] = field(default_factory=dict)
+    live: Tensor | None = None  # (images, prefix + n) bool inside the encoder once counts are ragged
+    key_mask: Tensor | None = None  # matching additive key-padding mask for the encoder layers
 
     def seed(self, image: int) -> int:
         if image not in self.seeds:
@@ -116,6 +122,9 @@ class PruningHandle:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        if self._probe is not None:
+            self._probe.remove()
+            self._probe = None
         if self._had_generate:
             self.model.generate = self._old_generate
         else:
@@ -168,6 +177,18 @@ class PruningHandle:
                     f"strategy {name!r} prunes before LLM layer {site.layer}, but the language model has "
                     f"{self.adapter.num_llm_layers} layers (0..{self.adapter.num_llm_layers - 1})"
                 )
+            feature = self.adapter.vision_feature_layer
+            if site.stage is Stage.VISION_LAYER and site.layer >= feature:
+                raise PruningError(
+                    f"strategy {name!r} prunes after vision layer {site.layer}, but the projector reads the "
+                    f"output of vision layer {feature}: vision_layer sites must be in 0..{feature - 1} "
+                    "(to prune the features themselves use the vision_output stage)"
+                )
+            if site.stage is Stage.LLM_LAYER and site.layer == 0 and self.strategy.signals(site):
+                raise PruningError(
+                    f"strategy {name!r} asks for attention signals at llm_layer[0]; they come from the layer "
+                    "before the cut, and there is none. Prune at llm_layer >= 1."
+                )
         if len(set(self.sites)) != len(self.sites):
             raise PruningError(f"strategy {name!r} lists a site twice: {self.sites}")
         budget, per_image = self.strategy.budget, self.adapter.tokens_per_image()
@@ -187,6 +208,11 @@ class PruningHandle:
         hook(a.projector.register_forward_hook(self._on_projector_output))
         hook(a.multimodal_model.register_forward_pre_hook(self._on_multimodal, with_kwargs=True))
         hook(a.language_model.register_forward_pre_hook(self._on_llm_entry, with_kwargs=True))
+        vision_layers = sorted(s.layer for s in self.sites if s.stage is Stage.VISION_LAYER)
+        if vision_layers:
+            for i, layer in enumerate(a.vision_layers):
+                if i > vision_layers[0]:
+                    hook(layer.register_forward_pre_hook(functools.partial(self._on_vision_layer, i), with_kwargs=True))
         llm_layers = sorted(s.layer for s in self.sites if s.stage is Stage.LLM_LAYER)
         if llm_layers:
             for i, layer in enumerate(a.decoder_layers):
@@ -194,6 +220,46 @@ class PruningHandle:
                     hook(layer.register_forward_pre_hook(functools.partial(self._on_decoder_layer, i), with_kwargs=True))
         hook(self.model.register_forward_pre_hook(self._on_top_forward, with_kwargs=True))
         self.model.generate = self._guarded_generate(self.model.generate)
+        self._install_probe()
+
+    def _install_probe(self) -> None:
+        """Watch the attention module each signal-hungry site scores from (see prunekit.signals)."""
+        self._probe, self._scored = None, {}
+        requests = {site: self.strategy.signals(site) for site in self.sites}
+        requests = {site: req for site, req in requests.items() if req}
+        if not requests:
+            return
+        self._probe = AttentionProbe(queries=self._probe_queries)
+        self._vision_modules = set()
+        for site, req in requests.items():
+            if not isinstance(req, Signals):
+                raise TypeError(f"{self.strategy.name}.signals({site}) must return a prunekit.signals.Signals")
+            if site.stage is Stage.LLM_LAYER:
+                module = self.adapter.llm_attention(site.layer - 1)
+            else:
+                layer = site.layer if site.stage is Stage.VISION_LAYER else self.adapter.vision_feature_layer
+                module = self.adapter.vision_attention(layer)
+                self._vision_modules.add(module)
+            self._probe.watch(module, *req.rows, keys=req.keys, values=req.values)
+            self._scored[site] = module
+        self._probe.install()
+
+    def _probe_queries(self, module):
+        """(live, text) query masks of the watched module's current call; None skips (decode steps)."""
+        if module in self._vision_modules:
+            vision = self._vision
+            return (None if vision is None else vision.live), None
+        prefill = self._prefill
+        if prefill is None or prefill.step > 0:
+            return None
+        segment = prefill.segments[-1] if prefill.segments else prefill.entry
+        return segment.mask, segment.types == TokenType.TEXT
+
+    def _signals(self, site: Site, batch_rows: list[int], columns: Tensor, valid: Tensor) -> SiteSignals | None:
+        module = self._scored.get(site)
+        if module is None:
+            return None
+        return SiteSignals(self._probe, module, str(site), batch_rows, columns, valid)
 
     # --- decisions --------------------------------------------------------------------------------
     def _decide(self, ctx: PruneContext) -> Keep:
@@ -218,6 +284,50 @@ class PruningHandle:
         pixels = args[0] if args else kwargs.get("pixel_values")
         self._vision = VisionPass(pixel_values=pixels)
 
+    def _on_vision_layer(self, index: int, module, args, kwargs):
+        """Before encoder layer ``index``: prune after layer index-1 if it is a site; pass the padding mask."""
+        vision = self._vision
+        if vision is None:
+            return None
+        hidden = args[0]
+        site = self._site(Stage.VISION_LAYER, index - 1)
+        if site is not None:
+            hidden = self._prune_vision(site, hidden, vision)
+        if vision.key_mask is None and site is None:
+            return None
+        if len(args) > 1:
+            args = (hidden, vision.key_mask) + tuple(args[2:])
+        else:
+            args = (hidden,)
+            kwargs["attention_mask"] = vision.key_mask
+        return args, kwargs
+
+    def _prune_vision(self, site: Site, hidden: Tensor, vision: VisionPass) -> Tensor:
+        prefix = self.adapter.vision_prefix_tokens
+        patches = hidden[:, prefix:]
+        if vision.images is None:
+            vision.images = [SampleTrack.full([patches.shape[1]]) for _ in range(patches.shape[0])]
+        lengths = torch.tensor([len(d.kept) for d in vision.images])
+        keep = self._decide(self._image_context(site, patches, vision, lengths, prefix))
+        self._apply_to_images(vision, keep, str(site))
+        kept = _assemble(patches, keep)
+        counts = torch.tensor([len(i) for i in keep.indices], device=hidden.device)
+        if bool((counts == counts[0]).all()):
+            vision.live = vision.key_mask = None
+        else:
+            impl = self.adapter.vision_layers[site.layer].self_attn.config._attn_implementation
+            if "flash" in impl:
+                raise PruningError(
+                    f"{self.strategy.name!r} keeps different token counts per image inside the vision encoder, "
+                    f"which needs a key-padding mask; the {impl!r} backend takes none. Load the vision tower "
+                    "with attn_implementation='sdpa'."
+                )
+            slots = torch.arange(prefix + kept.shape[1], device=hidden.device)
+            vision.live = slots[None] < (prefix + counts)[:, None]
+            vision.key_mask = torch.zeros(vision.live.shape, dtype=hidden.dtype, device=hidden.device)
+            vision.key_mask = vision.key_mask.masked_fill(~vision.live, torch.finfo(hidden.dtype).min)[:, None, None]
+        return torch.cat([hidden[:, :prefix], kept.to(hidden.dtype)], 1)
+
     def _on_projector_input(self, module, args):
         vision = self._vision
         site = self._site(Stage.VISION_OUTPUT)
@@ -225,11 +335,18 @@ class PruningHandle:
             vision = self._vision = VisionPass(pixel_values=None)
         features = args[0]
         n_images, n_tokens = features.shape[:2]
-        vision.images = [SampleTrack.full([n_tokens]) for _ in range(n_images)]
-        vision.events = []
+        if vision.images is None or len(vision.images) != n_images:  # no vision_layer site pruned in this pass
+            vision.images = [SampleTrack.full([n_tokens]) for _ in range(n_images)]
+            vision.events = []
+        lengths = torch.tensor([len(d.kept) for d in vision.images])
+        if int(lengths.max()) != n_tokens:
+            raise PruningError(
+                f"the projector received {n_tokens} tokens per image but the vision encoder kept "
+                f"{lengths.tolist()}; the features were not read from a layer after the last vision_layer site"
+            )
         if site is None:
             return None
-        ctx = self._image_context(site, features, vision)
+        ctx = self._image_context(site, features, vision, lengths, self.adapter.vision_prefix_tokens)
         keep = self._decide(ctx)
         self._apply_to_images(vision, keep, str(site))
         return (_assemble(features, keep),) + tuple(args[1:])
@@ -241,7 +358,7 @@ class PruningHandle:
         site = self._site(Stage.PROJECTOR_OUTPUT)
         if site is not None:
             lengths = torch.tensor([len(d.kept) for d in vision.images])
-            ctx = self._image_context(site, output, vision, lengths)
+            ctx = self._image_context(site, output, vision, lengths, self.adapter.vision_prefix_tokens)
             keep = self._decide(ctx)
             self._apply_to_images(vision, keep, str(site))
             output = _assemble(output, keep)
@@ -253,14 +370,17 @@ class PruningHandle:
             full[u, d.kept.to(full.device)] = output[u, : len(d.kept)]
         return full
 
-    def _image_context(self, site: Site, tokens: Tensor, vision: VisionPass, lengths: Tensor | None = None):
+    def _image_context(self, site: Site, tokens: Tensor, vision: VisionPass, lengths: Tensor, prefix: int):
+        """Context over images; signal columns skip the encoder's prefix (CLS) tokens."""
         n_images, n_tokens = tokens.shape[:2]
-        if lengths is None:
-            lengths = torch.full((n_images,), n_tokens, dtype=torch.long)
         grids = [self.adapter.image_grid(d.span_length) if d.intact_single_image else None for d in vision.images]
+        columns = prefix + torch.arange(n_tokens).expand(n_images, n_tokens)
+        valid = torch.arange(n_tokens)[None] < lengths[:, None]
         return PruneContext(
             site=site, tokens=tokens, lengths=lengths, grids=grids, sample_of=list(range(n_images)),
-            budget=self.strategy.budget, num_layers=None, _seed_source=vision.seed,
+            budget=self.strategy.budget, num_layers=len(self.adapter.vision_layers),
+            grid_positions=[d.grid_positions(self.adapter.image_grid) for d in vision.images],
+            signals=self._signals(site, list(range(n_images)), columns, valid), _seed_source=vision.seed,
         )
 
     @staticmethod
@@ -268,7 +388,7 @@ class PruningHandle:
         n_in = [len(d.kept) for d in vision.images]
         for u, d in enumerate(vision.images):
             d.select(keep.indices[u], keep.members[u] if keep.members else None)
-        vision.events.append((site, n_in, [len(d.kept) for d in vision.images]))
+        vision.events.append((site, n_in, [d.kept.clone() for d in vision.images]))
 
     # --- multimodal model and LLM entry -----------------------------------------------------------
     def _on_multimodal(self, module, args, kwargs):
@@ -308,7 +428,8 @@ class PruningHandle:
         if positions is None:
             positions = torch.arange(length, device=device).unsqueeze(0)
         positions = positions.expand(batch, length)
-        entry = Segment(0, mask, positions, span & mask, torch.zeros(batch, dtype=torch.long, device=device))
+        entry = Segment(0, mask, positions, span & mask, torch.zeros(batch, dtype=torch.long, device=device),
+                        types=_token_types(span, mask))
 
         trace = PruneTrace(
             strategy=self.strategy.name, batch_size=batch, num_llm_layers=self.adapter.num_llm_layers,
@@ -364,12 +485,14 @@ class PruningHandle:
             tracks.append(SampleTrack.from_images([vision.images[u] for u in mine]))
             sample_images.append(mine)
         image_to_sample = {u: b for b, mine in enumerate(sample_images) for u in mine}
-        for site, n_in, n_out in vision.events:
-            per_in, per_out = [0] * len(counts), [0] * len(counts)
-            for u, b in image_to_sample.items():
-                per_in[b] += n_in[u]
-                per_out[b] += n_out[u]
-            trace.events.append(StageEvent(site, per_in, per_out))
+        for site, n_in, kept in vision.events:
+            per_in = [sum(n_in[u] for u in mine) for mine in sample_images]
+            per_kept = []
+            for mine in sample_images:
+                offsets = [sum(vision.images[v].span_length for v in mine[:i]) for i in range(len(mine))]
+                parts = [offset + kept[u] for offset, u in zip(offsets, mine)]
+                per_kept.append(torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long))
+            trace.events.append(StageEvent(site, per_in, [len(k) for k in per_kept], per_kept))
         return tracks, sample_images
 
     def _start_decode(self, embeds: Tensor, kwargs: dict, cache) -> None:
@@ -446,6 +569,9 @@ class PruningHandle:
             ctx = PruneContext(
                 site=site, tokens=tokens, lengths=lengths, grids=grids, sample_of=units,
                 budget=self.strategy.budget, num_layers=self.adapter.num_llm_layers,
+                grid_positions=[trace.samples[b].grid_positions(self.adapter.image_grid) for b in units],
+                token_types=current.types[units],
+                signals=self._signals(site, units, unit_slots, valid[units]),
                 _seed_source=lambda u: self._sample_seed(units[u]),
             )
             decision = self._decide(ctx)
@@ -461,7 +587,7 @@ class PruningHandle:
         prefill.segments.append(segment)
         counts = segment.visual_counts().cpu()
         trace.llm_layer_counts[:, site.layer :] = counts.unsqueeze(1)
-        trace.events.append(StageEvent(str(site), n_in, counts.tolist()))
+        trace.events.append(StageEvent(str(site), n_in, counts.tolist(), [t.kept.clone() for t in trace.samples]))
         return take(hidden, index)
 
     def _sample_seed(self, sample: int) -> int:
@@ -519,6 +645,16 @@ class PruningHandle:
             return generate(*args, **kwargs)
 
         return guarded
+
+
+def _token_types(span: Tensor, mask: Tensor) -> Tensor:
+    """TokenType codes: text before a sample's first image token is SYSTEM, after it TEXT."""
+    seen_image = span.long().cumsum(1) > 0
+    types = torch.where(seen_image, int(TokenType.TEXT), int(TokenType.SYSTEM))
+    no_image = ~span.any(1, keepdim=True)
+    types = torch.where(no_image, int(TokenType.TEXT), types)
+    types = torch.where(span, int(TokenType.IMAGE), types)
+    return torch.where(mask, types, int(TokenType.PAD)).to(torch.int8)
 
 
 def _normalise(keep: Keep, ctx: PruneContext, name: str) -> Keep:

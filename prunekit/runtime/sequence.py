@@ -45,6 +45,7 @@ class Segment:
     positions: Tensor  # (B, L) long: positions of the slots under the policy
     visual: Tensor  # (B, L) bool: slots holding live visual tokens
     shift: Tensor  # (B,) long: original position - this segment's position, for decode steps
+    types: Tensor | None = None  # (B, L) TokenType codes of the slots (pad / system / image / text)
     # kwargs computed once per forward step and reused by every layer of the segment
     step: int = -1
     layer_kwargs: dict = field(default_factory=dict)
@@ -73,5 +74,6 @@ class Segment:
             positions=take(positions, index),
             visual=take(self.visual & keep, index) & valid,
             shift=shift,
+            types=None if self.types is None else take(self.types, index) * valid,
         )
         return index, new
