@@ -484,7 +484,6 @@ class PruningHandle:
                 )
             tracks.append(SampleTrack.from_images([vision.images[u] for u in mine]))
             sample_images.append(mine)
-        image_to_sample = {u: b for b, mine in enumerate(sample_images) for u in mine}
         for site, n_in, kept in vision.events:
             per_in = [sum(n_in[u] for u in mine) for mine in sample_images]
             per_kept = []
