@@ -21,7 +21,7 @@ CHAT_TEMPLATE = (
     "{% else %}ASSISTANT: {% for item in message['content'] %}{{ item['text'] }}{% endfor %}</s>"
     "{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
-VERSION = "v1"  # bump when the recipe changes, so cached copies are rebuilt
+VERSION = "v2"  # bump when the recipe changes, so cached copies are rebuilt
 
 
 def build_tokenizer():
@@ -34,7 +34,7 @@ def build_tokenizer():
     return tok
 
 
-def build_tiny_llava(image_size: int = 112, patch_size: int = 14, vision_layers: int = 4, text_layers: int = 4,
+def build_tiny_llava(image_size: int = 112, patch_size: int = 14, vision_layers: int = 6, text_layers: int = 4,
                      attn_implementation: str = "sdpa", seed: int = 0):
     """(model, processor): a ~1M-parameter LLaVA-1.5 with (image_size/patch_size)^2 visual tokens."""
     from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,

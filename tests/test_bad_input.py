@@ -94,7 +94,7 @@ def test_image_placeholders_without_pixels_cannot_be_pruned_before_the_llm(model
 
 
 def test_vision_layer_at_or_after_the_feature_layer_is_refused(model):
-    # tiny LLaVA: 4 encoder layers, features read at hidden_states[-2] = output of layer 2
-    with pytest.raises(PruningError, match="output of vision layer 2.*0..1.*vision_output"):
-        prunekit.attach(model, "random", budget=8, stage="vision_layer", layer=2)
-    prunekit.attach(model, "random", budget=8, stage="vision_layer", layer=1).detach()
+    # tiny LLaVA: 6 encoder layers, features read at hidden_states[-2] = output of layer 4
+    with pytest.raises(PruningError, match="output of vision layer 4.*0..3.*vision_output"):
+        prunekit.attach(model, "random", budget=8, stage="vision_layer", layer=4)
+    prunekit.attach(model, "random", budget=8, stage="vision_layer", layer=3).detach()

@@ -108,7 +108,7 @@ def test_context_signals_equal_eager_attention_at_every_stage(model, eager_model
         model(**x)
         assert model.config.vision_config._attn_implementation == "prunekit_sdpa"
     assert model.config.vision_config._attn_implementation == "sdpa"
-    for site, layer in ((sites[0], 1), (sites[1], 2)):  # vision_output scores at the feature layer (2)
+    for site, layer in ((sites[0], 1), (sites[1], 4)):  # vision_output scores at the feature layer (4)
         seen = recorder.seen[site]
         torch.testing.assert_close(seen["rows"][ROWS[0]], ref_vis[layer][:, :, 0, 1:], rtol=0, atol=1e-6)
         mean = seen["rows"][ROWS[1]]
