@@ -140,6 +140,9 @@ class PruneContext:
     def query_values(self, query: str = "first") -> Tensor:
         return self._signals().query_values(query)
 
+    def prefix_values(self) -> Tensor:
+        return self._signals().prefix_values()
+
     def text_queries(self) -> Tensor:
         return self._signals().text_queries()
 
@@ -188,8 +191,11 @@ class TokenPruner(ABC):
         """Where this strategy acts."""
 
     @abstractmethod
-    def prune(self, ctx: PruneContext) -> Keep:
-        """Decide which visual tokens of each unit survive at ``ctx.site``."""
+    def prune(self, ctx: PruneContext) -> Keep | None:
+        """Decide which visual tokens of each unit survive at ``ctx.site`` (None: nothing changes here)."""
+
+    def bind(self, adapter) -> None:
+        """Called at attach, before ``sites()``: resolve model-dependent defaults (e.g. layer counts)."""
 
     def signals(self, site: Site):
         """The signals (``prunekit.signals.Signals``) needed at ``site``; none by default."""

@@ -210,13 +210,13 @@ class SiteSignals:
 
     ``columns`` (U, N) are the key positions of each unit's current visual tokens in the watched layer's
     sequence (``valid`` marks real ones; padded entries read as zero). ``batch_rows`` maps units to the
-    layer's batch rows. Rows are probabilities over *all* keys of the layer (CLS, text, ...), so they do
+    layer's batch rows; ``prefix`` counts the encoder tokens before the patches (CLS) at vision sites. Rows are probabilities over *all* keys of the layer (CLS, text, ...), so they do
     not sum to 1 over the visual tokens.
     """
 
     def __init__(self, probe: AttentionProbe, module: nn.Module, site: str, batch_rows: list[int],
-                 columns: Tensor, valid: Tensor):
-        self.probe, self.module, self.site = probe, module, site
+                 columns: Tensor, valid: Tensor, prefix: int = 0):
+        self.probe, self.module, self.site, self.prefix = probe, module, site, prefix
         self.batch_rows = torch.as_tensor(batch_rows, dtype=torch.long)
         self.columns, self.valid = columns, valid
 
@@ -253,6 +253,11 @@ class SiteSignals:
     def values(self) -> Tensor:
         """(U, Hkv, N, d) values of the visual tokens."""
         return self._gather_tokens(self._recorded(self.probe.values, self.module, "values"))
+
+    def prefix_values(self) -> Tensor:
+        """(U, Hkv, P, d) values of the encoder's prefix tokens (CLS), which precede the patches."""
+        values = self._recorded(self.probe.values, self.module, "values")
+        return values[:, :, : self.prefix]
 
     def query_values(self, query: str = "first") -> Tensor:
         """(U, Hkv, d) the value vector of the query token (``first``/``last``) or the live mean (``mean``)."""

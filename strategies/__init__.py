@@ -1,2 +1,2 @@
 """Built-in strategies, one file each. Importing this package registers them."""
-from . import keep_all, pooling, random  # noqa: F401
+from . import flowcut, keep_all, pooling, random  # noqa: F401

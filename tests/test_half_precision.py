@@ -13,6 +13,7 @@ SPECS = [
     dict(name="pooling", budget=16),
     dict(name="random", budget=16, stage="vision_layer", layer=1),
     dict(name="pooling", budget=16, stage="vision_layer", layer=0),
+    dict(name="flowcut", budget=16),
     dict(name="random", budget=16, stage="llm_layer", layer=1),
     dict(name="pooling", budget=4, stage="llm_layer", layer=2),
 ]

@@ -31,6 +31,7 @@ PRUNING = {
     "random@vision_layer0": dict(name="random", budget=B, stage="vision_layer", layer=0),
     "pooling@vision_layer1": dict(name="pooling", budget=B, stage="vision_layer", layer=1),
     "progressive@vision_layer0+1": Progressive,
+    "flowcut": dict(name="flowcut", budget=B),
     "random@vision_output": dict(name="random", budget=B),
     "random@projector_output": dict(name="random", budget=B, stage="projector_output"),
     "random@llm1": dict(name="random", budget=B, stage="llm_layer", layer=1),
@@ -54,7 +55,9 @@ def attach(model, spec):
 
 
 def stage_of(spec) -> str:
-    return "vision_layer" if isinstance(spec, type) else spec.get("stage", "vision_output")
+    if isinstance(spec, type) or spec["name"] == "flowcut":
+        return "vision_layer"
+    return spec.get("stage", "vision_output")
 
 
 def hooks(model):
@@ -147,15 +150,15 @@ def test_pre_llm_pruning_equals_reduced_input(model, processor, key):
 
 
 def vision_cuts(spec, handle):
-    """The encoder reductions a vision_layer spec made, rebuilt from the trace by hand."""
-    if isinstance(spec, type):  # progressive: the recorded per-site decisions, applied in turn
-        site0, site1 = (handle._recorded[Site("vision_layer", i)].indices for i in (0, 1))
-        return {0: lambda p: torch.stack([p[b, site0[b]] for b in range(2)]),
-                1: lambda p: torch.stack([p[b, site1[b]] for b in range(2)])}
-    if spec["name"] == "pooling":
+    """The encoder reductions a vision_layer strategy made, applied by hand: pooling is recomputed
+    independently; selections replay each site's recorded indices (into that site's input tokens)."""
+    if not isinstance(spec, type) and spec["name"] == "pooling":
         return {spec["layer"]: lambda p: pooled(p, B)}
-    kept = [handle.trace.kept_positions(b) for b in range(2)]
-    return {spec["layer"]: lambda p: torch.stack([p[b, kept[b]] for b in range(2)])}
+    cuts = {}
+    for site, keep in handle._recorded.items():
+        if site.stage is prunekit.Stage.VISION_LAYER and keep is not None:
+            cuts[site.layer] = lambda p, idx=keep.indices: torch.stack([p[b, idx[b]] for b in range(len(idx))])
+    return cuts
 
 
 # 4. Cache == recompute (with the prefill's decisions replayed) -----------------------------------

@@ -102,6 +102,7 @@ class PruningHandle:
         self.model = model
         self.strategy = strategy
         self.adapter: ModelAdapter = adapter_for(model)
+        strategy.bind(self.adapter)
         self.sites = list(strategy.sites())
         self._validate()
         self.trace: PruneTrace | None = None
@@ -259,21 +260,29 @@ class PruningHandle:
         module = self._scored.get(site)
         if module is None:
             return None
-        return SiteSignals(self._probe, module, str(site), batch_rows, columns, valid)
+        prefix = self.adapter.vision_prefix_tokens if site.stage is not Stage.LLM_LAYER else 0
+        return SiteSignals(self._probe, module, str(site), batch_rows, columns, valid, prefix)
 
     # --- decisions --------------------------------------------------------------------------------
-    def _decide(self, ctx: PruneContext) -> Keep:
+    def _decide(self, ctx: PruneContext) -> Keep | None:
+        """The strategy's decision (or the recorded one under replay); None = this site changes nothing."""
         if self.replaying:
             if ctx.site not in self._recorded:
                 raise PruningError(f"replay has no recorded decision for {ctx.site}")
             keep = self._recorded[ctx.site]
         else:
             keep = self.strategy.prune(ctx)
-            if not isinstance(keep, Keep):
-                raise TypeError(f"{self.strategy.name}.prune must return a Keep, got {type(keep).__name__}")
-        keep = _normalise(keep, ctx, self.strategy.name)
+            if keep is not None and not isinstance(keep, Keep):
+                raise TypeError(f"{self.strategy.name}.prune must return a Keep or None, got {type(keep).__name__}")
+        if keep is not None:
+            keep = _normalise(keep, ctx, self.strategy.name)
         self._recorded[ctx.site] = keep
         return keep
+
+    def _decide_all(self, ctx: PruneContext) -> Keep:
+        """As ``_decide``, with None read as keeping every token (stages where a gather is cheap)."""
+        keep = self._decide(ctx)
+        return keep if keep is not None else Keep([torch.arange(int(n), device=ctx.tokens.device) for n in ctx.lengths])
 
     def _site(self, stage: Stage, layer: int | None = None) -> Site | None:
         site = Site(stage, layer)
@@ -309,6 +318,8 @@ class PruningHandle:
             vision.images = [SampleTrack.full([patches.shape[1]]) for _ in range(patches.shape[0])]
         lengths = torch.tensor([len(d.kept) for d in vision.images])
         keep = self._decide(self._image_context(site, patches, vision, lengths, prefix))
+        if keep is None:
+            return hidden
         self._apply_to_images(vision, keep, str(site))
         kept = _assemble(patches, keep)
         counts = torch.tensor([len(i) for i in keep.indices], device=hidden.device)
@@ -347,7 +358,7 @@ class PruningHandle:
         if site is None:
             return None
         ctx = self._image_context(site, features, vision, lengths, self.adapter.vision_prefix_tokens)
-        keep = self._decide(ctx)
+        keep = self._decide_all(ctx)
         self._apply_to_images(vision, keep, str(site))
         return (_assemble(features, keep),) + tuple(args[1:])
 
@@ -359,7 +370,7 @@ class PruningHandle:
         if site is not None:
             lengths = torch.tensor([len(d.kept) for d in vision.images])
             ctx = self._image_context(site, output, vision, lengths, self.adapter.vision_prefix_tokens)
-            keep = self._decide(ctx)
+            keep = self._decide_all(ctx)
             self._apply_to_images(vision, keep, str(site))
             output = _assemble(output, keep)
         if not vision.events:
@@ -573,7 +584,7 @@ class PruningHandle:
                 signals=self._signals(site, units, unit_slots, valid[units]),
                 _seed_source=lambda u: self._sample_seed(units[u]),
             )
-            decision = self._decide(ctx)
+            decision = self._decide_all(ctx)
             if decision.features is not None:
                 hidden = hidden.clone()
             for u, b in enumerate(units):

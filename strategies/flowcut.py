@@ -1,0 +1,194 @@
+"""flowcut: information-flow-aware progressive pruning inside the vision encoder (FlowCut, NeurIPS 2025).
+
+specs/flowcut.md §2, per image, at every encoder layer l up to the final prune layer F-1 (the projector
+reads layer F's output; LLaVA-1.5: F = L-2, so the last cut is on layer L-3's output):
+
+  1. signals of layer l, from the relay's row only (no N x N map; the tower stays on sdpa):
+       a   = relay -> patch attention, head mean (softmax over all keys, CLS included)
+       s   = softmax_j(v_relay . v_j) over CLS and patches, head mean   (unscaled, as the CLIP code)
+       nu  = || mean_h v_j ||_1
+  2. score S = (a / sum a + s / sum s) * nu;   cumulative C = S at the first layer, else w C + (1-w) S
+  3. rpl = (F-1) - l;  prune when rpl % n == 0:
+       P = round((N - T) / sqrt(rpl) * (1 - (H(a / sum a) / ln N)^e))      rpl > 0 (0 log 0 = 0)
+       P = N - T                                                          rpl = 0: the forced final cut
+     keep the top max(N - P, T) patches by C, in raster order. CLS always stays and is not counted.
+
+Reference bugs fixed by default, parity behind flags: the prune count is per image (``batch_coupled``
+takes the batch max like the reference); zero probabilities give 0 log 0 = 0 instead of a crash.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from prunekit import AttentionRows, Keep, PruneContext, Signals, Site, Stage, TokenPruner, register_strategy
+from prunekit.scoring import ScoreInputs, get_relay, get_score, normalise
+
+SCHEDULES = ("adaptive", "uniform", "single_layer")
+
+
+@register_strategy("flowcut")
+class FlowCut(TokenPruner):
+    position_policy = "compact"
+
+    def __init__(
+        self,
+        budget: int = 64,
+        relay: str = "cls",  # whose view scores the patches: cls | mean_query | any registered relay
+        score: str = "flowcut",  # registered score function combining the criteria
+        attention_term: bool = True,  # criterion I^a: the relay's attention
+        semantic_term: bool = True,  # criterion I^s: value-value similarity with the relay
+        value_norm_term: bool = True,  # criterion I^d: L1 norm of the head-mean value
+        semantic_scaled: bool = False,  # divide v.v by sqrt(d) (paper A.5, LLM stage) or not (CLIP code)
+        history_weight: float = 0.5,  # EMA weight of the cumulative score (Tab. 10: 0 = current layer only)
+        schedule: str = "adaptive",  # adaptive (entropy) | uniform (even split) | single_layer (final cut only)
+        interval: int = 2,  # prune every n layers, counted back from the final cut (Tab. 11)
+        final_layer: int | None = None,  # layer whose output gets the final cut; None = feature layer - 1
+        entropy_exponent: float = 2.0,  # e in (1 - rho^e)
+        batch_coupled: bool = False,  # paper parity: one prune count per batch (max over images)
+    ):
+        super().__init__(budget, "n_in")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {schedule!r}; choose one of {SCHEDULES}")
+        if not (isinstance(interval, int) and interval >= 1):
+            raise ValueError(f"interval must be an integer >= 1, got {interval!r}")
+        if not 0.0 <= history_weight < 1.0:
+            raise ValueError(f"history_weight must be in [0, 1), got {history_weight}")
+        if entropy_exponent <= 0:
+            raise ValueError(f"entropy_exponent must be > 0, got {entropy_exponent}")
+        if final_layer is not None and final_layer < 0:
+            raise ValueError(f"final_layer must be >= 0, got {final_layer}")
+        self.relay_name, self.score_name = relay, score
+        self.relay, self.score_fn = get_relay(relay), get_score(score)
+        self.attention_term, self.semantic_term, self.value_norm_term = attention_term, semantic_term, value_norm_term
+        self.semantic_scaled, self.history_weight = semantic_scaled, history_weight
+        self.schedule, self.interval, self.final_layer = schedule, interval, final_layer
+        self.entropy_exponent, self.batch_coupled = entropy_exponent, batch_coupled
+        self._final: int | None = final_layer
+        self._cumulative: Tensor | None = None
+
+    # --- where ----------------------------------------------------------------------------------------
+    def bind(self, adapter) -> None:
+        feature = adapter.vision_feature_layer
+        self._final = feature - 1 if self.final_layer is None else self.final_layer
+        if self._final < 0:
+            raise ValueError(f"flowcut needs a vision layer before the feature layer ({feature}) to prune after")
+
+    def prunes_at(self, layer: int) -> bool:
+        rpl = self._final - layer
+        if self.schedule == "single_layer":
+            return rpl == 0
+        return rpl >= 0 and rpl % self.interval == 0
+
+    def sites(self):
+        if self._final is None:
+            raise RuntimeError("flowcut's layers depend on the model: attach() binds them (or pass final_layer=)")
+        scored = range(self._final + 1) if self.history_weight > 0 else filter(self.prunes_at, range(self._final + 1))
+        return [Site(Stage.VISION_LAYER, layer) for layer in scored]
+
+    def signals(self, site: Site):
+        return Signals(rows=(AttentionRows(self.relay.query, "mean"),),
+                       values=self.value_norm_term or self.semantic_term)
+
+    # --- per layer ------------------------------------------------------------------------------------
+    def prune(self, ctx: PruneContext) -> Keep | None:
+        if ctx.layer == self.sites()[0].layer:
+            self._cumulative = None  # a new pass through the encoder
+        lengths = ctx.lengths.to(ctx.tokens.device)
+        live = torch.arange(ctx.tokens.shape[1], device=lengths.device)[None] < lengths[:, None]
+        target = torch.tensor([ctx.target(u) for u in range(ctx.num_units)], device=lengths.device)
+        if not bool((lengths > target).any()):
+            return None
+        criteria, attention = self.criteria(ctx, live)
+        current = self.score_fn(criteria).float()
+        w = self.history_weight
+        self._cumulative = current if self._cumulative is None else w * self._cumulative + (1 - w) * current
+        if not self.prunes_at(ctx.layer):
+            return None
+        dropped = self.prune_counts(attention, live, lengths, target, self._final - ctx.layer)
+        if not bool(dropped.any()):
+            return None  # P = 0 everywhere: nothing leaves at this layer
+        keep_counts = torch.maximum(lengths - dropped, target)
+        indices = select_top(self._cumulative, live, keep_counts)
+        self._cumulative = gather_rows(self._cumulative, indices)
+        return Keep(indices)
+
+    def criteria(self, ctx: PruneContext, live: Tensor) -> tuple[ScoreInputs, Tensor]:
+        """The three criteria of layer ``ctx.layer`` (fp32), and the raw relay attention for the count."""
+        attention = ctx.attention(self.relay.query, "mean").float()
+        semantic = value_norm = None
+        if self.semantic_term or self.value_norm_term:
+            values = ctx.values().float()  # (U, H, N, d), zero past each unit's length
+            if self.value_norm_term:
+                value_norm = values.mean(1).abs().sum(-1)
+            if self.semantic_term:
+                semantic = semantic_attention(ctx.query_values(self.relay.value).float(),
+                                              ctx.prefix_values().float(), values, live, self.semantic_scaled)
+        inputs = ScoreInputs(attention if self.attention_term else None, semantic, value_norm, live)
+        return inputs, attention
+
+    def prune_counts(self, attention: Tensor, live: Tensor, lengths: Tensor, target: Tensor, rpl: int) -> Tensor:
+        """P per unit: tokens to drop at this layer (before the max with the target)."""
+        excess = (lengths - target).clamp(min=0).float()
+        if rpl == 0:
+            return excess.long()  # the forced final cut
+        if self.schedule == "uniform":
+            raw = excess / (rpl // self.interval + 1)
+        else:
+            raw = adaptive_count(attention, live, excess, rpl, self.entropy_exponent)
+        if self.batch_coupled:
+            raw = raw.max().expand_as(raw)
+        return torch.round(raw).clamp(min=0).long().minimum(excess.long())
+
+    def params(self):
+        return {
+            **super().params(), "relay": self.relay_name, "score": self.score_name,
+            "attention_term": self.attention_term, "semantic_term": self.semantic_term,
+            "value_norm_term": self.value_norm_term, "semantic_scaled": self.semantic_scaled,
+            "history_weight": self.history_weight, "schedule": self.schedule, "interval": self.interval,
+            "final_layer": self.final_layer, "entropy_exponent": self.entropy_exponent,
+            "batch_coupled": self.batch_coupled,
+        }
+
+
+def semantic_attention(relay_value: Tensor, prefix_values: Tensor, values: Tensor, live: Tensor,
+                       scaled: bool) -> Tensor:
+    """Head-mean softmax of relay_value . v_j over prefix (CLS) and live patches; the patch part (U, N)."""
+    logits = torch.einsum("uhnd,uhd->uhn", values, relay_value)
+    prefix = torch.einsum("uhpd,uhd->uhp", prefix_values, relay_value)
+    if scaled:
+        scale = values.shape[-1] ** -0.5
+        logits, prefix = logits * scale, prefix * scale
+    logits = logits.masked_fill(~live[:, None], float("-inf"))
+    probs = torch.cat([prefix, logits], -1).softmax(-1)[..., prefix.shape[-1]:]
+    return probs.mean(1)
+
+
+def adaptive_count(attention: Tensor, live: Tensor, excess: Tensor, rpl: int, exponent: float) -> Tensor:
+    """(N - T) / sqrt(rpl) * (1 - rho^e), rho = entropy(a / sum a) / ln N over each unit's live tokens.
+
+    0 log 0 = 0 (the reference crashes on exact zeros); a unit whose attention is all zero counts as
+    uniform (rho = 1: drop nothing early).
+    """
+    p = normalise(attention, live)
+    entropy = -torch.special.xlogy(p, p).sum(-1)
+    n = live.sum(-1).float()
+    rho = entropy / torch.log(n).clamp(min=1e-12)
+    rho = torch.where(p.sum(-1) > 0, rho, torch.ones_like(rho))
+    return excess / math.sqrt(rpl) * (1 - rho.clamp(0, 1) ** exponent)
+
+
+def select_top(scores: Tensor, live: Tensor, counts: Tensor) -> list[Tensor]:
+    """Per unit, the ``counts[u]`` highest live scores (ties: lower index first), in ascending order."""
+    order = torch.sort(scores.masked_fill(~live, float("-inf")), dim=-1, descending=True, stable=True).indices
+    return [order[u, : int(k)].sort().values for u, k in enumerate(counts.tolist())]
+
+
+def gather_rows(x: Tensor, indices: list[Tensor]) -> Tensor:
+    """(U, max k): x[u, indices[u]], zero right-padded."""
+    out = x.new_zeros(x.shape[0], max(len(i) for i in indices))
+    for u, idx in enumerate(indices):
+        out[u, : len(idx)] = x[u, idx]
+    return out
