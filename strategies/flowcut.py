@@ -123,7 +123,7 @@ class FlowCut(TokenPruner):
             values = ctx.values().float()  # (U, H, N, d), zero past each unit's length
             if self.value_norm_term:
                 value_norm = values.mean(1).abs().sum(-1)
-            if self.semantic_term:
+            if self.semantic_term and self.relay.value is not None:
                 semantic = semantic_attention(ctx.query_values(self.relay.value).float(),
                                               ctx.prefix_values().float(), values, live, self.semantic_scaled)
         inputs = ScoreInputs(attention if self.attention_term else None, semantic, value_norm, live)

@@ -6,7 +6,7 @@ import torch
 
 import prunekit
 from prunekit import PruneContext, Site, Stage, build_strategy
-from prunekit.scoring import ScoreInputs, get_score, register_score, SCORES
+from prunekit.scoring import RELAYS, SCORES, Relay, ScoreInputs, get_score, register_relay, register_score
 from strategies.flowcut import adaptive_count, select_top
 from helpers import batch, tower_reference
 
@@ -303,3 +303,14 @@ def test_mean_query_relay_and_ablation_knobs_run_end_to_end(model, processor):
         with prunekit.attach(model, "flowcut", budget=8, **knobs) as h:
             model.generate(**x, max_new_tokens=2, do_sample=False)
         assert h.trace.n_final == [8, 8], knobs
+
+
+def test_a_registered_relay_plugs_in_by_name(model, processor):
+    register_relay("test_mean_no_value", Relay(query="mean", value=None))  # no semantic reference
+    try:
+        with prunekit.attach(model, "flowcut", budget=8, relay="test_mean_no_value") as h:
+            model(**batch(processor, [0]))
+            assert {which.query for (_, which) in h._probe.rows} == {"mean"}
+        assert h.trace.n_final == [8]
+    finally:
+        RELAYS.pop("test_mean_no_value")
