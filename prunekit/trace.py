@@ -97,6 +97,8 @@ class PruneTrace:
     samples: list[SampleTrack] = field(default_factory=list)
     # visual tokens taken as input by each language-model layer, per sample: (B, L) long
     llm_layer_counts: Tensor | None = None
+    # patch tokens entering each vision-encoder layer, per sample (all its images): (B, encoder layers)
+    vision_layer_counts: Tensor | None = None
     notes: list[str] = field(default_factory=list)
     replayed: bool = False
 
@@ -170,6 +172,8 @@ class PruneTrace:
             lines.append(f"  budget: {self.budget.tokens} visual tokens ({self.budget.convention})")
         for ev in self.events:
             lines.append(f"  {ev.site:<22} in {ev.n_in} -> out {ev.n_out}")
+        if self.vision_layer_counts is not None and self.events and self.events[0].site.startswith("vision_layer"):
+            lines.append(f"  encoder layer inputs (sample 0): {self.vision_layer_counts[0].tolist()}")
         lines.append(f"  n_vanilla={self.n_vanilla} n_in={self.n_in} n_final={self.n_final} "
                      f"n_avg={[round(x, 2) for x in self.n_avg]}")
         lines += [f"  note: {n}" for n in self.notes]

@@ -41,6 +41,14 @@ def generate_positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
 
 
+def recompute_last_logits(model, x, generated):
+    """Last-position logits of a no-cache forward over the prompt plus ``generated`` tokens."""
+    ids = torch.cat([x["input_ids"], generated], 1)
+    mask = torch.cat([x["attention_mask"], torch.ones_like(generated)], 1)
+    return model(input_ids=ids, attention_mask=mask, pixel_values=x["pixel_values"],
+                 position_ids=generate_positions(mask), use_cache=False).logits[:, -1]
+
+
 def vision_features(model, pixel_values):
     """Vision features at LLaVA's feature layer, CLS dropped: what reaches the projector."""
     hs = model.model.vision_tower(pixel_values, output_hidden_states=True).hidden_states

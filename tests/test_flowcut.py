@@ -314,3 +314,65 @@ def test_a_registered_relay_plugs_in_by_name(model, processor):
         assert h.trace.n_final == [8]
     finally:
         RELAYS.pop("test_mean_no_value")
+
+
+def test_semantic_term_and_entropy_exponent_by_hand():
+    from strategies.flowcut import semantic_attention
+
+    r = torch.tensor([[[1.0, 0, 0, 0]]])  # (U=1, H=1, d=4): relay value; CLS value = r as well
+    values = torch.tensor([[[[1.0, 0, 0, 0], [0, 0, 0, 0]]]])  # two patches: logits 1 and 0 (CLS: 1)
+    live = torch.ones(1, 2, dtype=torch.bool)
+    e = math.e
+    torch.testing.assert_close(semantic_attention(r, r[:, :, None], values, live, scaled=False),
+                               torch.tensor([[e / (2 * e + 1), 1 / (2 * e + 1)]]))
+    es = math.exp(0.5)  # scaled by 1/sqrt(4)
+    torch.testing.assert_close(semantic_attention(r, r[:, :, None], values, live, scaled=True),
+                               torch.tensor([[es / (2 * es + 1), 1 / (2 * es + 1)]]))
+    # exponent 1: rho = 0.5 -> (4 - 1) / sqrt(4) * (1 - 0.5) = 0.75
+    a = torch.tensor([[0.5, 0.5, 0.0, 0.0]])
+    torch.testing.assert_close(adaptive_count(a, torch.ones(1, 4, dtype=torch.bool), torch.tensor([3.0]), 4, 1.0),
+                               torch.tensor([0.75]))
+
+
+@pytest.fixture(scope="module")
+def sharp_model(tiny_dir):
+    """The tiny LLaVA with sharper encoder attention (q, k scaled): FlowCut then prunes progressively,
+    with different counts per image after layer 1."""
+    from transformers import AutoModelForImageTextToText
+
+    m = AutoModelForImageTextToText.from_pretrained(tiny_dir).eval()
+    with torch.no_grad():
+        for layer in m.model.vision_tower.encoder.layers:
+            layer.self_attn.q_proj.weight *= 6
+            layer.self_attn.k_proj.weight *= 6
+    return m
+
+
+def test_progressive_ragged_schedule_on_a_model_is_batch_independent_and_cache_exact(sharp_model, processor):
+    from helpers import greedy, recompute_last_logits
+
+    model = sharp_model
+    x4 = batch(processor, [0, 1, 2, 3])
+    with prunekit.attach(model, "flowcut", budget=8) as h:
+        logits4 = model(**x4).logits[:, -1]
+        t = h.trace
+        assert [ev.site for ev in t.events] == ["vision_layer[1]", "vision_layer[3]"]  # rpl = 2, then 0
+        after1 = t.events[0].n_out
+        assert len(set(after1)) > 1 and all(8 < n < 64 for n in after1)  # progressive, per image
+        assert t.vision_layer_counts[:, 2].tolist() == after1 and t.vision_layer_counts[:, 4:].eq(8).all()
+        assert t.n_final == [8] * 4
+        kept4 = [t.kept_positions(b) for b in range(4)]
+        tokens4, step_logits = greedy(model, x4, 3)
+        for b in range(4):  # T10: the same keep set alone as in the padded batch
+            x1 = batch(processor, [b])
+            torch.testing.assert_close(model(**x1).logits[:, -1], logits4[b: b + 1], rtol=1e-5, atol=1e-5)
+            assert torch.equal(h.trace.kept_positions(0), kept4[b])
+        model(**x4)
+        with h.replay():  # cache == recompute
+            for step in range(3):
+                out = recompute_last_logits(model, x4, tokens4[:, :step])
+                torch.testing.assert_close(out, step_logits[:, step], rtol=1e-5, atol=1e-5)
+    with prunekit.attach(model, "flowcut", budget=8, batch_coupled=True) as h:
+        model(**x4)
+        coupled = h.trace.events[0].n_out
+    assert len(set(coupled)) == 1 and coupled[0] == min(after1)  # the reference's batch max of P

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 import prunekit
 from prunekit import Keep, Site, TokenPruner
-from helpers import batch, generate_positions, greedy, tower_reference, vision_features
+from helpers import batch, greedy, recompute_last_logits, tower_reference, vision_features
 
 B = 16  # budget: 16 of the tiny model's 64 visual tokens
 N = 64
@@ -171,10 +171,7 @@ def test_cached_generation_equals_recompute_with_replay(model, processor, spec):
         kept = [h.trace.kept_positions(b) for b in range(2)]
         with h.replay():
             for t in range(steps):
-                ids = torch.cat([x["input_ids"], tokens[:, :t]], 1)
-                mask = torch.cat([x["attention_mask"], torch.ones_like(tokens[:, :t])], 1)
-                out = model(input_ids=ids, attention_mask=mask, pixel_values=x["pixel_values"],
-                            position_ids=generate_positions(mask), use_cache=False).logits[:, -1]
+                out = recompute_last_logits(model, x, tokens[:, :t])
                 torch.testing.assert_close(out, step_logits[:, t], rtol=1e-5, atol=1e-5)
                 assert torch.equal(out.argmax(-1), tokens[:, t])
                 assert all(torch.equal(h.trace.kept_positions(b), kept[b]) for b in range(2))

@@ -4,7 +4,7 @@ import torch
 
 import prunekit
 from prunekit import Keep, Site, TokenPruner
-from helpers import batch, generate_positions, greedy
+from helpers import batch, greedy, recompute_last_logits
 
 
 class RaggedRandom(TokenPruner):
@@ -53,8 +53,5 @@ def test_ragged_counts_batch_equals_batch_of_one_and_cache_equals_recompute(mode
         model(**x4)
         with h.replay():
             for t in range(3):
-                ids = torch.cat([x4["input_ids"], tokens4[:, :t]], 1)
-                mask = torch.cat([x4["attention_mask"], torch.ones_like(tokens4[:, :t])], 1)
-                out = model(input_ids=ids, attention_mask=mask, pixel_values=x4["pixel_values"],
-                            position_ids=generate_positions(mask), use_cache=False).logits[:, -1]
+                out = recompute_last_logits(model, x4, tokens4[:, :t])
                 torch.testing.assert_close(out, step_logits[:, t], rtol=1e-5, atol=1e-5)

@@ -58,6 +58,7 @@ class VisionPass:
     seeds: dict[int, int] = field(default_factory=dict)
     live: Tensor | None = None  # (images, prefix + n) bool inside the encoder once counts are ragged
     key_mask: Tensor | None = None  # matching additive key-padding mask for the encoder layers
+    layer_counts: Tensor | None = None  # (images, encoder layers): patches entering each layer
 
     def seed(self, image: int) -> int:
         if image not in self.seeds:
@@ -317,10 +318,13 @@ class PruningHandle:
         if vision.images is None:
             vision.images = [SampleTrack.full([patches.shape[1]]) for _ in range(patches.shape[0])]
         lengths = torch.tensor([len(d.kept) for d in vision.images])
+        if vision.layer_counts is None:
+            vision.layer_counts = lengths[:, None].repeat(1, len(self.adapter.vision_layers))
         keep = self._decide(self._image_context(site, patches, vision, lengths, prefix))
         if keep is None:
             return hidden
         self._apply_to_images(vision, keep, str(site))
+        vision.layer_counts[:, site.layer + 1 :] = torch.tensor([len(i) for i in keep.indices])[:, None]
         kept = _assemble(patches, keep)
         counts = torch.tensor([len(i) for i in keep.indices], device=hidden.device)
         if bool((counts == counts[0]).all()):
@@ -495,6 +499,13 @@ class PruningHandle:
                 )
             tracks.append(SampleTrack.from_images([vision.images[u] for u in mine]))
             sample_images.append(mine)
+        layers = len(self.adapter.vision_layers)
+        per_image = vision.layer_counts
+        if per_image is None:
+            per_image = torch.tensor([[d.span_length] * layers for d in vision.images], dtype=torch.long).reshape(-1, layers)
+        trace.vision_layer_counts = torch.stack(
+            [per_image[mine].sum(0) if mine else torch.zeros(layers, dtype=torch.long) for mine in sample_images]
+        )
         for site, n_in, kept in vision.events:
             per_in = [sum(n_in[u] for u in mine) for mine in sample_images]
             per_kept = []
