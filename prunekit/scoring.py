@@ -91,6 +91,7 @@ def normalise(x: Tensor, live: Tensor) -> Tensor:
 
 register_relay("cls", Relay(query="first", value="first"))  # FlowCut on CLIP (LLaVA)
 register_relay("mean_query", Relay(query="mean", value="mean"))  # FlowCut's Qwen2-VL port: a global query
+register_relay("mean_hidden", Relay(query="mean_hidden", value="mean_hidden"))  # paper §3.1: a global token
 register_relay("last", Relay(query="last", value="last"))  # the last prompt token (LLM stage)
 
 

@@ -28,7 +28,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .runtime.sequence import pack
 
-QUERIES = ("first", "last", "mean", "text")
+QUERIES = ("first", "last", "mean", "mean_hidden", "text")
 _PROBES: "weakref.WeakKeyDictionary[nn.Module, AttentionProbe]" = weakref.WeakKeyDictionary()
 
 
@@ -42,8 +42,9 @@ class AttentionRows:
 
     ``first``: the first live query (CLS in a ViT). ``last``: the last query (the last prompt token).
     ``mean``: one synthetic query, the mean of the live query vectors (a global token, for towers
-    without CLS); it takes the last live row's mask. ``text``: every text-token query of the prompt
-    (rater candidates), one row each.
+    without CLS); it takes the last live row's mask. ``mean_hidden``: the query of a global token built
+    from the mean of the live residual-stream states entering the layer (paper §3.1 wording; vision
+    towers only, no RoPE). ``text``: every text-token query of the prompt (rater candidates), one row each.
     """
 
     query: str = "last"
@@ -83,12 +84,13 @@ def _row_index(which: str, live: Tensor, text: Tensor | None) -> tuple[Tensor, T
 
 
 def attention_rows(query: Tensor, key: Tensor, mask: Tensor | None, scaling: float, causal: bool,
-                   which: AttentionRows, live: Tensor | None = None, text: Tensor | None = None) -> Tensor:
+                   which: AttentionRows, live: Tensor | None = None, text: Tensor | None = None,
+                   synthetic: Tensor | None = None) -> Tensor:
     """softmax(q k^T * scaling + mask) for the chosen queries, in fp32.
 
     query (B, H, q, d), key (B, Hkv, kv, d); ``live`` (B, q) marks real (non-padding) queries, ``text``
-    (B, q) the text queries. Returns (B, [H,] kv), or (B, [H,] R, kv) for ``text`` (rows past a sample's
-    text count are zero).
+    (B, q) the text queries; ``synthetic`` (B, H, 1, d) the query of ``mean_hidden``. Returns (B, [H,] kv),
+    or (B, [H,] R, kv) for ``text`` (rows past a sample's text count are zero).
     """
     batch, heads, q_len, dim = query.shape
     kv_len = key.shape[2]
@@ -99,6 +101,8 @@ def attention_rows(query: Tensor, key: Tensor, mask: Tensor | None, scaling: flo
     if which.query == "mean":
         weight = live.float() / live.sum(1, keepdim=True).clamp(min=1)
         q = torch.einsum("bhqd,bq->bhd", query.float(), weight)[:, :, None]
+    elif which.query == "mean_hidden":
+        q = synthetic.float()
     else:
         q = query.gather(2, rows[:, None, :, None].expand(batch, heads, n_rows, dim)).float()
     scores = (q @ key.float().transpose(-1, -2)) * scaling  # (B, H, R, kv)
@@ -135,9 +139,21 @@ class AttentionProbe:
         self.keys: dict[nn.Module, Tensor] = {}
         self.values: dict[nn.Module, Tensor] = {}
         self.masks: dict[nn.Module, tuple[Tensor | None, Tensor | None]] = {}
+        self.input_norms: dict[nn.Module, nn.Module] = {}
+        self.synthetic_values: dict[nn.Module, Tensor] = {}
+        self._inputs: dict[nn.Module, Tensor] = {}
         self._restore: list[tuple[object, str]] = []
+        self._hooks: list = []
 
-    def watch(self, module: nn.Module, *rows: AttentionRows, keys: bool = False, values: bool = False) -> None:
+    def watch(self, module: nn.Module, *rows: AttentionRows, keys: bool = False, values: bool = False,
+              input_norm: nn.Module | None = None) -> None:
+        """Record ``rows`` (and keys / values) of ``module``. ``mean_hidden`` rows need ``input_norm``, the
+        layer's pre-attention norm, whose input is the residual stream (its mean builds the global token)."""
+        if any(r.query == "mean_hidden" for r in rows):
+            if input_norm is None or getattr(module, "q_proj", None) is None:
+                raise SignalError("mean_hidden rows are available only in a vision tower with q/v projections "
+                                  "(no RoPE); use 'mean' (the mean query) elsewhere")
+            self.input_norms[module] = input_norm
         self.requests.setdefault(module, [])
         self.requests[module] += [r for r in rows if r not in self.requests[module]]
         if keys:
@@ -147,6 +163,9 @@ class AttentionProbe:
 
     def install(self) -> "AttentionProbe":
         """Route the watched modules' configs through the wrapping implementation."""
+        for module, norm in self.input_norms.items():
+            self._hooks.append(norm.register_forward_pre_hook(
+                lambda _, args, module=module: self._inputs.__setitem__(module, args[0])))
         for module in self.requests:
             _PROBES[module] = self
             config = module.config
@@ -157,6 +176,9 @@ class AttentionProbe:
         return self
 
     def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
         for config, impl in self._restore:
             config._attn_implementation_internal = impl
         for module in self.requests:
@@ -165,7 +187,7 @@ class AttentionProbe:
         self._restore = []
 
     def clear(self) -> None:
-        for store in (self.rows, self.keys, self.values, self.masks):
+        for store in (self.rows, self.keys, self.values, self.masks, self.synthetic_values, self._inputs):
             store.clear()
 
     # --- capture ------------------------------------------------------------------------------------
@@ -175,13 +197,29 @@ class AttentionProbe:
             return
         live, text = masks
         causal = bool(getattr(module, "is_causal", False))
+        synthetic = self._global_token(module, live, query.shape[-1]) if module in self.input_norms else None
         for which in self.requests.get(module, ()):
-            self.rows[(module, which)] = attention_rows(query, key, mask, scaling, causal, which, live, text)
+            self.rows[(module, which)] = attention_rows(query, key, mask, scaling, causal, which, live, text, synthetic)
         if module in self.keep_keys:
             self.keys[module] = key
         if module in self.keep_values:
             self.values[module] = value
         self.masks[module] = masks
+
+
+    def _global_token(self, module, live: Tensor | None, head_dim: int) -> Tensor:
+        """Query (B, H, 1, d) of the mean residual state, normed and projected as the layer does; its value
+        goes to ``synthetic_values``."""
+        x = self._inputs[module]
+        weight = torch.ones(x.shape[:2], device=x.device) if live is None else live.to(x.device).float()
+        weight = (weight / weight.sum(1, keepdim=True).clamp(min=1)).to(x.dtype)
+        token = self.input_norms[module](torch.einsum("bnd,bn->bd", x, weight)[:, None])
+
+        def heads(proj):
+            return proj(token).view(x.shape[0], 1, -1, head_dim).transpose(1, 2)
+
+        self.synthetic_values[module] = heads(module.v_proj)[:, :, 0]
+        return heads(module.q_proj)
 
 
 def _wrapping(impl: str) -> str:
@@ -260,7 +298,10 @@ class SiteSignals:
         return values[:, :, : self.prefix]
 
     def query_values(self, query: str = "first") -> Tensor:
-        """(U, Hkv, d) the value vector of the query token (``first``/``last``) or the live mean (``mean``)."""
+        """(U, Hkv, d) the value vector of the query token (``first``/``last``), the live mean (``mean``) or
+        the global token's own value (``mean_hidden``)."""
+        if query == "mean_hidden":
+            return self._recorded(self.probe.synthetic_values, self.module, "the mean_hidden token's value")
         values = self._recorded(self.probe.values, self.module, "values")
         live, _ = self.probe.masks[self.module]
         if live is None:

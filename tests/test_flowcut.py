@@ -297,7 +297,7 @@ def test_signals_come_from_one_attention_row_and_the_tower_stays_on_sdpa(model, 
 
 def test_mean_query_relay_and_ablation_knobs_run_end_to_end(model, processor):
     x = batch(processor, [0, 1])
-    for knobs in (dict(relay="mean_query"), dict(semantic_term=False, value_norm_term=False),
+    for knobs in (dict(relay="mean_query"), dict(relay="mean_hidden"), dict(semantic_term=False, value_norm_term=False),
                   dict(history_weight=0.0, schedule="single_layer"), dict(schedule="uniform", interval=1),
                   dict(semantic_scaled=True, entropy_exponent=1.0), dict(batch_coupled=True)):
         with prunekit.attach(model, "flowcut", budget=8, **knobs) as h:

@@ -182,3 +182,43 @@ def test_undeclared_signals_and_signals_at_llm_layer_0_are_refused(model, proces
             model(**batch(processor, [0]))
     with pytest.raises(prunekit.PruningError, match="llm_layer\\[0\\].*none"):
         prunekit.attach(model, Greedy(Site("llm_layer", 0), Signals(rows=(AttentionRows("last"),))))
+
+
+def test_mean_hidden_rows_equal_a_global_token_run_by_hand(model, processor):
+    """The mean_hidden query: the mean residual state entering the layer, normed and projected as the
+    layer does, attending over all of the layer's tokens (FlowCut paper §3.1's global token)."""
+    which = AttentionRows("mean_hidden", "mean")
+
+    class Global(TokenPruner):
+        name = "global_token"
+
+        def sites(self):
+            return [Site("vision_layer", 1)]
+
+        def signals(self, site):
+            return Signals(rows=(which,), values=True)
+
+        def prune(self, ctx):
+            self.rows, self.value = ctx.attention("mean_hidden"), ctx.query_values("mean_hidden")
+
+    x = batch(processor, [0, 1])
+    layer = model.model.vision_tower.encoder.layers[1]
+    seen = {}
+    hook = layer.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0]))
+    strategy = Global()
+    try:
+        with prunekit.attach(model, strategy):
+            model(**x)
+    finally:
+        hook.remove()
+    attn, hidden = layer.self_attn, seen["x"]
+    d = attn.head_dim
+    split = lambda t: t.view(t.shape[0], t.shape[1], -1, d).transpose(1, 2)  # noqa: E731
+    token = layer.layer_norm1(hidden.mean(1, keepdim=True))
+    q, v = split(attn.q_proj(token)), split(attn.v_proj(token))
+    k = split(attn.k_proj(layer.layer_norm1(hidden)))
+    probs = ((q @ k.transpose(-1, -2)) * attn.scale).softmax(-1).mean(1)[:, 0]  # (B, 65)
+    torch.testing.assert_close(strategy.rows, probs[:, 1:], rtol=0, atol=1e-6)
+    torch.testing.assert_close(strategy.value, v[:, :, 0], rtol=0, atol=1e-6)
+    with pytest.raises(SignalError, match="only in a vision tower"):
+        AttentionProbe().watch(model.model.language_model.layers[1].self_attn, which)

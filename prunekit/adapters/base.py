@@ -88,6 +88,10 @@ class ModelAdapter(ABC):
     def vision_attention(self, layer: int) -> nn.Module:
         return self.vision_layers[layer].self_attn
 
+    def vision_input_norm(self, layer: int) -> nn.Module | None:
+        """The norm in front of vision layer ``layer``'s attention (its input is the residual stream)."""
+        return None
+
     def llm_attention(self, layer: int) -> nn.Module:
         return self.decoder_layers[layer].self_attn
 

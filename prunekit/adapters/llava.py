@@ -36,6 +36,9 @@ class LlavaAdapter(ModelAdapter):
     def vision_layers(self) -> nn.ModuleList:
         return self.vision_tower.encoder.layers
 
+    def vision_input_norm(self, layer: int) -> nn.Module:
+        return self.vision_layers[layer].layer_norm1
+
     @property
     def vision_prefix_tokens(self) -> int:
         return 1  # CLS; LLaVA's 'default' feature selection drops it before the projector

@@ -226,13 +226,12 @@ class PruningHandle:
 
     def _install_probe(self) -> None:
         """Watch the attention module each signal-hungry site scores from (see prunekit.signals)."""
-        self._probe, self._scored = None, {}
+        self._probe, self._scored, self._vision_modules = None, {}, set()
         requests = {site: self.strategy.signals(site) for site in self.sites}
         requests = {site: req for site, req in requests.items() if req}
         if not requests:
             return
         self._probe = AttentionProbe(queries=self._probe_queries)
-        self._vision_modules = set()
         for site, req in requests.items():
             if not isinstance(req, Signals):
                 raise TypeError(f"{self.strategy.name}.signals({site}) must return a prunekit.signals.Signals")
@@ -242,7 +241,8 @@ class PruningHandle:
                 layer = site.layer if site.stage is Stage.VISION_LAYER else self.adapter.vision_feature_layer
                 module = self.adapter.vision_attention(layer)
                 self._vision_modules.add(module)
-            self._probe.watch(module, *req.rows, keys=req.keys, values=req.values)
+            norm = self.adapter.vision_input_norm(layer) if module in self._vision_modules else None
+            self._probe.watch(module, *req.rows, keys=req.keys, values=req.values, input_norm=norm)
             self._scored[site] = module
         self._probe.install()
 
