@@ -84,8 +84,8 @@ class PruneContext:
 
     ``tokens`` holds each unit's current visual tokens, right-padded to a common length; ``lengths``
     says how many are live. Units are images at vision stages and samples at ``llm_layer``.
-    ``grid_positions[u]`` gives each current token's origin as (image, row, col) in the unpruned patch
-    grid (row and col are -1 where the image has no grid). Signals the strategy declared in
+    ``grid_positions(u)`` gives each current token's origin as (image, row, col) in the unpruned patch
+    grid (row and col are -1 where the image has no grid), computed on demand. Signals the strategy declared in
     ``signals(site)`` are read with ``attention``, ``keys``, ``values`` and ``query_values``.
     ``token_types`` (``llm_layer`` only) labels each unit's whole current sequence with ``TokenType``.
     """
@@ -97,10 +97,10 @@ class PruneContext:
     sample_of: list[int]  # per unit: index of the sample in the batch
     budget: Budget | None = None
     num_layers: int | None = None  # layers of the module the site is in (vision tower or language model)
-    grid_positions: list[Tensor] | None = None  # per unit: (n, 3) image, row, col of each current token
     token_types: Tensor | None = None  # (U, L) TokenType of each unit's current sequence (llm_layer)
     signals: Any = field(default=None, repr=False)  # SiteSignals, when the strategy declared any
     _seed_source: Any = field(default=None, repr=False)
+    _grid_source: Any = field(default=None, repr=False)
 
     @property
     def stage(self) -> Stage:
@@ -126,6 +126,10 @@ class PruneContext:
     def generator(self, unit: int) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed(unit))
 
+    def grid_positions(self, unit: int) -> Tensor:
+        """(n, 3) long: image, row, col of each of the unit's current tokens in the unpruned patch grid."""
+        return self._grid_source(unit)
+
     # --- signals (declared in TokenPruner.signals) ---------------------------------------------------
     def attention(self, query: str = "last", heads: str = "mean") -> Tensor:
         """Attention of ``query`` over each unit's visual tokens: (U, N) head-mean or (U, H, N)."""
@@ -148,7 +152,9 @@ class PruneContext:
 
     def _signals(self):
         if self.signals is None:
-            raise RuntimeError(
+            from .signals import SignalError  # not at import time: signals imports the runtime package
+
+            raise SignalError(
                 f"no signals were recorded at {self.site}: declare them in the strategy's signals(site), "
                 "e.g. return Signals(rows=(AttentionRows('last'),))"
             )

@@ -83,6 +83,11 @@ def _row_index(which: str, live: Tensor, text: Tensor | None) -> tuple[Tensor, T
     return rows, torch.ones_like(rows, dtype=torch.bool)
 
 
+def _mean_weights(live: Tensor, dtype: torch.dtype) -> Tensor:
+    """(B, n) weights that average each row's live entries."""
+    return (live.float() / live.sum(1, keepdim=True).clamp(min=1)).to(dtype)  # counts stay exact in fp32
+
+
 def attention_rows(query: Tensor, key: Tensor, mask: Tensor | None, scaling: float, causal: bool,
                    which: AttentionRows, live: Tensor | None = None, text: Tensor | None = None,
                    synthetic: Tensor | None = None) -> Tensor:
@@ -99,8 +104,7 @@ def attention_rows(query: Tensor, key: Tensor, mask: Tensor | None, scaling: flo
     rows, valid = _row_index(which.query, live, None if text is None else text.to(query.device))
     n_rows = rows.shape[1]
     if which.query == "mean":
-        weight = live.float() / live.sum(1, keepdim=True).clamp(min=1)
-        q = torch.einsum("bhqd,bq->bhd", query.float(), weight)[:, :, None]
+        q = torch.einsum("bhqd,bq->bhd", query.float(), _mean_weights(live, torch.float32))[:, :, None]
     elif which.query == "mean_hidden":
         q = synthetic.float()
     else:
@@ -211,9 +215,8 @@ class AttentionProbe:
         """Query (B, H, 1, d) of the mean residual state, normed and projected as the layer does; its value
         goes to ``synthetic_values``."""
         x = self._inputs[module]
-        weight = torch.ones(x.shape[:2], device=x.device) if live is None else live.to(x.device).float()
-        weight = (weight / weight.sum(1, keepdim=True).clamp(min=1)).to(x.dtype)
-        token = self.input_norms[module](torch.einsum("bnd,bn->bd", x, weight)[:, None])
+        live = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if live is None else live.to(x.device)
+        token = self.input_norms[module](torch.einsum("bnd,bn->bd", x, _mean_weights(live, x.dtype))[:, None])
 
         def heads(proj):
             return proj(token).view(x.shape[0], 1, -1, head_dim).transpose(1, 2)
@@ -310,8 +313,7 @@ class SiteSignals:
             live = live[self.batch_rows.to(live.device)]
         live = live.to(values.device)
         if query == "mean":
-            w = live.to(values.dtype) / live.sum(1, keepdim=True).clamp(min=1)
-            return torch.einsum("uhnd,un->uhd", values, w)
+            return torch.einsum("uhnd,un->uhd", values, _mean_weights(live, values.dtype))
         rows, _ = _row_index(query, live, None)
         return values.gather(2, rows[:, None, :, None].expand(-1, values.shape[1], 1, values.shape[3])).squeeze(2)
 

@@ -62,9 +62,9 @@ class SampleTrack:
         ``grid_of(n_tokens)`` gives the (rows, cols) grid of an intact image of that many tokens.
         """
         image = self.image_of[self.kept]
-        lengths = torch.bincount(self.image_of, minlength=int(image.max()) + 1 if image.numel() else 0)
+        lengths = torch.bincount(self.image_of)
         starts = torch.cumsum(lengths, 0) - lengths
-        local = self.kept - starts[image] if image.numel() else self.kept
+        local = self.kept - starts[image]
         row, col = torch.full_like(local, -1), torch.full_like(local, -1)
         for i, n in enumerate(lengths.tolist()):
             grid = grid_of(n) if n else None

@@ -67,6 +67,7 @@ class FlowCut(TokenPruner):
         self.schedule, self.interval, self.final_layer = schedule, interval, final_layer
         self.entropy_exponent, self.batch_coupled = entropy_exponent, batch_coupled
         self._final: int | None = final_layer
+        self._sites: list[Site] | None = None
         self._cumulative: Tensor | None = None
 
     # --- where ----------------------------------------------------------------------------------------
@@ -75,6 +76,7 @@ class FlowCut(TokenPruner):
         self._final = feature - 1 if self.final_layer is None else self.final_layer
         if self._final < 0:
             raise ValueError(f"flowcut needs a vision layer before the feature layer ({feature}) to prune after")
+        self._sites = None
 
     def prunes_at(self, layer: int) -> bool:
         rpl = self._final - layer
@@ -85,8 +87,11 @@ class FlowCut(TokenPruner):
     def sites(self):
         if self._final is None:
             raise RuntimeError("flowcut's layers depend on the model: attach() binds them (or pass final_layer=)")
-        scored = range(self._final + 1) if self.history_weight > 0 else filter(self.prunes_at, range(self._final + 1))
-        return [Site(Stage.VISION_LAYER, layer) for layer in scored]
+        if self._sites is None:
+            layers = range(self._final + 1)
+            scored = layers if self.history_weight > 0 else filter(self.prunes_at, layers)
+            self._sites = [Site(Stage.VISION_LAYER, layer) for layer in scored]
+        return self._sites
 
     def signals(self, site: Site):
         return Signals(rows=(AttentionRows(self.relay.query, "mean"),),

@@ -4,7 +4,7 @@ import torch
 from transformers import AutoModelForImageTextToText
 
 import prunekit
-from prunekit import Site, TokenPruner
+from prunekit import Keep, Site, Stage, TokenPruner
 from prunekit.pruner import TokenType
 from prunekit.signals import AttentionProbe, AttentionRows, SignalError, Signals
 from helpers import LLM_ROWS, ROWS, Recorder, batch
@@ -222,3 +222,31 @@ def test_mean_hidden_rows_equal_a_global_token_run_by_hand(model, processor):
     torch.testing.assert_close(strategy.value, v[:, :, 0], rtol=0, atol=1e-6)
     with pytest.raises(SignalError, match="only in a vision tower"):
         AttentionProbe().watch(model.model.language_model.layers[1].self_attn, which)
+
+
+def test_grid_positions_follow_the_survivors_at_vision_and_llm_sites(model, processor):
+    """(image, row, col) of each current token: the 8x8 raster position of its representative."""
+    class Watch(TokenPruner):
+        name = "grid_watch"
+
+        def __init__(self):
+            super().__init__()
+            self.seen = {}
+
+        def sites(self):
+            return [Site("vision_layer", 0), Site("vision_layer", 1), Site("llm_layer", 2)]
+
+        def prune(self, ctx):
+            if ctx.layer == 0:  # every other token
+                return Keep([torch.arange(0, int(n), 2) for n in ctx.lengths])
+            self.seen[ctx.stage] = [ctx.grid_positions(u) for u in range(ctx.num_units)]
+            return None
+
+    watch = Watch()
+    with prunekit.attach(model, watch) as h:
+        model(**batch(processor, [0, 1]))
+    kept = torch.arange(0, 64, 2)
+    expected = torch.stack([torch.zeros_like(kept), kept // 8, kept % 8], 1)
+    for stage in (Stage.VISION_LAYER, Stage.LLM_LAYER):
+        assert [torch.equal(g, expected) for g in watch.seen[stage]] == [True, True]
+    assert torch.equal(h.trace.kept_positions(1), kept)

@@ -60,6 +60,10 @@ class VisionPass:
     key_mask: Tensor | None = None  # matching additive key-padding mask for the encoder layers
     layer_counts: Tensor | None = None  # (images, encoder layers): patches entering each layer
 
+    def lengths(self) -> Tensor:
+        """(images,) tokens each image still has."""
+        return torch.tensor([len(d.kept) for d in self.images])
+
     def seed(self, image: int) -> int:
         if image not in self.seeds:
             if self.pixel_values is None:
@@ -236,12 +240,11 @@ class PruningHandle:
             if not isinstance(req, Signals):
                 raise TypeError(f"{self.strategy.name}.signals({site}) must return a prunekit.signals.Signals")
             if site.stage is Stage.LLM_LAYER:
-                module = self.adapter.llm_attention(site.layer - 1)
+                module, norm = self.adapter.llm_attention(site.layer - 1), None
             else:
                 layer = site.layer if site.stage is Stage.VISION_LAYER else self.adapter.vision_feature_layer
-                module = self.adapter.vision_attention(layer)
+                module, norm = self.adapter.vision_attention(layer), self.adapter.vision_input_norm(layer)
                 self._vision_modules.add(module)
-            norm = self.adapter.vision_input_norm(layer) if module in self._vision_modules else None
             self._probe.watch(module, *req.rows, keys=req.keys, values=req.values, input_norm=norm)
             self._scored[site] = module
         self._probe.install()
@@ -317,16 +320,17 @@ class PruningHandle:
         patches = hidden[:, prefix:]
         if vision.images is None:
             vision.images = [SampleTrack.full([patches.shape[1]]) for _ in range(patches.shape[0])]
-        lengths = torch.tensor([len(d.kept) for d in vision.images])
+        lengths = vision.lengths()
         if vision.layer_counts is None:
             vision.layer_counts = lengths[:, None].repeat(1, len(self.adapter.vision_layers))
         keep = self._decide(self._image_context(site, patches, vision, lengths, prefix))
         if keep is None:
             return hidden
         self._apply_to_images(vision, keep, str(site))
-        vision.layer_counts[:, site.layer + 1 :] = torch.tensor([len(i) for i in keep.indices])[:, None]
+        counts = vision.lengths()
+        vision.layer_counts[:, site.layer + 1 :] = counts[:, None]
         kept = _assemble(patches, keep)
-        counts = torch.tensor([len(i) for i in keep.indices], device=hidden.device)
+        counts = counts.to(hidden.device)
         if bool((counts == counts[0]).all()):
             vision.live = vision.key_mask = None
         else:
@@ -353,7 +357,7 @@ class PruningHandle:
         if vision.images is None or len(vision.images) != n_images:  # no vision_layer site pruned in this pass
             vision.images = [SampleTrack.full([n_tokens]) for _ in range(n_images)]
             vision.events = []
-        lengths = torch.tensor([len(d.kept) for d in vision.images])
+        lengths = vision.lengths()
         if int(lengths.max()) != n_tokens:
             raise PruningError(
                 f"the projector received {n_tokens} tokens per image but the vision encoder kept "
@@ -372,8 +376,7 @@ class PruningHandle:
             return None
         site = self._site(Stage.PROJECTOR_OUTPUT)
         if site is not None:
-            lengths = torch.tensor([len(d.kept) for d in vision.images])
-            ctx = self._image_context(site, output, vision, lengths, self.adapter.vision_prefix_tokens)
+            ctx = self._image_context(site, output, vision, vision.lengths(), self.adapter.vision_prefix_tokens)
             keep = self._decide_all(ctx)
             self._apply_to_images(vision, keep, str(site))
             output = _assemble(output, keep)
@@ -389,13 +392,15 @@ class PruningHandle:
         """Context over images; signal columns skip the encoder's prefix (CLS) tokens."""
         n_images, n_tokens = tokens.shape[:2]
         grids = [self.adapter.image_grid(d.span_length) if d.intact_single_image else None for d in vision.images]
-        columns = prefix + torch.arange(n_tokens).expand(n_images, n_tokens)
-        valid = torch.arange(n_tokens)[None] < lengths[:, None]
+        signals = None
+        if site in self._scored:
+            columns = prefix + torch.arange(n_tokens).expand(n_images, n_tokens)
+            valid = torch.arange(n_tokens)[None] < lengths[:, None]
+            signals = self._signals(site, list(range(n_images)), columns, valid)
         return PruneContext(
             site=site, tokens=tokens, lengths=lengths, grids=grids, sample_of=list(range(n_images)),
-            budget=self.strategy.budget, num_layers=len(self.adapter.vision_layers),
-            grid_positions=[d.grid_positions(self.adapter.image_grid) for d in vision.images],
-            signals=self._signals(site, list(range(n_images)), columns, valid), _seed_source=vision.seed,
+            budget=self.strategy.budget, num_layers=len(self.adapter.vision_layers), signals=signals,
+            _seed_source=vision.seed, _grid_source=lambda u: vision.images[u].grid_positions(self.adapter.image_grid),
         )
 
     @staticmethod
@@ -506,13 +511,15 @@ class PruningHandle:
         trace.vision_layer_counts = torch.stack(
             [per_image[mine].sum(0) if mine else torch.zeros(layers, dtype=torch.long) for mine in sample_images]
         )
+        offset = {}  # each image's start in its sample's span
+        for mine in sample_images:
+            start = 0
+            for u in mine:
+                offset[u], start = start, start + vision.images[u].span_length
         for site, n_in, kept in vision.events:
             per_in = [sum(n_in[u] for u in mine) for mine in sample_images]
-            per_kept = []
-            for mine in sample_images:
-                offsets = [sum(vision.images[v].span_length for v in mine[:i]) for i in range(len(mine))]
-                parts = [offset + kept[u] for offset, u in zip(offsets, mine)]
-                per_kept.append(torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long))
+            per_kept = [torch.cat([offset[u] + kept[u] for u in mine]) if mine else torch.zeros(0, dtype=torch.long)
+                        for mine in sample_images]
             trace.events.append(StageEvent(site, per_in, [len(k) for k in per_kept], per_kept))
         return tracks, sample_images
 
@@ -590,10 +597,10 @@ class PruningHandle:
             ctx = PruneContext(
                 site=site, tokens=tokens, lengths=lengths, grids=grids, sample_of=units,
                 budget=self.strategy.budget, num_layers=self.adapter.num_llm_layers,
-                grid_positions=[trace.samples[b].grid_positions(self.adapter.image_grid) for b in units],
                 token_types=current.types[units],
                 signals=self._signals(site, units, unit_slots, valid[units]),
                 _seed_source=lambda u: self._sample_seed(units[u]),
+                _grid_source=lambda u: trace.samples[units[u]].grid_positions(self.adapter.image_grid),
             )
             decision = self._decide_all(ctx)
             if decision.features is not None:
