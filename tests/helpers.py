@@ -1,7 +1,12 @@
 """Shared test helpers: prompts, batches and reference computations done without prunekit."""
 from __future__ import annotations
 
+import io
+
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
+from PIL import Image
 
 from prunekit import Keep, Stage, TokenPruner
 from prunekit.signals import AttentionRows, Signals
@@ -106,3 +111,26 @@ class Recorder(TokenPruner):
             cls_value=None if ctx.stage is Stage.LLM_LAYER else ctx.query_values("first"),
         )
         return Keep([torch.arange(int(n)) for n in ctx.lengths])
+
+
+# --- tiny parquet files in the lmms-eval layouts ----------------------------------------------------
+IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+
+
+def png(size, mode="RGB", colour=0) -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def image_column(cells) -> pa.Array:
+    """HF `Image` feature as stored in parquet: a {bytes, path} struct per row (None = null cell)."""
+    return pa.array([c if c is None or isinstance(c, dict) else {"bytes": c, "path": None} for c in cells],
+                    type=IMAGE_TYPE)
+
+
+def write(path, columns: dict, row_group_size=2):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cols = {k: image_column(v) if k == "image" else v for k, v in columns.items()}
+    pq.write_table(pa.table(cols), path, row_group_size=row_group_size)  # small groups: cross-group reads
+    return path

@@ -1,0 +1,93 @@
+"""The four lmms-eval tasks as prunekit runs them: prompt, generation length, per-sample score, aggregate.
+
+Prompts and generation settings follow lmms-eval's task YAMLs for LLaVA (evaluation.md §1.2); the
+metrics are in ``metrics.py``. A benchmark sees finished records (dicts with ``prediction``, ``answer``,
+``question_id``, ``category``) and never the model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from . import metrics
+
+POST_PROMPT = "\nAnswer the question using a single word or phrase."
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    name: ClassVar[str]
+    max_new_tokens: ClassVar[int]
+    stop: ClassVar[tuple[str, ...]] = ()  # generation stops (lmms-eval ``until``); the text is cut there
+
+    def prompt(self, question: str) -> str:
+        return question.strip() + POST_PROMPT
+
+    def score(self, prediction: str, answer) -> float:
+        raise NotImplementedError
+
+    def aggregate(self, records: list[dict]) -> dict:
+        """Benchmark metrics over scored records; GQA and TextVQA: the mean score (lmms-eval's ``exact_match``)."""
+        return {"accuracy": metrics.mean(r["score"] for r in records)}
+
+    def postprocess(self, text: str) -> str:
+        for stop in self.stop:
+            text = text.split(stop, 1)[0]
+        return text
+
+
+class Pope(Benchmark):
+    name = "pope"
+    max_new_tokens = 128
+
+    def score(self, prediction, answer):
+        return metrics.pope_score(prediction, answer)
+
+    def aggregate(self, records):
+        return metrics.pope_metrics([r["prediction"] for r in records], [r["answer"] for r in records])
+
+
+class MME(Benchmark):
+    name = "mme"
+    max_new_tokens = 16
+
+    def prompt(self, question):
+        return question.strip().replace(" Please answer yes or no.", "") + POST_PROMPT
+
+    def score(self, prediction, answer):
+        return float(metrics.mme_parse(prediction) == answer.lower().strip().replace(".", ""))
+
+    def aggregate(self, records):
+        return metrics.mme_metrics(records)
+
+
+class GQA(Benchmark):
+    name = "gqa"
+    max_new_tokens = 16
+
+    def prompt(self, question):
+        return question + POST_PROMPT  # lmms-eval does not strip GQA questions
+
+    def score(self, prediction, answer):
+        return metrics.gqa_exact_match(prediction, answer)
+
+
+class TextVQA(Benchmark):
+    name = "textvqa"
+    max_new_tokens = 32  # lmms-eval sets only ``until``; answers are single words or phrases
+    stop = ("ASSISTANT:",)
+
+    def prompt(self, question):
+        return question.capitalize() + POST_PROMPT
+
+    def score(self, prediction, answer):
+        return metrics.textvqa_accuracy(prediction, list(answer))
+
+
+BENCHMARKS: dict[str, Benchmark] = {b.name: b() for b in (Pope, MME, GQA, TextVQA)}
+
+
+def get_benchmark(name: str) -> Benchmark:
+    if name not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {name!r}; choose one of {sorted(BENCHMARKS)}")
+    return BENCHMARKS[name]

@@ -1,0 +1,34 @@
+"""BenchmarkDataModule: one LightningDataModule for every benchmark layout (``data.py`` reads them)."""
+from __future__ import annotations
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from .data import collate_samples, load_benchmark, synthetic_pope_dir
+
+
+class BenchmarkDataModule(L.LightningDataModule):
+    """``benchmark`` names the layout and metrics (pope, mme, gqa, textvqa); ``root`` the local folder.
+
+    ``synthetic=True`` uses the bundled POPE-layout set (generated once and cached), so a fresh machine
+    runs end to end; ``limit`` keeps the first rows for quick runs.
+    """
+
+    def __init__(self, benchmark: str, root: str | None = None, split: str | None = None, limit: int | None = None,
+                 batch_size: int = 1, num_workers: int = 0, synthetic: bool = False):
+        super().__init__()
+        if root is None and not synthetic:
+            raise ValueError(f"data.root is not set: point it at the local {benchmark} parquet folder, e.g. "
+                             f"data={benchmark} data.root=/data/lmms-lab (see docs/evaluation.md for the layouts)")
+        self.benchmark, self.root, self.split, self.limit = benchmark, root, split, limit
+        self.batch_size, self.num_workers, self.synthetic = batch_size, num_workers, synthetic
+        self.dataset = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.dataset is None:
+            root = self.root if self.root is not None else synthetic_pope_dir()
+            self.dataset = load_benchmark(self.benchmark, root, split=self.split, limit=self.limit)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
+                          collate_fn=collate_samples, persistent_workers=False)

@@ -1,0 +1,145 @@
+"""One evaluation run from a composed config: data, model + strategy, Lightning ``test``, results on disk.
+
+The run directory receives ``config.yaml`` (resolved), ``predictions.jsonl`` (one record per row) and
+``metrics.json`` (benchmark metrics, token accounting, efficiency, fidelity, skipped samples and
+provenance). ``metrics.json`` is written last, with ``complete: true``: a directory holding it is a
+finished run, which a re-run skips and never overwrites.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from .cli import fingerprint
+
+log = logging.getLogger("prunekit")
+RANDOM_WEIGHTS_NOTE = ("NOTE: this model has random weights, so its accuracy means nothing. Judge the strategy by its "
+                       "fidelity to the unpruned model: answer agreement and first-token KL (fidelity/*).")
+
+
+def finished(output_dir: Path) -> dict | None:
+    """The metrics of a complete run in ``output_dir``, if there is one."""
+    path = output_dir / "metrics.json"
+    if path.exists():
+        try:
+            metrics = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            return None
+        if metrics.get("complete"):
+            return metrics
+    return None
+
+
+def strategy_config(cfg: DictConfig) -> dict:
+    """The strategy's knobs, with the top-level ``budget=`` applied."""
+    strategy = OmegaConf.to_container(cfg.strategy, resolve=True)
+    if cfg.get("budget") is not None:
+        if "budget" in strategy:
+            strategy["budget"] = cfg.budget
+        else:
+            log.warning("strategy %r has no budget knob: budget=%s does not apply to it", strategy["name"], cfg.budget)
+    return strategy
+
+
+def evaluate(cfg: DictConfig, output_dir: str | os.PathLike) -> dict:
+    """Run the evaluation described by ``cfg`` (the composed ablate config) and return its metrics."""
+    import lightning as L
+
+    from .datamodule import BenchmarkDataModule
+    from .loggers import build_loggers, finish_loggers
+    from .module import PruningEvalModule
+
+    output_dir = Path(output_dir)
+    done = finished(output_dir)
+    if done is not None:
+        log.info("skipping: %s already holds a complete run (delete it to re-run)", output_dir)
+        return done
+    output_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
+    data = BenchmarkDataModule(**{k: v for k, v in data_cfg.items() if k not in ("name", "max_new_tokens")})
+    data.setup("test")  # a wrong data.root or missing columns fail here, before a large model loads
+    strategy = strategy_config(cfg)
+    module = PruningEvalModule(
+        model_path=cfg.model.path, strategy=strategy, benchmark=cfg.data.benchmark, dtype=cfg.model.dtype,
+        attn_implementation=cfg.model.attn_implementation, max_new_tokens=cfg.data.max_new_tokens,
+        fidelity=cfg.fidelity, warmup_batches=cfg.warmup_batches,
+    )
+    if cfg.model.random_weights:
+        log.warning(RANDOM_WEIGHTS_NOTE)
+    loggers = build_loggers(cfg, output_dir)
+    trainer = L.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), logger=loggers or False,
+                        default_root_dir=str(output_dir))
+    trainer.test(module, datamodule=data, verbose=False)
+
+    results = module.results | {
+        "strategy": module.strategy.params(),
+        "model": {"path": str(cfg.model.path or "tiny"), "name": cfg.model.name,
+                  "random_weights": bool(cfg.model.random_weights)},
+        "provenance": provenance(cfg, module, trainer, started),
+        "complete": True,
+    }
+    if cfg.model.random_weights:
+        results["note"] = RANDOM_WEIGHTS_NOTE
+    if trainer.global_rank == 0:
+        write_results(output_dir, cfg, module.records, results)
+        finish_loggers(loggers, cfg, module.records, results)
+        log.info("results: %s", output_dir)
+    return results
+
+
+def write_results(output_dir: Path, cfg: DictConfig, records: list[dict], results: dict) -> None:
+    (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    with open(output_dir / "predictions.jsonl", "w") as f:
+        for r in records:
+            f.write(json.dumps(r, default=str) + "\n")
+    tmp = output_dir / "metrics.json.tmp"
+    tmp.write_text(json.dumps(results, indent=2, default=str))
+    tmp.replace(output_dir / "metrics.json")  # atomic: a crash never leaves a "complete" half file
+
+
+def provenance(cfg: DictConfig, module, trainer, started: float) -> dict:
+    import lightning
+    import transformers
+
+    from .. import __version__
+
+    device = module.device
+    return {
+        "prunekit": __version__, "git_revision": git_revision(),
+        "torch": torch.__version__, "transformers": transformers.__version__, "lightning": lightning.__version__,
+        "python": platform.python_version(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()}, "
+                                                                                   f"{torch.get_num_threads()} threads)",
+        "world_size": trainer.world_size,
+        "dtype": str(module.model.dtype).replace("torch.", ""),
+        "attn_implementation": module.model.config._attn_implementation,
+        "batch_size": cfg.data.batch_size, "seed": cfg.seed,
+        "config_fingerprint": fingerprint(cfg),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+        "wall_s": round(time.time() - started, 2),
+    }
+
+
+def git_revision() -> str:
+    """The project's commit (``+dirty`` with uncommitted changes), or ``unknown`` outside a checkout."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        if rev.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return rev.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"

@@ -1,0 +1,118 @@
+"""Analytic prefill FLOPs of one sample, from the token counts a PruneTrace records.
+
+Two conventions, both counted in multiply-accumulates (MACs) as the token-pruning papers do when they
+write "FLOPs" (a true FLOP count is twice as large):
+
+- ``fastv``: the language model only, FastV's per-layer ``4nd² + 2n²d + 2ndm`` (baselines.md, evaluation.md
+  §2.1) with the live token count n of each layer; what the papers' TFLOPs columns use.
+- ``exact``: every weight matrix the prefill actually multiplies (so a gated FFN counts 3ndm and grouped-query
+  attention its smaller K/V projections), plus the ``2n²d`` score/value products of each attention layer
+  over the live tokens, for the vision encoder (patch embedding, every encoder layer with the tokens it
+  takes), the projector, the language model and the one LM-head row ``generate`` computes in prefill.
+
+Decode steps are not counted: pruning changes them only through the shorter KV cache. Nor are a strategy's
+own score computations (a few O(n·d) rows per site): the count is the model's, so strategies compare on it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from torch import nn
+
+
+def _linear_macs(module: nn.Module) -> int:
+    """MACs per token of every ``nn.Linear`` in ``module`` (in_features × out_features each)."""
+    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
+
+
+def fastv_layer_macs(n: float, d: int, m: int) -> float:
+    """FastV's count for one decoder layer over n tokens: 4nd² + 2n²d + 2ndm."""
+    return 4 * n * d * d + 2 * n * n * d + 2 * n * d * m
+
+
+@dataclass(frozen=True)
+class FlopsModel:
+    """Per-token weight MACs and attention widths of one model, read off its modules once."""
+
+    llm_hidden: int
+    llm_intermediate: int
+    llm_layer_linear: tuple[int, ...]  # per decoder layer: MACs per token of its matrices
+    llm_attention_width: int  # heads × head_dim: the width of the n² score and value products
+    lm_head: int
+    vision_layer_linear: tuple[int, ...]
+    vision_attention_width: int
+    vision_prefix: int  # CLS
+    patch_embed: int  # MACs per patch of the patch embedding
+    projector: int  # MACs per visual token
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> "FlopsModel":
+        from .adapters import adapter_for
+
+        adapter = adapter_for(model)
+        text = adapter.text_config
+        llm_attn = adapter.llm_attention(0)
+        vis_attn = adapter.vision_attention(0)
+        embed = next((m for m in adapter.vision_tower.modules() if isinstance(m, nn.Conv2d | nn.Conv3d)), None)
+        head = model.get_output_embeddings()
+        return cls(
+            llm_hidden=text.hidden_size,
+            llm_intermediate=text.intermediate_size,
+            llm_layer_linear=tuple(_linear_macs(layer) for layer in adapter.decoder_layers),
+            llm_attention_width=_attention_width(llm_attn),
+            lm_head=head.in_features * head.out_features if head is not None else 0,
+            vision_layer_linear=tuple(_linear_macs(layer) for layer in adapter.vision_layers),
+            vision_attention_width=_attention_width(vis_attn),
+            vision_prefix=adapter.vision_prefix_tokens,
+            patch_embed=embed.weight.numel() if embed is not None else 0,
+            projector=_linear_macs(adapter.projector),
+        )
+
+    def prefill(self, text_tokens: int, llm_visual: Sequence[int], images: int = 0,
+                vision_patches: Sequence[int] | None = None, patches_per_image: int = 0,
+                projector_tokens: int | None = None) -> dict[str, float]:
+        """MACs of one sample's prefill.
+
+        ``llm_visual``: visual tokens entering each decoder layer (``trace.llm_layer_counts[b]``);
+        ``vision_patches``: patches entering each encoder layer over all the sample's images
+        (``trace.vision_layer_counts[b]``; default: all ``patches_per_image`` of each image everywhere);
+        ``projector_tokens``: tokens the projector maps (default: those entering the language model).
+        """
+        if len(llm_visual) != len(self.llm_layer_linear):
+            raise ValueError(f"llm_visual has {len(llm_visual)} layers, the model {len(self.llm_layer_linear)}")
+        llm_exact = fastv = 0.0
+        for per_token, visual in zip(self.llm_layer_linear, llm_visual):
+            n = text_tokens + visual
+            llm_exact += n * per_token + 2 * n * n * self.llm_attention_width
+            fastv += fastv_layer_macs(n, self.llm_hidden, self.llm_intermediate)
+        vision = 0.0
+        if images:
+            if vision_patches is None:
+                vision_patches = [images * patches_per_image] * len(self.vision_layer_linear)
+            # attention runs per image; with ragged counts the per-image split is not recorded, so the n²
+            # term uses the mean image (exact whenever images of a sample keep equal counts)
+            for per_token, patches in zip(self.vision_layer_linear, vision_patches):
+                n_image = patches / images + self.vision_prefix
+                vision += images * (n_image * per_token + 2 * n_image * n_image * self.vision_attention_width)
+            vision += images * patches_per_image * self.patch_embed
+        if projector_tokens is None:
+            projector_tokens = llm_visual[0] if len(llm_visual) else 0
+        projector = projector_tokens * self.projector
+        exact = vision + projector + llm_exact + self.lm_head
+        return {"fastv": fastv, "exact": exact, "exact_llm": llm_exact, "exact_vision": vision + projector}
+
+
+def _attention_width(attn: nn.Module) -> int:
+    heads = getattr(attn, "num_heads", None) or attn.config.num_attention_heads
+    return int(heads * attn.head_dim)
+
+
+def trace_flops(flops: FlopsModel, trace, sample: int, text_tokens: int) -> dict[str, float]:
+    """:meth:`FlopsModel.prefill` of one sample of the last prefill, read off its ``PruneTrace``."""
+    track = trace.samples[sample]
+    images = int(track.image_of.max()) + 1 if track.span_length else 0
+    vision = trace.vision_layer_counts[sample].tolist() if trace.vision_layer_counts is not None else None
+    at_projector = next((ev.n_in[sample] for ev in trace.events if ev.site == "projector_output"), None)
+    return flops.prefill(text_tokens, trace.llm_layer_counts[sample].tolist(), images=images, vision_patches=vision,
+                         patches_per_image=track.span_length // max(images, 1), projector_tokens=at_projector)
