@@ -11,6 +11,7 @@ Each run writes config.yaml, metrics.json and predictions.jsonl to its output di
 """
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
@@ -22,6 +23,7 @@ from omegaconf import DictConfig  # noqa: E402
 from prunekit.eval import cli  # noqa: E402
 
 cli.prepare()
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # lightning 2.6 + torch 2.13, harmless
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="ablate")

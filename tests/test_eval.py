@@ -74,6 +74,9 @@ def test_mme_image_with_a_skipped_half_is_reported_not_scored_as_a_pair(tiny_dir
     x_pair = [r["score"] for r in module.records if r["question_id"] == "x.png"]
     assert existence["acc_plus"] == 100.0 * (sum(x_pair) == 2)
     assert module.records[0]["prompt"] == "Is there a dog?\nAnswer the question using a single word or phrase."
+    logged = module.trainer.callback_metrics  # what the loggers (W&B, CSV) receive: nested metrics flattened
+    assert float(logged["metrics/categories/existence/score"]) == pytest.approx(existence["score"])
+    assert float(logged["counts/skipped"]) == 1.0
 
 
 def test_missing_root_and_model_paths_fail_at_once(tmp_path, monkeypatch):

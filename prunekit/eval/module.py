@@ -141,10 +141,16 @@ class PruningEvalModule(L.LightningModule):
 
 
 def _loggable(results: dict) -> dict[str, float]:
-    """Flat ``group/name`` scalars for the Lightning loggers."""
+    """Flat ``group/name`` scalars for the Lightning loggers (nested dicts, e.g. MME categories, flattened)."""
     out = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}/{k}", v)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[prefix] = float(value)
+
     for group in ("metrics", "tokens", "efficiency", "fidelity", "counts"):
-        for k, v in results.get(group, {}).items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
-                out[f"{group}/{k}"] = float(v)
+        walk(group, results.get(group, {}))
     return out
