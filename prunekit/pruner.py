@@ -64,18 +64,23 @@ class Keep:
     tokens it is the representative. ``features[u]`` (optional) replaces the gathered features of the
     output tokens (merging); ``members[u][j]`` lists the current tokens merged into output token j.
     The runtime sorts outputs by representative, so sequence order is always the original order.
+
+    ``mask_only`` (``llm_layer`` sites only; an ablation, e.g. FastV's evaluation path): the dropped tokens
+    are not removed but masked out as keys for every later layer, prefill and decode; they are still
+    computed, so nothing is saved.
     """
 
     indices: list[Tensor]
     features: list[Tensor] | None = None
     members: list[list[Tensor]] | None = None
+    mask_only: bool = False
 
     @classmethod
-    def rows(cls, indices: Tensor | Sequence[Tensor], features=None, members=None) -> "Keep":
+    def rows(cls, indices: Tensor | Sequence[Tensor], features=None, members=None, mask_only: bool = False) -> "Keep":
         """Build from a batched (U, K) index tensor (and (U, K, D) features) or per-unit lists."""
         idx = list(indices.unbind(0)) if isinstance(indices, Tensor) else list(indices)
         feats = list(features.unbind(0)) if isinstance(features, Tensor) else features
-        return cls(idx, feats, members)
+        return cls(idx, feats, members, mask_only)
 
 
 @dataclass

@@ -4,8 +4,11 @@ A strategy declares per site what it needs (``Signals``: attention rows, keys, v
 then watches one attention module per site with an ``AttentionProbe``: the layer whose output the site
 prunes (``vision_layer[l]``: layer l; ``vision_output`` / ``projector_output``: the vision feature
 layer; ``llm_layer[k]``: layer k-1). For each it computes only the requested rows — the first query
-(CLS in a ViT), the last query, the mean query, or every text query (raters) — from that layer's own q
-and k, softmaxed over all keys under the mask the layer uses, and keeps keys and values on request.
+(CLS in a ViT), the last query, the mean query, the mean row over all queries, or every text query
+(raters) — from that layer's own q and k, softmaxed over all keys under the mask the layer uses, and
+keeps keys and values on request. With ``Signals(pre=True)`` an ``llm_layer[k]`` site reads block k
+itself instead, evaluated on its input before it runs (its input norm, q/k projections and RoPE:
+PyramidDrop's score); nothing is wrapped for those.
 
 The model keeps its attention implementation: the probe registers a wrapping implementation
 (``prunekit_<impl>``) that records and then calls the original one (for ``eager``, the module's own
@@ -28,7 +31,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .runtime.sequence import pack
 
-QUERIES = ("first", "last", "mean", "mean_hidden", "text")
+QUERIES = ("first", "last", "mean", "mean_hidden", "all", "text")
+CHUNK_ROWS = 256  # query rows per step of the "all" mean: at most B x H x CHUNK_ROWS x kv scores at once
 _PROBES: "weakref.WeakKeyDictionary[nn.Module, AttentionProbe]" = weakref.WeakKeyDictionary()
 
 
@@ -44,7 +48,9 @@ class AttentionRows:
     ``mean``: one synthetic query, the mean of the live query vectors (a global token, for towers
     without CLS); it takes the last live row's mask. ``mean_hidden``: the query of a global token built
     from the mean of the live residual-stream states entering the layer (paper §3.1 wording; vision
-    towers only, no RoPE). ``text``: every text-token query of the prompt (rater candidates), one row each.
+    towers only, no RoPE). ``all``: the mean over every live query of its attention row (FastV paper's
+    φ(j) = 1/n Σ_i A(i, j), causal), computed a chunk of rows at a time. ``text``: every text-token query
+    of the prompt (rater candidates), one row each.
     """
 
     query: str = "last"
@@ -59,11 +65,17 @@ class AttentionRows:
 
 @dataclass(frozen=True)
 class Signals:
-    """What a strategy needs at one site besides the tokens: attention rows, keys, values."""
+    """What a strategy needs at one site besides the tokens: attention rows, keys, values.
+
+    ``pre`` (``llm_layer[k]`` sites only): compute them from block k itself on the hidden states entering
+    it, before it runs — its input norm, then its attention module's q/k/v projections (and q/k norms if
+    it has them), RoPE at the current positions and its scaling — instead of from layer k-1's attention.
+    """
 
     rows: tuple[AttentionRows, ...] = ()
     keys: bool = False
     values: bool = False
+    pre: bool = False
 
     def __bool__(self) -> bool:
         return bool(self.rows) or self.keys or self.values
@@ -98,9 +110,10 @@ def attention_rows(query: Tensor, key: Tensor, mask: Tensor | None, scaling: flo
     or (B, [H,] R, kv) for ``text`` (rows past a sample's text count are zero).
     """
     batch, heads, q_len, dim = query.shape
-    kv_len = key.shape[2]
-    key = key.repeat_interleave(heads // key.shape[1], dim=1)  # GQA: as transformers' repeat_kv
+    key = key.repeat_interleave(heads // key.shape[1], dim=1).float()  # GQA: as transformers' repeat_kv
     live = torch.ones(batch, q_len, dtype=torch.bool, device=query.device) if live is None else live.to(query.device)
+    if which.query == "all":
+        return _mean_over_queries(query, key, mask, scaling, causal, live, which.heads)
     rows, valid = _row_index(which.query, live, None if text is None else text.to(query.device))
     n_rows = rows.shape[1]
     if which.query == "mean":
@@ -109,7 +122,18 @@ def attention_rows(query: Tensor, key: Tensor, mask: Tensor | None, scaling: flo
         q = synthetic.float()
     else:
         q = query.gather(2, rows[:, None, :, None].expand(batch, heads, n_rows, dim)).float()
-    scores = (q @ key.float().transpose(-1, -2)) * scaling  # (B, H, R, kv)
+    probs = _probabilities(q, key, mask, scaling, causal, rows, q_len)
+    probs = probs * valid[:, None, :, None]
+    probs = probs.mean(1) if which.heads == "mean" else probs
+    return probs if which.query == "text" else probs.squeeze(-2)
+
+
+def _probabilities(q: Tensor, key: Tensor, mask: Tensor | None, scaling: float, causal: bool, rows: Tensor,
+                   q_len: int) -> Tensor:
+    """(B, H, R, kv) fp32 softmax of q (B, H, R, d) against key (B, H, kv, d) for query rows ``rows`` (B, R)
+    of the layer's q_len queries, under the layer's mask (or causality when it has none)."""
+    batch, n_rows, kv_len = q.shape[0], q.shape[2], key.shape[2]
+    scores = (q @ key.transpose(-1, -2)) * scaling
     if mask is not None:
         m = mask[..., :kv_len].expand(batch, -1, -1, -1)
         if m.shape[2] > 1:
@@ -118,32 +142,52 @@ def attention_rows(query: Tensor, key: Tensor, mask: Tensor | None, scaling: flo
     elif causal:
         allowed = torch.arange(kv_len, device=scores.device) <= (rows + kv_len - q_len)[:, None, :, None]
         scores = scores.masked_fill(~allowed, float("-inf"))
-    probs = torch.nan_to_num(scores.softmax(-1), nan=0.0)  # fully masked rows give NaN: make them 0
-    probs = probs * valid[:, None, :, None]
-    probs = probs.mean(1) if which.heads == "mean" else probs
-    return probs if which.query == "text" else probs.squeeze(-2)
+    return torch.nan_to_num(scores.softmax(-1), nan=0.0)  # fully masked rows give NaN: make them 0
+
+
+def _mean_over_queries(query: Tensor, key: Tensor, mask: Tensor | None, scaling: float, causal: bool,
+                       live: Tensor, heads: str) -> Tensor:
+    """(B, [H,] kv): the mean over each sample's live queries of their probability rows, CHUNK_ROWS rows at a time."""
+    batch, n_heads, q_len, _ = query.shape
+    weights = _mean_weights(live, torch.float32)
+    total = key.new_zeros(batch, n_heads, key.shape[2])
+    for start in range(0, q_len, CHUNK_ROWS):
+        rows = torch.arange(start, min(start + CHUNK_ROWS, q_len), device=query.device).expand(batch, -1)
+        probs = _probabilities(query[:, :, start : start + CHUNK_ROWS].float(), key, mask, scaling, causal, rows, q_len)
+        total += torch.einsum("bhrk,br->bhk", probs, weights[:, start : start + CHUNK_ROWS])
+    return total.mean(1) if heads == "mean" else total
 
 
 QueryMasks = Callable[[nn.Module], "tuple[Tensor | None, Tensor | None] | None"]
+
+
+@dataclass(frozen=True)
+class BlockInput:
+    """The source of ``pre`` signals: attention ``module`` evaluated on its block's input before the block runs."""
+
+    module: nn.Module
 
 
 class AttentionProbe:
     """Records requested attention rows, keys and values of watched attention modules on each forward.
 
     ``queries(module)`` (optional) returns the (live, text) query masks of the module's current call,
-    or None to skip recording (e.g. decode steps).
+    or None to skip recording (e.g. decode steps). Sources are attention modules (recorded inside their
+    own call, through the wrapping implementation) or ``BlockInput``s (computed on demand by
+    ``capture_input`` before the block runs; nothing is wrapped for them).
     """
 
     def __init__(self, queries: QueryMasks | None = None):
         self.queries = queries
-        self.requests: dict[nn.Module, list[AttentionRows]] = {}
-        self.keep_keys: set[nn.Module] = set()
-        self.keep_values: set[nn.Module] = set()
-        self.rows: dict[tuple[nn.Module, AttentionRows], Tensor] = {}
-        self.keys: dict[nn.Module, Tensor] = {}
-        self.values: dict[nn.Module, Tensor] = {}
-        self.masks: dict[nn.Module, tuple[Tensor | None, Tensor | None]] = {}
+        self.requests: dict[nn.Module | BlockInput, list[AttentionRows]] = {}
+        self.keep_keys: set = set()
+        self.keep_values: set = set()
+        self.rows: dict[tuple[nn.Module | BlockInput, AttentionRows], Tensor] = {}
+        self.keys: dict = {}
+        self.values: dict = {}
+        self.masks: dict = {}
         self.input_norms: dict[nn.Module, nn.Module] = {}
+        self.block_norms: dict[BlockInput, nn.Module] = {}
         self.synthetic_values: dict[nn.Module, Tensor] = {}
         self._inputs: dict[nn.Module, Tensor] = {}
         self._restore: list[tuple[object, str]] = []
@@ -158,19 +202,40 @@ class AttentionProbe:
                 raise SignalError("mean_hidden rows are available only in a vision tower with q/v projections "
                                   "(no RoPE); use 'mean' (the mean query) elsewhere")
             self.input_norms[module] = input_norm
-        self.requests.setdefault(module, [])
-        self.requests[module] += [r for r in rows if r not in self.requests[module]]
+        self._request(module, rows, keys, values)
+
+    def watch_input(self, module: nn.Module, norm: nn.Module, *rows: AttentionRows, keys: bool = False,
+                    values: bool = False) -> BlockInput:
+        """Rows (keys, values) of attention ``module`` as its block would compute them on the hidden states
+        entering it: ``norm`` (the block's input norm), then the module's own projections and RoPE. They are
+        computed by ``capture_input`` before the block runs; returns the source key."""
+        if any(r.query == "mean_hidden" for r in rows):
+            raise SignalError("mean_hidden rows are available only in a vision tower; use 'mean' with pre=True")
+        for name in ("q_proj", "k_proj", "v_proj", "head_dim", "scaling"):
+            if not hasattr(module, name):
+                raise SignalError(f"pre signals need an attention module with {name}; {type(module).__name__} has none")
+        source = BlockInput(module)
+        self.block_norms[source] = norm
+        self._request(source, rows, keys, values)
+        return source
+
+    def _request(self, source, rows, keys: bool, values: bool) -> None:
+        self.requests.setdefault(source, [])
+        self.requests[source] += [r for r in rows if r not in self.requests[source]]
         if keys:
-            self.keep_keys.add(module)
+            self.keep_keys.add(source)
         if values:
-            self.keep_values.add(module)
+            self.keep_values.add(source)
+
+    def _watched(self) -> list[nn.Module]:
+        return [m for m in self.requests if not isinstance(m, BlockInput)]
 
     def install(self) -> "AttentionProbe":
         """Route the watched modules' configs through the wrapping implementation."""
         for module, norm in self.input_norms.items():
             self._hooks.append(norm.register_forward_pre_hook(
                 lambda _, args, module=module: self._inputs.__setitem__(module, args[0])))
-        for module in self.requests:
+        for module in self._watched():
             _PROBES[module] = self
             config = module.config
             impl = config._attn_implementation
@@ -185,7 +250,7 @@ class AttentionProbe:
         self._hooks = []
         for config, impl in self._restore:
             config._attn_implementation_internal = impl
-        for module in self.requests:
+        for module in self._watched():
             if _PROBES.get(module) is self:
                 del _PROBES[module]
         self._restore = []
@@ -196,20 +261,47 @@ class AttentionProbe:
 
     # --- capture ------------------------------------------------------------------------------------
     def _capture(self, module, query, key, value, mask, scaling) -> None:
+        """Inside a watched module's attention call (q, k after RoPE)."""
         masks = self.queries(module) if self.queries is not None else (None, None)
         if masks is None:
             return
+        synthetic = self._global_token(module, masks[0], query.shape[-1]) if module in self.input_norms else None
+        self._record(module, module, query, key, value, mask, scaling, masks, synthetic)
+
+    def capture_input(self, source: BlockInput, hidden: Tensor, position_embeddings: tuple[Tensor, Tensor],
+                      mask: Tensor | None) -> None:
+        """Before a block runs: its attention's q, k (v) on ``hidden`` (B, L, D), under the (cos, sin) and the
+        mask that the block is about to receive."""
+        module = source.module
+        masks = self.queries(module) if self.queries is not None else (None, None)
+        if masks is None:
+            return
+        x = self.block_norms[source](hidden)
+
+        def heads(proj, norm=None):  # as the Llama-family attention: view, (q/k norm), heads first
+            t = proj(x).view(*x.shape[:2], -1, module.head_dim)
+            return (t if norm is None else norm(t)).transpose(1, 2)
+
+        query = heads(module.q_proj, getattr(module, "q_norm", None))
+        key = heads(module.k_proj, getattr(module, "k_norm", None))
+        rotate = getattr(sys.modules[type(module).__module__], "apply_rotary_pos_emb", None)
+        if rotate is None:
+            raise SignalError(f"pre signals need the modeling file of {type(module).__name__} to define "
+                              "apply_rotary_pos_emb (1-D RoPE); this family is not supported yet")
+        query, key = rotate(query, key, *position_embeddings)
+        value = heads(module.v_proj) if source in self.keep_values else None
+        self._record(source, module, query, key, value, mask, module.scaling, masks)
+
+    def _record(self, source, module, query, key, value, mask, scaling, masks, synthetic=None) -> None:
         live, text = masks
         causal = bool(getattr(module, "is_causal", False))
-        synthetic = self._global_token(module, live, query.shape[-1]) if module in self.input_norms else None
-        for which in self.requests.get(module, ()):
-            self.rows[(module, which)] = attention_rows(query, key, mask, scaling, causal, which, live, text, synthetic)
-        if module in self.keep_keys:
-            self.keys[module] = key
-        if module in self.keep_values:
-            self.values[module] = value
-        self.masks[module] = masks
-
+        for which in self.requests.get(source, ()):
+            self.rows[(source, which)] = attention_rows(query, key, mask, scaling, causal, which, live, text, synthetic)
+        if source in self.keep_keys:
+            self.keys[source] = key
+        if source in self.keep_values:
+            self.values[source] = value
+        self.masks[source] = masks
 
     def _global_token(self, module, live: Tensor | None, head_dim: int) -> Tensor:
         """Query (B, H, 1, d) of the mean residual state, normed and projected as the layer does; its value
@@ -249,15 +341,16 @@ def _wrapping(impl: str) -> str:
 class SiteSignals:
     """A strategy's view of what the probe recorded for its site, restricted to each unit's visual tokens.
 
-    ``columns`` (U, N) are the key positions of each unit's current visual tokens in the watched layer's
-    sequence (``valid`` marks real ones; padded entries read as zero). ``batch_rows`` maps units to the
-    layer's batch rows; ``prefix`` counts the encoder tokens before the patches (CLS) at vision sites. Rows are probabilities over *all* keys of the layer (CLS, text, ...), so they do
-    not sum to 1 over the visual tokens.
+    ``source`` is the watched attention module (or the ``BlockInput`` of ``pre`` signals). ``columns`` (U, N)
+    are the key positions of each unit's current visual tokens in that layer's sequence (``valid`` marks
+    real ones; padded entries read as zero). ``batch_rows`` maps units to the layer's batch rows; ``prefix``
+    counts the encoder tokens before the patches (CLS) at vision sites. Rows are probabilities over *all*
+    keys of the layer (CLS, text, ...), so they do not sum to 1 over the visual tokens.
     """
 
-    def __init__(self, probe: AttentionProbe, module: nn.Module, site: str, batch_rows: list[int],
+    def __init__(self, probe: AttentionProbe, source: nn.Module | BlockInput, site: str, batch_rows: list[int],
                  columns: Tensor, valid: Tensor, prefix: int = 0):
-        self.probe, self.module, self.site, self.prefix = probe, module, site, prefix
+        self.probe, self.source, self.site, self.prefix = probe, source, site, prefix
         self.batch_rows = torch.as_tensor(batch_rows, dtype=torch.long)
         self.columns, self.valid = columns, valid
 
@@ -273,7 +366,7 @@ class SiteSignals:
     def attention(self, query: str = "last", heads: str = "mean") -> Tensor:
         """(U, N) head-mean or (U, H, N) per-head probabilities; ``text``: (U, [H,] R, N)."""
         which = AttentionRows(query, heads)
-        rows = self._recorded(self.probe.rows, (self.module, which), f"attention rows {which}")
+        rows = self._recorded(self.probe.rows, (self.source, which), f"attention rows {which}")
         cols = self.columns.to(rows.device)
         shape = (cols.shape[0],) + (1,) * (rows.dim() - 2) + (cols.shape[1],)
         index = cols.view(shape).expand(*rows.shape[:-1], cols.shape[1])
@@ -281,7 +374,7 @@ class SiteSignals:
 
     def text_queries(self) -> Tensor:
         """(U, R) validity of the rows returned by ``attention('text')``."""
-        live, text = self.probe.masks[self.module]
+        live, text = self.probe.masks[self.source]
         if text is None:
             raise SignalError(f"there are no text queries at {self.site}")
         _, valid = pack(text, align="left")
@@ -289,24 +382,24 @@ class SiteSignals:
 
     def keys(self) -> Tensor:
         """(U, Hkv, N, d) keys of the visual tokens (after RoPE in a language model)."""
-        return self._gather_tokens(self._recorded(self.probe.keys, self.module, "keys"))
+        return self._gather_tokens(self._recorded(self.probe.keys, self.source, "keys"))
 
     def values(self) -> Tensor:
         """(U, Hkv, N, d) values of the visual tokens."""
-        return self._gather_tokens(self._recorded(self.probe.values, self.module, "values"))
+        return self._gather_tokens(self._recorded(self.probe.values, self.source, "values"))
 
     def prefix_values(self) -> Tensor:
         """(U, Hkv, P, d) values of the encoder's prefix tokens (CLS), which precede the patches."""
-        values = self._recorded(self.probe.values, self.module, "values")
+        values = self._recorded(self.probe.values, self.source, "values")
         return values[:, :, : self.prefix]
 
     def query_values(self, query: str = "first") -> Tensor:
         """(U, Hkv, d) the value vector of the query token (``first``/``last``), the live mean (``mean``) or
         the global token's own value (``mean_hidden``)."""
         if query == "mean_hidden":
-            return self._recorded(self.probe.synthetic_values, self.module, "the mean_hidden token's value")
-        values = self._recorded(self.probe.values, self.module, "values")
-        live, _ = self.probe.masks[self.module]
+            return self._recorded(self.probe.synthetic_values, self.source, "the mean_hidden token's value")
+        values = self._recorded(self.probe.values, self.source, "values")
+        live, _ = self.probe.masks[self.source]
         if live is None:
             live = torch.ones(values.shape[0], values.shape[2], dtype=torch.bool)
         else:

@@ -51,6 +51,14 @@ def test_records_carry_scores_tokens_and_timing(tiny_dir, pope_root):
     assert 0 < eff["flops_ratio"] < 1 and eff["peak_memory_mb"] > 0
 
 
+def test_mask_only_pruning_saves_no_flops(tiny_dir, pope_root):
+    """FastV's mask variant hides tokens from attention but still computes them: FLOPs stay at vanilla."""
+    mask = evaluate(tiny_dir, pope_root, {"name": "fastv", "budget": 16, "variant": "mask"}, fidelity=False).results
+    inplace = evaluate(tiny_dir, pope_root, {"name": "fastv", "budget": 16}, fidelity=False).results
+    assert mask["tokens"]["n_final"] == inplace["tokens"]["n_final"] == 16
+    assert mask["efficiency"]["flops_ratio"] == 1.0 > inplace["efficiency"]["flops_ratio"]
+
+
 def test_corrupt_image_is_skipped_counted_and_reported(tiny_dir, tmp_path):
     write(tmp_path / "data/test-00000-of-00001.parquet", {
         "question_id": ["a", "b", "c"], "question": ["Is there a cat?"] * 3, "answer": ["yes", "no", "yes"],

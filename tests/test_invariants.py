@@ -39,6 +39,13 @@ PRUNING = {
     "pooling@vision_output": dict(name="pooling", budget=B),
     "pooling@projector_output-original": dict(name="pooling", budget=B, stage="projector_output", positions="original"),
     "pooling@llm2": dict(name="pooling", budget=B, stage="llm_layer", layer=2),
+    "fastv@llm2": dict(name="fastv", budget=B, layer=2),
+    "fastv-all@llm1": dict(name="fastv", budget=B, layer=1, query="all"),
+    "pdrop@llm1+2+3": dict(name="pdrop", budget=B, convention="n_final", layer_list=[1, 2, 3]),
+}
+LLM_AVG = {"pdrop@llm1+2+3": (N + 40 + 25 + B) / L_LAYERS}  # multi-stage n_avg (one cut: the formula below)
+MASKED = {  # pruned tokens masked out, not removed: same outputs, full-length sequences
+    "fastv-mask@llm2": dict(name="fastv", budget=B, layer=2, variant="mask"),
 }
 KEEP_ALL = {
     "keep_all@vision_layer1": dict(name="keep_all", stage="vision_layer", layer=1),
@@ -47,7 +54,7 @@ KEEP_ALL = {
     "keep_all@llm0": dict(name="keep_all", stage="llm_layer", layer=0),
     "keep_all@llm2": dict(name="keep_all", stage="llm_layer", layer=2),
 }
-ALL = {**PRUNING, **KEEP_ALL}
+ALL = {**PRUNING, **KEEP_ALL, **MASKED}
 
 
 def attach(model, spec):
@@ -57,6 +64,8 @@ def attach(model, spec):
 def stage_of(spec) -> str:
     if isinstance(spec, type) or spec["name"] == "flowcut":
         return "vision_layer"
+    if spec["name"] in ("fastv", "pdrop"):
+        return "llm_layer"
     return spec.get("stage", "vision_output")
 
 
@@ -162,7 +171,7 @@ def vision_cuts(spec, handle):
 
 
 # 4. Cache == recompute (with the prefill's decisions replayed) -----------------------------------
-@pytest.mark.parametrize("spec", list(PRUNING.values()), ids=list(PRUNING))
+@pytest.mark.parametrize("spec", list({**PRUNING, **MASKED}.values()), ids=list({**PRUNING, **MASKED}))
 def test_cached_generation_equals_recompute_with_replay(model, processor, spec):
     x = batch(processor, [0, 1])
     steps = 4
@@ -211,16 +220,17 @@ def test_trace_counts_match_the_budget_and_the_sequence(model, processor, key):
     with attach(model, spec) as h:
         logits = model(**x).logits
     t = h.trace
-    layer = spec.get("layer") if stage_of(spec) == "llm_layer" else None
+    inside = stage_of(spec) == "llm_layer"
     assert t.n_vanilla == [N, N]
     assert t.n_final == [B, B]
     assert [len(t.kept_positions(b)) for b in range(2)] == [B, B]
-    if layer is None:
+    if not inside:
         assert t.n_in == [B, B] and t.n_avg == [B, B]
         assert t.budget.convention == "n_in"
     else:
+        layer = spec.get("layer")
         assert t.n_in == [N, N]
-        assert t.n_avg == [(layer * N + (L_LAYERS - layer) * B) / L_LAYERS] * 2
+        assert t.n_avg == [LLM_AVG.get(key) or (layer * N + (L_LAYERS - layer) * B) / L_LAYERS] * 2
         assert t.budget.convention == "n_final"
     assert logits.shape[1] == x["input_ids"].shape[1] - (N - B)  # tokens physically removed
     for b in range(2):

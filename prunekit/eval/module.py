@@ -37,6 +37,7 @@ class PruningEvalModule(L.LightningModule):
         self.model, self.processor = load_model(model_path, dtype, attn_implementation)
         self.adapter = adapter_for(self.model)
         self.flops = FlopsModel.from_model(self.model)
+        self.removes_tokens = self.strategy.params().get("removes_tokens", True)
         self.max_new_tokens = max_new_tokens or self.benchmark.max_new_tokens
         self.fidelity = fidelity
         self.warmup_batches = warmup_batches
@@ -66,10 +67,11 @@ class PruningEvalModule(L.LightningModule):
         layers = self.adapter.num_llm_layers
         for b, s in enumerate(usable):
             prediction = pruned["texts"][b]
-            flops = trace_flops(self.flops, trace, b, text_tokens[b])
             images = 1 if trace.has_images(b) else 0
             full = self.flops.prefill(text_tokens[b], [trace.n_vanilla[b]] * layers, images=images,
                                       patches_per_image=trace.n_vanilla[b])
+            # a mask-only variant (FastV's evaluation path) still computes every token: no FLOPs saved
+            flops = trace_flops(self.flops, trace, b, text_tokens[b]) if self.removes_tokens else full
             record = self._base_record(s) | {
                 "skipped": False,
                 "prompt": self.benchmark.prompt(s.question),

@@ -16,7 +16,8 @@ Hooks (all on this model instance, all removed by ``detach()``):
 - decoder layers from the first ``llm_layer`` site on, forward pre-hooks: prune hidden states and slice
   the loop-level kwargs (RoPE tables, mask, positions) that the language model computed once;
 - top model, forward pre-hook and an instance-level ``generate`` guard: refuse what is not supported;
-- when the strategy declares signals: an ``AttentionProbe`` on the scored attention modules.
+- when the strategy declares signals: an ``AttentionProbe`` on the scored attention modules (``pre``
+  signals are computed in the decoder-layer pre-hook from the block's own input, nothing wrapped).
 
 See docs/architecture.md for the data flow.
 """
@@ -35,7 +36,7 @@ from transformers.masking_utils import create_causal_mask
 
 from ..adapters import ModelAdapter, adapter_for
 from ..pruner import Keep, PruneContext, Site, Stage, TokenPruner, TokenType, combine_seeds, content_seed
-from ..signals import AttentionProbe, Signals, SiteSignals
+from ..signals import AttentionProbe, BlockInput, Signals, SiteSignals
 from ..registry import build_strategy
 from ..trace import PruneTrace, SampleTrack, StageEvent
 from .sequence import Segment, pack, take
@@ -190,10 +191,17 @@ class PruningHandle:
                     f"output of vision layer {feature}: vision_layer sites must be in 0..{feature - 1} "
                     "(to prune the features themselves use the vision_output stage)"
                 )
-            if site.stage is Stage.LLM_LAYER and site.layer == 0 and self.strategy.signals(site):
+            signals = self.strategy.signals(site)
+            if signals and signals.pre and site.stage is not Stage.LLM_LAYER:
+                raise PruningError(
+                    f"strategy {name!r} asks for pre signals (from the next block's input) at {site}; they "
+                    "exist at llm_layer sites only"
+                )
+            if site.stage is Stage.LLM_LAYER and site.layer == 0 and signals and not signals.pre:
                 raise PruningError(
                     f"strategy {name!r} asks for attention signals at llm_layer[0]; they come from the layer "
-                    "before the cut, and there is none. Prune at llm_layer >= 1."
+                    "before the cut, and there is none. Prune at llm_layer >= 1, or score block 0 on its "
+                    "input with Signals(pre=True)."
                 )
         if len(set(self.sites)) != len(self.sites):
             raise PruningError(f"strategy {name!r} lists a site twice: {self.sites}")
@@ -239,6 +247,11 @@ class PruningHandle:
         for site, req in requests.items():
             if not isinstance(req, Signals):
                 raise TypeError(f"{self.strategy.name}.signals({site}) must return a prunekit.signals.Signals")
+            if req.pre:  # block k itself, on its input: computed in the decoder-layer pre-hook
+                self._scored[site] = self._probe.watch_input(
+                    self.adapter.llm_attention(site.layer), self._llm_input_norm(site.layer), *req.rows,
+                    keys=req.keys, values=req.values)
+                continue
             if site.stage is Stage.LLM_LAYER:
                 module, norm = self.adapter.llm_attention(site.layer - 1), None
             else:
@@ -248,6 +261,14 @@ class PruningHandle:
             self._probe.watch(module, *req.rows, keys=req.keys, values=req.values, input_norm=norm)
             self._scored[site] = module
         self._probe.install()
+
+    def _llm_input_norm(self, layer: int) -> nn.Module:
+        """The norm in front of decoder layer ``layer``'s attention (Llama family: ``input_layernorm``)."""
+        norm = getattr(self.adapter.decoder_layers[layer], "input_layernorm", None)
+        if norm is None:
+            raise PruningError(f"pre signals need decoder layer {layer}'s input norm; "
+                               f"{type(self.adapter.decoder_layers[layer]).__name__} has no input_layernorm")
+        return norm
 
     def _probe_queries(self, module):
         """(live, text) query masks of the watched module's current call; None skips (decode steps)."""
@@ -261,11 +282,21 @@ class PruningHandle:
         return segment.mask, segment.types == TokenType.TEXT
 
     def _signals(self, site: Site, batch_rows: list[int], columns: Tensor, valid: Tensor) -> SiteSignals | None:
-        module = self._scored.get(site)
-        if module is None:
+        source = self._scored.get(site)
+        if source is None:
             return None
         prefix = self.adapter.vision_prefix_tokens if site.stage is not Stage.LLM_LAYER else 0
-        return SiteSignals(self._probe, module, str(site), batch_rows, columns, valid, prefix)
+        return SiteSignals(self._probe, source, str(site), batch_rows, columns, valid, prefix)
+
+    def _capture_block_input(self, site: Site, hidden: Tensor, kwargs: dict) -> None:
+        """``pre`` signals of ``site``: its block on the current sequence, with the RoPE tables and mask that
+        the block would get without this cut (the current segment's, or the language model's own)."""
+        source = self._scored.get(site)
+        if not isinstance(source, BlockInput) or self.replaying:
+            return
+        segment = self._prefill.segments[-1] if self._prefill.segments else None
+        current = segment.layer_kwargs if segment is not None else kwargs
+        self._probe.capture_input(source, hidden, current["position_embeddings"], current.get("attention_mask"))
 
     # --- decisions --------------------------------------------------------------------------------
     def _decide(self, ctx: PruneContext) -> Keep | None:
@@ -278,6 +309,9 @@ class PruningHandle:
             keep = self.strategy.prune(ctx)
             if keep is not None and not isinstance(keep, Keep):
                 raise TypeError(f"{self.strategy.name}.prune must return a Keep or None, got {type(keep).__name__}")
+            if keep is not None and keep.mask_only and ctx.stage is not Stage.LLM_LAYER:
+                raise PruningError(f"{self.strategy.name} returned a mask_only decision at {ctx.site}; masking "
+                                   "instead of removing is served at llm_layer sites only")
         if keep is not None:
             keep = _normalise(keep, ctx, self.strategy.name)
         self._recorded[ctx.site] = keep
@@ -568,8 +602,10 @@ class PruningHandle:
         is_prefill = prefill.step == 0
         site = self._site(Stage.LLM_LAYER, index)
         if is_prefill and site is not None:
+            self._capture_block_input(site, hidden, kwargs)
             hidden = self._prune_llm(site, hidden, kwargs)
-        segment = prefill.segments[-1] if prefill.segments else None
+        # the segment this layer belongs to (decode steps: all of them exist already)
+        segment = next((s for s in reversed(prefill.segments) if s.start_layer <= index), None)
         if segment is None:
             return None
         if segment.step != prefill.step:
@@ -586,6 +622,7 @@ class PruningHandle:
         trace = self.trace
         keep = ~current.visual
         n_in = current.visual_counts().tolist()
+        mask_only = False
         if units:
             unit_slots = slots[units]
             tokens = take(hidden, unit_slots)
@@ -603,6 +640,7 @@ class PruningHandle:
                 _grid_source=lambda u: trace.samples[units[u]].grid_positions(self.adapter.image_grid),
             )
             decision = self._decide_all(ctx)
+            mask_only = decision.mask_only
             if decision.features is not None:
                 hidden = hidden.clone()
             for u, b in enumerate(units):
@@ -611,12 +649,19 @@ class PruningHandle:
                 if decision.features is not None:
                     hidden[b, unit_slots[u, idx]] = decision.features[u].to(hidden.dtype)
                 trace.samples[b].select(decision.indices[u], decision.members[u] if decision.members else None)
-        index, segment = current.select(keep, self.strategy.position_policy, start_layer=site.layer)
+        policy = self.strategy.position_policy
+        if mask_only:
+            segment = current.mask_out(keep, policy, start_layer=site.layer)
+            trace.notes.append(f"{site}: dropped tokens masked out, not removed; every later layer still computes "
+                               "them (the counts are the tokens attention can read; FLOPs and latency are unpruned)")
+        else:
+            index, segment = current.select(keep, policy, start_layer=site.layer)
+            hidden = take(hidden, index)
         prefill.segments.append(segment)
         counts = segment.visual_counts().cpu()
         trace.llm_layer_counts[:, site.layer :] = counts.unsqueeze(1)
         trace.events.append(StageEvent(str(site), n_in, counts.tolist(), [t.kept.clone() for t in trace.samples]))
-        return take(hidden, index)
+        return hidden
 
     def _sample_seed(self, sample: int) -> int:
         prefill = self._prefill
@@ -711,7 +756,7 @@ def _normalise(keep: Keep, ctx: PruneContext, name: str) -> Keep:
             if len(m) != idx.numel():
                 raise PruningError(f"{name}: unit {u} has {idx.numel()} kept indices but {len(m)} member lists")
             members.append([torch.as_tensor(m[j], dtype=torch.long).reshape(-1).cpu() for j in order.tolist()])
-    return Keep(indices, features, members)
+    return Keep(indices, features, members, keep.mask_only)
 
 
 def _assemble(tokens: Tensor, keep: Keep) -> Tensor:

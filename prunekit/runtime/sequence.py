@@ -5,6 +5,8 @@ kept slots (tokens are physically removed), re-pads ragged samples on the left w
 gives kept tokens positions under the strategy's policy: ``original`` keeps the unpruned positions,
 ``compact`` renumbers as if the short sequence had been the prompt (each token moves down by the
 number of tokens dropped before it). ``shift`` is how far decode positions lag the original ones.
+``mask_out`` is the masking alternative to the gather (an ablation): the dropped slots stay in the
+sequence as padding, so they are still computed but no later query attends to them.
 """
 from __future__ import annotations
 
@@ -59,15 +61,8 @@ class Segment:
 
     def select(self, keep: Tensor, policy: str, start_layer: int) -> tuple[Tensor, "Segment"]:
         """Keep the slots where ``keep`` (B, L) is True; returns the gather index and the new segment."""
-        dropped = self.mask & ~keep
+        positions, shift = self._positions(self.mask & ~keep, policy)
         index, valid = pack(keep, align="right")
-        positions = self.positions
-        shift = self.shift
-        if policy == "compact":
-            positions = positions - dropped.cumsum(1)
-            shift = shift + dropped.sum(1)
-        elif policy != "original":
-            raise ValueError(f"unknown position policy {policy!r}; use 'compact' or 'original'")
         new = Segment(
             start_layer=start_layer,
             mask=take(self.mask, index) & valid,
@@ -77,3 +72,19 @@ class Segment:
             types=None if self.types is None else take(self.types, index) * valid,
         )
         return index, new
+
+    def mask_out(self, keep: Tensor, policy: str, start_layer: int) -> "Segment":
+        """Drop the slots where ``keep`` is False by masking: they stay in the sequence (and are still
+        computed) but become padding, so no later query attends to them."""
+        positions, shift = self._positions(self.mask & ~keep, policy)
+        return Segment(start_layer=start_layer, mask=self.mask & keep, positions=positions,
+                       visual=self.visual & keep, shift=shift,
+                       types=None if self.types is None else self.types * keep)
+
+    def _positions(self, dropped: Tensor, policy: str) -> tuple[Tensor, Tensor]:
+        """Positions and decode shift after dropping ``dropped`` under ``policy``."""
+        if policy == "compact":
+            return self.positions - dropped.cumsum(1), self.shift + dropped.sum(1)
+        if policy != "original":
+            raise ValueError(f"unknown position policy {policy!r}; use 'compact' or 'original'")
+        return self.positions, self.shift
