@@ -113,6 +113,16 @@ class Recorder(TokenPruner):
         return Keep([torch.arange(int(n)) for n in ctx.lengths])
 
 
+def ragged_keep(ctx) -> Keep:
+    """A different random count (5..16) of tokens per unit, seeded per unit: ragged cuts for batch tests."""
+    keep = []
+    for u in range(ctx.num_units):
+        g = ctx.generator(u)
+        k = int(torch.randint(5, 17, (1,), generator=g))
+        keep.append(torch.randperm(int(ctx.lengths[u]), generator=g)[:k].sort().values)
+    return Keep(keep)
+
+
 # --- tiny parquet files in the lmms-eval layouts ----------------------------------------------------
 IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 

@@ -5,11 +5,11 @@ import torch
 from transformers import AutoModelForImageTextToText
 
 import prunekit
-from prunekit import Keep, Site, TokenPruner, build_strategy
+from prunekit import Site, TokenPruner, build_strategy
 from prunekit.budget import schedule_average
 from prunekit.signals import AttentionRows, Signals
 from strategies.pdrop import lambda_for_average, pyramid
-from helpers import batch, generate_positions
+from helpers import batch, generate_positions, ragged_keep
 
 N, T = 64, 4  # the tiny model: 64 visual tokens, 4 decoder layers
 LAYERS = [1, 2, 3]
@@ -91,12 +91,7 @@ class PreWatch(TokenPruner):
 
     def prune(self, ctx):
         if ctx.site == self.cut:
-            keep = []
-            for u in range(ctx.num_units):
-                g = ctx.generator(u)
-                k = int(torch.randint(5, 17, (1,), generator=g))
-                keep.append(torch.randperm(int(ctx.lengths[u]), generator=g)[:k].sort().values)
-            return Keep(keep)
+            return ragged_keep(ctx)
         self.seen[ctx.site] = dict(rows={r: ctx.attention(r.query, r.heads) for r in self.rows}, keys=ctx.keys(),
                                    values=ctx.values(), text=ctx.text_queries(), lengths=ctx.lengths.clone())
         return None

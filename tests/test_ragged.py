@@ -3,8 +3,8 @@ import pytest
 import torch
 
 import prunekit
-from prunekit import Keep, Site, TokenPruner
-from helpers import batch, greedy, recompute_last_logits
+from prunekit import Site, TokenPruner
+from helpers import batch, greedy, ragged_keep, recompute_last_logits
 
 
 class RaggedRandom(TokenPruner):
@@ -20,12 +20,7 @@ class RaggedRandom(TokenPruner):
         return [self.site]
 
     def prune(self, ctx):
-        keep = []
-        for u in range(ctx.num_units):
-            g = ctx.generator(u)
-            k = int(torch.randint(5, 17, (1,), generator=g))
-            keep.append(torch.randperm(int(ctx.lengths[u]), generator=g)[:k].sort().values)
-        return Keep(keep)
+        return ragged_keep(ctx)
 
 
 SITES = {
