@@ -61,12 +61,16 @@ def build_tiny_llava(image_size: int = 112, patch_size: int = 14, vision_layers:
     return model, processor
 
 
-def tiny_llava_dir(cache_dir: str | os.PathLike | None = None) -> Path:
-    """A saved tiny LLaVA (weights + processor), built once and cached on disk."""
+def tiny_llava_dir(cache_dir: str | os.PathLike | None = None, image_size: int = 112) -> Path:
+    """A saved tiny LLaVA (weights + processor), built once and cached on disk.
+
+    ``image_size`` 112 gives 64 visual tokens (the default); 336 gives LLaVA-1.5's 576, so the papers'
+    64/128/192-token budgets mean what they mean on a real model.
+    """
     root = Path(cache_dir or os.environ.get("PRUNEKIT_CACHE", Path.home() / ".cache" / "prunekit"))
-    path = root / f"tiny-llava-{VERSION}"
+    path = root / (f"tiny-llava-{VERSION}" + ("" if image_size == 112 else f"-{image_size}px"))
     if not (path / "config.json").exists() or not (path / "processor_config.json").exists():
-        model, processor = build_tiny_llava()
+        model, processor = build_tiny_llava(image_size=image_size)
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)

@@ -98,3 +98,12 @@ def test_missing_root_and_model_paths_fail_at_once(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(FileNotFoundError, match="not in the local hub cache"):
         resolve_model_path("llava-hf/llava-1.5-7b-hf")
+
+
+def test_embedded_models_have_64_and_576_visual_tokens(tmp_path, monkeypatch):
+    from transformers import AutoConfig
+
+    monkeypatch.setenv("PRUNEKIT_CACHE", str(tmp_path))
+    for name, tokens in (("tiny", 64), ("tiny-576", 576)):
+        vision = AutoConfig.from_pretrained(resolve_model_path(name)).vision_config
+        assert (vision.image_size // vision.patch_size) ** 2 == tokens

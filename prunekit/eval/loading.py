@@ -9,12 +9,16 @@ import torch
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+TINY = {"tiny": 112, "tiny-576": 336}  # embedded random-weight models: name -> image size (64 / 576 tokens)
+
+
 def resolve_model_path(path: str | None) -> str:
-    """``None`` or ``"tiny"``: the embedded tiny model (built once, cached); else a local dir or hub id."""
-    if path in (None, "", "tiny"):
+    """``None``/``"tiny"`` (64 visual tokens) or ``"tiny-576"`` (LLaVA-1.5's 576): an embedded tiny model,
+    built once and cached; anything else: a local directory or a hub id."""
+    if path in (None, "") or path in TINY:
         from ..tiny import tiny_llava_dir
 
-        return str(tiny_llava_dir())
+        return str(tiny_llava_dir(image_size=TINY[path or "tiny"]))
     local = Path(os.path.expanduser(path))
     if local.exists():
         if not (local / "config.json").exists():
