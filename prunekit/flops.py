@@ -108,11 +108,16 @@ def _attention_width(attn: nn.Module) -> int:
     return int(heads * attn.head_dim)
 
 
-def trace_flops(flops: FlopsModel, trace, sample: int, text_tokens: int) -> dict[str, float]:
-    """:meth:`FlopsModel.prefill` of one sample of the last prefill, read off its ``PruneTrace``."""
+def trace_flops(flops: FlopsModel, trace, sample: int, text_tokens: int, unpruned: bool = False) -> dict[str, float]:
+    """:meth:`FlopsModel.prefill` of one sample of the last prefill, read off its ``PruneTrace``;
+    ``unpruned``: the same sample with every visual token kept everywhere (the vanilla model)."""
     track = trace.samples[sample]
     images = int(track.image_of.max()) + 1 if track.span_length else 0
+    per_image = track.span_length // max(images, 1)
+    if unpruned:
+        return flops.prefill(text_tokens, [track.span_length] * len(flops.llm_layer_linear), images=images,
+                             patches_per_image=per_image)
     vision = trace.vision_layer_counts[sample].tolist() if trace.vision_layer_counts is not None else None
     at_projector = next((ev.n_in[sample] for ev in trace.events if ev.site == "projector_output"), None)
     return flops.prefill(text_tokens, trace.llm_layer_counts[sample].tolist(), images=images, vision_patches=vision,
-                         patches_per_image=track.span_length // max(images, 1), projector_tokens=at_projector)
+                         patches_per_image=per_image, projector_tokens=at_projector)

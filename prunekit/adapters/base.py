@@ -95,6 +95,10 @@ class ModelAdapter(ABC):
     def llm_attention(self, layer: int) -> nn.Module:
         return self.decoder_layers[layer].self_attn
 
+    def llm_input_norm(self, layer: int) -> nn.Module | None:
+        """The norm in front of decoder layer ``layer``'s attention (Llama family: ``input_layernorm``), if any."""
+        return getattr(self.decoder_layers[layer], "input_layernorm", None)
+
     @property
     def text_config(self):
         return self.language_model.config

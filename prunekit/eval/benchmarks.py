@@ -6,7 +6,6 @@ metrics are in ``metrics.py``. A benchmark sees finished records (dicts with ``p
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar
 
 from . import metrics
@@ -14,7 +13,6 @@ from . import metrics
 POST_PROMPT = "\nAnswer the question using a single word or phrase."
 
 
-@dataclass(frozen=True)
 class Benchmark:
     name: ClassVar[str]
     max_new_tokens: ClassVar[int]

@@ -26,12 +26,10 @@ def wandb_key_configured() -> bool:
 
 
 def build_loggers(cfg: DictConfig, output_dir: Path) -> list:
-    from lightning.pytorch.loggers import CSVLogger
-
     settings = cfg.get("logger") or {}
     loggers = []
     if "csv" in settings:
-        loggers.append(CSVLogger(save_dir=str(output_dir), name="csv", version=""))
+        loggers.append(_csv(output_dir))
     if "wandb" in settings:
         loggers.append(_wandb(settings.wandb, cfg, output_dir))
     config = OmegaConf.to_container(cfg, resolve=True)
@@ -40,12 +38,18 @@ def build_loggers(cfg: DictConfig, output_dir: Path) -> list:
     return loggers
 
 
+def _csv(output_dir: Path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    return CSVLogger(save_dir=str(output_dir), name="csv", version="")  # <run>/csv/metrics.csv
+
+
 def _wandb(settings: DictConfig, cfg: DictConfig, output_dir: Path):
-    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+    from lightning.pytorch.loggers import WandbLogger
 
     if importlib.util.find_spec("wandb") is None:
         log.warning("wandb is not installed (pip install -e '.[wandb]'); logging to CSV in %s instead", output_dir)
-        return CSVLogger(save_dir=str(output_dir), name="csv", version="")
+        return _csv(output_dir)
     mode = os.environ.get("WANDB_MODE") or settings.mode
     if mode == "auto":
         mode = "online" if wandb_key_configured() else "offline"

@@ -57,24 +57,22 @@ class PruningEvalModule(L.LightningModule):
                 self.records.append(self._base_record(s) | {"skipped": True, "error": s.error or "no image"})
         if not usable:
             return
-        inputs = self._inputs(usable)
+        prompts = [self.benchmark.prompt(s.question) for s in usable]
+        inputs = self._inputs(usable, prompts)
         vanilla = self._generate(inputs) if self.fidelity else None
         with attach(self.model, self.strategy) as handle:
-            pruned = self._generate(inputs, timed=True)
+            pruned = self._generate(inputs)
         trace = handle.trace
         timing = pruned["timing"]
         text_tokens = (inputs["attention_mask"].sum(1) - torch.tensor(trace.n_vanilla, device=self.device)).tolist()
-        layers = self.adapter.num_llm_layers
         for b, s in enumerate(usable):
             prediction = pruned["texts"][b]
-            images = 1 if trace.has_images(b) else 0
-            full = self.flops.prefill(text_tokens[b], [trace.n_vanilla[b]] * layers, images=images,
-                                      patches_per_image=trace.n_vanilla[b])
+            full = trace_flops(self.flops, trace, b, text_tokens[b], unpruned=True)
             # a mask-only variant (FastV's evaluation path) still computes every token: no FLOPs saved
             flops = trace_flops(self.flops, trace, b, text_tokens[b]) if self.removes_tokens else full
             record = self._base_record(s) | {
                 "skipped": False,
-                "prompt": self.benchmark.prompt(s.question),
+                "prompt": prompts[b],
                 "prediction": prediction,
                 "score": self.benchmark.score(prediction, s.answer),
                 "n_vanilla": trace.n_vanilla[b], "n_in": trace.n_in[b], "n_final": trace.n_final[b],
@@ -100,21 +98,20 @@ class PruningEvalModule(L.LightningModule):
         return {"uid": s.uid, "question_id": s.question_id, "category": s.category, "question": s.question,
                 "answer": answer}
 
-    def _inputs(self, samples: list[Sample]):
+    def _inputs(self, samples: list[Sample], prompts: list[str]):
         texts = [
             self.processor.apply_chat_template(
-                [{"role": "user", "content": [{"type": "image"},
-                                              {"type": "text", "text": self.benchmark.prompt(s.question)}]}],
+                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}],
                 add_generation_prompt=True,
             )
-            for s in samples
+            for prompt in prompts
         ]
         inputs = self.processor(images=[s.image for s in samples], text=texts, return_tensors="pt", padding=True)
         inputs = inputs.to(self.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         return inputs
 
-    def _generate(self, inputs, timed: bool = False) -> dict:
+    def _generate(self, inputs) -> dict:
         timer = PrefillTimer(self.model, self.adapter.vision_tower)
         with timer:
             out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1,

@@ -5,6 +5,7 @@ import numpy as np
 import torch.distributed as dist
 
 from .benchmarks import Benchmark
+from .metrics import mean
 
 
 def gather_records(records: list[dict], dedupe: bool = True) -> list[dict]:
@@ -22,11 +23,6 @@ def gather_records(records: list[dict], dedupe: bool = True) -> list[dict]:
     return sorted(unique.values(), key=lambda r: (len(r["uid"]), r["uid"]))
 
 
-def _mean(xs) -> float:
-    xs = list(xs)
-    return float(sum(xs) / len(xs)) if xs else float("nan")
-
-
 def summarise(records: list[dict], benchmark: Benchmark) -> dict:
     scored = [r for r in records if not r["skipped"]]
     skipped = [r for r in records if r["skipped"]]
@@ -37,11 +33,11 @@ def summarise(records: list[dict], benchmark: Benchmark) -> dict:
     }
     out["metrics"] = benchmark.aggregate(scored) if scored else {}
     if scored:
-        out["tokens"] = {k: _mean(r[k] for r in scored) for k in ("n_vanilla", "n_in", "n_final", "n_avg")}
+        out["tokens"] = {k: mean(r[k] for r in scored) for k in ("n_vanilla", "n_in", "n_final", "n_avg")}
         out["efficiency"] = _efficiency(scored)
         if "agrees_with_vanilla" in scored[0]:
-            out["fidelity"] = {"answer_agreement": _mean(float(r["agrees_with_vanilla"]) for r in scored),
-                               "first_token_kl": _mean(r["first_token_kl"] for r in scored)}
+            out["fidelity"] = {"answer_agreement": mean(float(r["agrees_with_vanilla"]) for r in scored),
+                               "first_token_kl": mean(r["first_token_kl"] for r in scored)}
     else:
         out["efficiency"] = {}
     return out
@@ -64,10 +60,10 @@ def _efficiency(scored: list[dict]) -> dict:
         "decode_tokens_per_s": decode_tokens / decode_s if decode_s > 0 else float("nan"),
         "timed_batches": len(timed),
         "latency_includes_warmup": includes_warmup,
-        "tflops": _mean(r["tflops"] for r in scored),
-        "tflops_fastv": _mean(r["tflops_fastv"] for r in scored),
-        "tflops_vanilla": _mean(r["tflops_vanilla"] for r in scored),
-        "tflops_fastv_vanilla": _mean(r["tflops_fastv_vanilla"] for r in scored),
+        "tflops": mean(r["tflops"] for r in scored),
+        "tflops_fastv": mean(r["tflops_fastv"] for r in scored),
+        "tflops_vanilla": mean(r["tflops_vanilla"] for r in scored),
+        "tflops_fastv_vanilla": mean(r["tflops_fastv_vanilla"] for r in scored),
     }
     out["flops_ratio"] = out["tflops"] / out["tflops_vanilla"] if out["tflops_vanilla"] else float("nan")
     out["flops_ratio_fastv"] = (out["tflops_fastv"] / out["tflops_fastv_vanilla"]

@@ -263,8 +263,8 @@ class PruningHandle:
         self._probe.install()
 
     def _llm_input_norm(self, layer: int) -> nn.Module:
-        """The norm in front of decoder layer ``layer``'s attention (Llama family: ``input_layernorm``)."""
-        norm = getattr(self.adapter.decoder_layers[layer], "input_layernorm", None)
+        """The adapter's norm in front of decoder layer ``layer``'s attention; pre signals cannot do without it."""
+        norm = self.adapter.llm_input_norm(layer)
         if norm is None:
             raise PruningError(f"pre signals need decoder layer {layer}'s input norm; "
                                f"{type(self.adapter.decoder_layers[layer]).__name__} has no input_layernorm")
