@@ -1,14 +1,14 @@
 """prunekit: visual-token pruning for vision-language models, side by side and fairly measured."""
 from .adapters import adapter_for, supported_families
 from .budget import Budget
-from .pruner import Keep, PruneContext, Site, Stage, TokenPruner, TokenType
+from .pruner import Keep, PromptEmbeddings, PruneContext, Site, Stage, TokenPruner, TokenType
 from .registry import build_strategy, list_strategies, load_plugins, register_strategy
 from .runtime import PruningError, PruningHandle, attach
 from .signals import AttentionRows, SignalError, Signals
 from .trace import PruneTrace
 
 __all__ = [
-    "TokenPruner", "Stage", "Site", "Keep", "PruneContext", "TokenType", "Budget",
+    "TokenPruner", "Stage", "Site", "Keep", "PromptEmbeddings", "PruneContext", "TokenType", "Budget",
     "Signals", "AttentionRows", "SignalError",
     "register_strategy", "build_strategy", "list_strategies", "load_plugins",
     "attach", "PruningHandle", "PruningError", "PruneTrace",

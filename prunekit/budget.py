@@ -3,7 +3,9 @@
 - ``n_in``: visual tokens entering the language model;
 - ``n_final``: visual tokens after the last pruning step (what reaches the last layer);
 - ``n_avg``: layer-averaged visual tokens over the language model's layers (each layer counted with
-  the tokens it takes as input).
+  the tokens it takes as input);
+- ``n_avg_out``: the same average with each layer counted by the tokens it outputs, so a layer followed by a
+  cut counts the survivors (SparseVLM's logger; its "192" is 192.03 here and 206.5 under ``n_avg``).
 
 Papers mix these; prunekit logs all three and records which one a budget constrained.
 """
@@ -12,7 +14,7 @@ from __future__ import annotations
 import numbers
 from dataclasses import dataclass
 
-CONVENTIONS = ("n_in", "n_final", "n_avg")
+CONVENTIONS = ("n_in", "n_final", "n_avg", "n_avg_out")
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,13 @@ class Budget:
 def layer_average(counts_per_layer: list[int]) -> float:
     """n_avg: the mean over layers of the visual tokens each layer takes as input."""
     return sum(counts_per_layer) / len(counts_per_layer) if counts_per_layer else 0.0
+
+
+def layer_average_out(counts_per_layer: list[int]) -> float:
+    """n_avg_out: layer l counted with what it outputs, i.e. layer l+1's input; the last layer with its input."""
+    if not counts_per_layer:
+        return 0.0
+    return (sum(counts_per_layer[1:]) + counts_per_layer[-1]) / len(counts_per_layer)
 
 
 def schedule_average(n: int, boundaries: list[int], counts: list[int], num_layers: int) -> float:

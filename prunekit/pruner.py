@@ -68,12 +68,18 @@ class Keep:
     ``mask_only`` (``llm_layer`` sites only; an ablation, e.g. FastV's evaluation path): the dropped tokens
     are not removed but masked out as keys for every later layer, prefill and decode; they are still
     computed, so nothing is saved.
+
+    ``order`` (``llm_layer`` sites only) overrides the sequence order: ``order[u][j]`` is a sort key per output
+    token (ties broken by representative). The outputs then fill the unit's surviving visual slots in key
+    order, so under ``compact`` positions they are numbered in that order (SparseVLM appends its merged tokens
+    after the kept ones); the trace lists them in sequence order.
     """
 
     indices: list[Tensor]
     features: list[Tensor] | None = None
     members: list[list[Tensor]] | None = None
     mask_only: bool = False
+    order: list[Tensor] | None = None
 
     @classmethod
     def rows(cls, indices: Tensor | Sequence[Tensor], features=None, members=None, mask_only: bool = False) -> "Keep":
@@ -104,6 +110,8 @@ class PruneContext:
     num_layers: int | None = None  # layers of the module the site is in (vision tower or language model)
     token_types: Tensor | None = None  # (U, L) TokenType of each unit's current sequence (llm_layer)
     signals: Any = field(default=None, repr=False)  # SiteSignals, when the strategy declared any
+    _prompt_source: Any = field(default=None, repr=False)
+    _gravity_source: Any = field(default=None, repr=False)
     _seed_source: Any = field(default=None, repr=False)
     _grid_source: Any = field(default=None, repr=False)
 
@@ -155,6 +163,25 @@ class PruneContext:
     def text_queries(self) -> Tensor:
         return self._signals().text_queries()
 
+    def prompt_embeddings(self) -> "PromptEmbeddings":
+        """The language model's input embeddings of each unit's visual and text tokens (``Signals(prompt=True)``)."""
+        if self._prompt_source is None:
+            from .signals import SignalError
+
+            raise SignalError(f"prompt embeddings were not recorded for {self.site}: declare "
+                              "Signals(..., prompt=True) in the strategy's signals(site) (llm_layer sites only)")
+        return self._prompt_source()
+
+    def rope_gravity(self) -> Tensor:
+        """(U, R, N) the RoPE-only score of the scored layer between each text query (rows as in
+        ``attention('text')``) and each visual token: all-ones q and k rotated at their current positions,
+        q·k times the layer's scaling (SparseVLM v2's attention-gravity term). ``llm_layer`` sites only."""
+        if self._gravity_source is None:
+            from .signals import SignalError
+
+            raise SignalError(f"rope_gravity exists at llm_layer sites with attention signals, not at {self.site}")
+        return self._gravity_source()
+
     def _signals(self):
         if self.signals is None:
             from .signals import SignalError  # not at import time: signals imports the runtime package
@@ -164,6 +191,18 @@ class PruneContext:
                 "e.g. return Signals(rows=(AttentionRows('last'),))"
             )
         return self.signals
+
+
+@dataclass
+class PromptEmbeddings:
+    """Language-model input embeddings of a unit's tokens as they entered the language model (after any
+    pre-LLM pruning): visual (U, N0, D) with ``image_valid`` (U, N0), and text (U, M, D) — the TEXT tokens in
+    sequence order, the same rows as ``attention('text')`` — with ``text_valid`` (U, M). Right-padded."""
+
+    image: Tensor
+    image_valid: Tensor
+    text: Tensor
+    text_valid: Tensor
 
 
 def content_seed(*tensors: Tensor) -> int:

@@ -70,14 +70,19 @@ class Signals:
     ``pre`` (``llm_layer[k]`` sites only): compute them from block k itself on the hidden states entering
     it, before it runs — its input norm, then its attention module's q/k/v projections (and q/k norms if
     it has them), RoPE at the current positions and its scaling — instead of from layer k-1's attention.
+
+    ``prompt`` (``llm_layer`` sites only): keep the language model's input embeddings of the visual and text
+    tokens for ``ctx.prompt_embeddings()`` (SparseVLM's raters). Not an attention signal: it needs no probe.
     """
 
     rows: tuple[AttentionRows, ...] = ()
     keys: bool = False
     values: bool = False
     pre: bool = False
+    prompt: bool = False
 
     def __bool__(self) -> bool:
+        """True when attention must be probed (rows, keys or values)."""
         return bool(self.rows) or self.keys or self.values
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .budget import Budget, layer_average
+from .budget import Budget, layer_average, layer_average_out
 
 
 @dataclass
@@ -28,7 +28,7 @@ class SampleTrack:
 
     span_length: int  # N: unpruned visual tokens of the sample
     image_of: Tensor  # (N,) which image of the sample each span index belongs to
-    kept: Tensor  # (n,) representative span index of each live token, ascending
+    kept: Tensor  # (n,) representative span index of each live token, in sequence order (ascending unless reordered)
     members: list[Tensor]  # per live token: its member span indices
 
     @classmethod
@@ -145,6 +145,14 @@ class PruneTrace:
             return [0.0] * self.batch_size
         return [layer_average(row.tolist()) for row in self.llm_layer_counts]
 
+    @property
+    def n_avg_out(self) -> list[float]:
+        """n_avg with each layer counted by the visual tokens it outputs (a layer followed by a cut counts the
+        survivors): SparseVLM's runtime logger ("equal tokens"), Gumpest/SparseVLMs#24."""
+        if self.llm_layer_counts is None:
+            return [0.0] * self.batch_size
+        return [layer_average_out(row.tolist()) for row in self.llm_layer_counts]
+
     def _column(self, layer: int) -> list[int]:
         if self.llm_layer_counts is None:
             return [0] * self.batch_size
@@ -160,6 +168,7 @@ class PruneTrace:
             "n_in": mean(self.n_in),
             "n_final": mean(self.n_final),
             "n_avg": mean(self.n_avg),
+            "n_avg_out": mean(self.n_avg_out),
             "position_policy": self.position_policy,
         }
         if self.budget is not None:
@@ -175,6 +184,6 @@ class PruneTrace:
         if self.vision_layer_counts is not None and self.events and self.events[0].site.startswith("vision_layer"):
             lines.append(f"  encoder layer inputs (sample 0): {self.vision_layer_counts[0].tolist()}")
         lines.append(f"  n_vanilla={self.n_vanilla} n_in={self.n_in} n_final={self.n_final} "
-                     f"n_avg={[round(x, 2) for x in self.n_avg]}")
+                     f"n_avg={[round(x, 2) for x in self.n_avg]} n_avg_out={[round(x, 2) for x in self.n_avg_out]}")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)

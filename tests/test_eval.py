@@ -29,7 +29,7 @@ def test_keep_all_is_faithful_to_the_unpruned_model(tiny_dir, pope_root):
     assert res["counts"] == {"samples": 6, "scored": 6, "skipped": 0}
     assert res["fidelity"]["answer_agreement"] == 1.0
     assert res["fidelity"]["first_token_kl"] == pytest.approx(0.0, abs=1e-6)
-    assert res["tokens"] == {"n_vanilla": 64.0, "n_in": 64.0, "n_final": 64.0, "n_avg": 64.0}
+    assert res["tokens"] == {"n_vanilla": 64.0, "n_in": 64.0, "n_final": 64.0, "n_avg": 64.0, "n_avg_out": 64.0}
     assert res["efficiency"]["flops_ratio"] == 1.0 and res["efficiency"]["flops_ratio_fastv"] == 1.0
 
 

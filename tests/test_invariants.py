@@ -43,6 +43,11 @@ PRUNING = {
     "fastv-all@llm1": dict(name="fastv", budget=B, layer=1, query="all"),
     "pdrop@llm1+2+3": dict(name="pdrop", budget=B, convention="n_final", layer_list=[1, 2, 3]),
 }
+SPARSE = {  # SparseVLM: text raters, recycled (merged) tokens placed after the kept ones, per-version positions
+    "sparsevlm-v1.5@llm1+2+3": dict(name="sparsevlm", budget=B),
+    "sparsevlm-v2@llm1+2+3": dict(name="sparsevlm", version="v2", budget=B),
+    "sparsevlm-v1@llm1+2+3": dict(name="sparsevlm", version="v1", scale=1.5),
+}
 LLM_AVG = {"pdrop@llm1+2+3": (N + 40 + 25 + B) / L_LAYERS}  # multi-stage n_avg (one cut: the formula below)
 MASKED = {  # pruned tokens masked out, not removed: same outputs, full-length sequences
     "fastv-mask@llm2": dict(name="fastv", budget=B, layer=2, variant="mask"),
@@ -54,7 +59,7 @@ KEEP_ALL = {
     "keep_all@llm0": dict(name="keep_all", stage="llm_layer", layer=0),
     "keep_all@llm2": dict(name="keep_all", stage="llm_layer", layer=2),
 }
-ALL = {**PRUNING, **KEEP_ALL, **MASKED}
+ALL = {**PRUNING, **KEEP_ALL, **MASKED, **SPARSE}
 
 
 def attach(model, spec):
@@ -171,7 +176,7 @@ def vision_cuts(spec, handle):
 
 
 # 4. Cache == recompute (with the prefill's decisions replayed) -----------------------------------
-@pytest.mark.parametrize("spec", list({**PRUNING, **MASKED}.values()), ids=list({**PRUNING, **MASKED}))
+@pytest.mark.parametrize("spec", list({**PRUNING, **MASKED, **SPARSE}.values()), ids=list({**PRUNING, **MASKED, **SPARSE}))
 def test_cached_generation_equals_recompute_with_replay(model, processor, spec):
     x = batch(processor, [0, 1])
     steps = 4

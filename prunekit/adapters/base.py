@@ -124,6 +124,20 @@ class ModelAdapter(ABC):
         """(cos, sin) for ``position_ids``, computed exactly as the language model does."""
         return self.language_model.rotary_emb(hidden_states, position_ids=position_ids)
 
+    def rope_gravity(self, hidden_states: Tensor, query_positions: Tensor, key_positions: Tensor) -> Tensor:
+        """(B, R, N) fp32: q·k of all-ones query and key vectors rotated by the language model's RoPE at
+        ``query_positions`` (B, R) and ``key_positions`` (B, N) — the score RoPE alone adds between two
+        positions (SparseVLM v2's attention gravity). Llama-style ``rotate_half`` RoPE; unscaled."""
+        probe = hidden_states[:1, :1].float()  # rotary_emb reads only the device and dtype
+
+        def rotated(positions: Tensor) -> Tensor:
+            cos, sin = self.rope(probe, positions)
+            ones = torch.ones_like(cos)
+            half = ones.shape[-1] // 2
+            return ones * cos + torch.cat([-ones[..., half:], ones[..., :half]], -1) * sin
+
+        return rotated(query_positions) @ rotated(key_positions).transpose(-1, -2)
+
     def describe(self) -> str:
         return f"{self.family} ({type(self.model).__name__})"
 

@@ -128,7 +128,8 @@ def summary_line(results: dict) -> str:
         f = results["fidelity"]
         parts.append(f"answer_agreement={f['answer_agreement']:.3f} first_token_kl={f['first_token_kl']:.4g}")
     if t:
-        parts.append(f"tokens n_in={t['n_in']:.1f} n_final={t['n_final']:.1f} n_avg={t['n_avg']:.1f}")
+        parts.append(f"tokens n_in={t['n_in']:.1f} n_final={t['n_final']:.1f} n_avg={t['n_avg']:.1f} "
+                     f"n_avg_out={t['n_avg_out']:.1f}")
     if e:
         parts.append(f"prefill {e['prefill_ms_median']:.1f} ms (p90 {e['prefill_ms_p90']:.1f}) "
                      f"TFLOPs {e['tflops']:.4g} ({e['flops_ratio']:.1%} of vanilla)")

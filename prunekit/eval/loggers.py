@@ -72,7 +72,7 @@ def finish_loggers(loggers: list, cfg: DictConfig, records: list[dict], results:
         if not isinstance(logger, WandbLogger):
             continue
         columns = ["uid", "question_id", "category", "question", "answer", "prediction", "score",
-                   "n_in", "n_final", "n_avg", "prefill_ms", "tflops"]
+                   "n_in", "n_final", "n_avg", "n_avg_out", "prefill_ms", "tflops"]
         if records and "agrees_with_vanilla" in records[0]:
             columns += ["vanilla_prediction", "agrees_with_vanilla", "first_token_kl"]
         rows = [[_cell(r.get(c)) for c in columns] for r in records]

@@ -77,6 +77,7 @@ class PruningEvalModule(L.LightningModule):
                 "score": self.benchmark.score(prediction, s.answer),
                 "n_vanilla": trace.n_vanilla[b], "n_in": trace.n_in[b], "n_final": trace.n_final[b],
                 "n_avg": trace.n_avg[b],
+                "n_avg_out": trace.n_avg_out[b],
                 "text_tokens": text_tokens[b],
                 "batch": f"{self.global_rank}:{batch_idx}", "batch_size": len(usable),
                 "warmup": batch_idx < self.warmup_batches,

@@ -33,7 +33,7 @@ def summarise(records: list[dict], benchmark: Benchmark) -> dict:
     }
     out["metrics"] = benchmark.aggregate(scored) if scored else {}
     if scored:
-        out["tokens"] = {k: mean(r[k] for r in scored) for k in ("n_vanilla", "n_in", "n_final", "n_avg")}
+        out["tokens"] = {k: mean(r[k] for r in scored) for k in ("n_vanilla", "n_in", "n_final", "n_avg", "n_avg_out")}
         out["efficiency"] = _efficiency(scored)
         if "agrees_with_vanilla" in scored[0]:
             out["fidelity"] = {"answer_agreement": mean(float(r["agrees_with_vanilla"]) for r in scored),

@@ -35,7 +35,8 @@ from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask
 
 from ..adapters import ModelAdapter, adapter_for
-from ..pruner import Keep, PruneContext, Site, Stage, TokenPruner, TokenType, combine_seeds, content_seed
+from ..pruner import (Keep, PromptEmbeddings, PruneContext, Site, Stage, TokenPruner, TokenType, combine_seeds,
+                      content_seed)
 from ..signals import AttentionProbe, BlockInput, Signals, SiteSignals
 from ..registry import build_strategy
 from ..trace import PruneTrace, SampleTrack, StageEvent
@@ -87,6 +88,7 @@ class Prefill:
     step: int = 0
     step_positions: Tensor | None = None  # original positions of the current decode step's tokens
     step_tail: Tensor | None = None  # mask columns of generated tokens, current step included
+    embeds: Tensor | None = None  # the language model's (pruned) input embeddings, kept for prompt signals
 
 
 def attach(model: nn.Module, strategy: TokenPruner | str | Mapping[str, Any], **params: Any) -> "PruningHandle":
@@ -192,6 +194,10 @@ class PruningHandle:
                     "(to prune the features themselves use the vision_output stage)"
                 )
             signals = self.strategy.signals(site)
+            if signals is not None and signals.prompt and site.stage is not Stage.LLM_LAYER:
+                raise PruningError(
+                    f"strategy {name!r} asks for prompt embeddings at {site}; they exist at llm_layer sites only"
+                )
             if signals and signals.pre and site.stage is not Stage.LLM_LAYER:
                 raise PruningError(
                     f"strategy {name!r} asks for pre signals (from the next block's input) at {site}; they "
@@ -240,6 +246,7 @@ class PruningHandle:
         """Watch the attention module each signal-hungry site scores from (see prunekit.signals)."""
         self._probe, self._scored, self._vision_modules = None, {}, set()
         requests = {site: self.strategy.signals(site) for site in self.sites}
+        self._prompt_sites = {site for site, req in requests.items() if req is not None and req.prompt}
         requests = {site: req for site, req in requests.items() if req}
         if not requests:
             return
@@ -312,6 +319,9 @@ class PruningHandle:
             if keep is not None and keep.mask_only and ctx.stage is not Stage.LLM_LAYER:
                 raise PruningError(f"{self.strategy.name} returned a mask_only decision at {ctx.site}; masking "
                                    "instead of removing is served at llm_layer sites only")
+            if keep is not None and keep.order is not None and (ctx.stage is not Stage.LLM_LAYER or keep.mask_only):
+                raise PruningError(f"{self.strategy.name} returned an order at {ctx.site}; reordering is served "
+                                   "at llm_layer sites only, and not with mask_only")
         if keep is not None:
             keep = _normalise(keep, ctx, self.strategy.name)
         self._recorded[ctx.site] = keep
@@ -508,7 +518,7 @@ class PruningHandle:
         self._prefill = Prefill(
             cache=weakref.ref(cache) if cache is not None else None,
             length_orig=length, entry=entry, segments=[], active=active, vision=vision,
-            sample_images=sample_images,
+            sample_images=sample_images, embeds=kwargs["inputs_embeds"] if self._prompt_sites else None,
         )
 
     def _sample_tracks(self, span: Tensor, vision: VisionPass | None, trace: PruneTrace):
@@ -631,11 +641,14 @@ class PruningHandle:
                 self.adapter.image_grid(trace.samples[b].span_length) if trace.samples[b].intact_single_image else None
                 for b in units
             ]
+            signals = self._signals(site, units, unit_slots, valid[units])
             ctx = PruneContext(
                 site=site, tokens=tokens, lengths=lengths, grids=grids, sample_of=units,
                 budget=self.strategy.budget, num_layers=self.adapter.num_llm_layers,
-                token_types=current.types[units],
-                signals=self._signals(site, units, unit_slots, valid[units]),
+                token_types=current.types[units], signals=signals,
+                _prompt_source=(lambda: self._prompt_embeddings(units)) if site in self._prompt_sites else None,
+                _gravity_source=(lambda: self._rope_gravity(site, hidden, current, units, unit_slots))
+                if signals is not None and not isinstance(signals.source, BlockInput) else None,
                 _seed_source=lambda u: self._sample_seed(units[u]),
                 _grid_source=lambda u: trace.samples[units[u]].grid_positions(self.adapter.image_grid),
             )
@@ -648,7 +661,12 @@ class PruningHandle:
                 keep[b, unit_slots[u, idx]] = True
                 if decision.features is not None:
                     hidden[b, unit_slots[u, idx]] = decision.features[u].to(hidden.dtype)
-                trace.samples[b].select(decision.indices[u], decision.members[u] if decision.members else None)
+                members = decision.members[u] if decision.members else None
+                if decision.order is not None:  # the trace lists tokens in sequence order
+                    seq = _sequence_order(decision.order[u])
+                    trace.samples[b].select(decision.indices[u][seq], None if members is None else [members[j] for j in seq])
+                else:
+                    trace.samples[b].select(decision.indices[u], members)
         policy = self.strategy.position_policy
         if mask_only:
             segment = current.mask_out(keep, policy, start_layer=site.layer)
@@ -656,12 +674,30 @@ class PruningHandle:
                                "them (the counts are the tokens attention can read; FLOPs and latency are unpruned)")
         else:
             index, segment = current.select(keep, policy, start_layer=site.layer)
+            if units and decision.order is not None:
+                index = _reorder_visual(index, segment, units, decision.order)
             hidden = take(hidden, index)
         prefill.segments.append(segment)
         counts = segment.visual_counts().cpu()
         trace.llm_layer_counts[:, site.layer :] = counts.unsqueeze(1)
         trace.events.append(StageEvent(str(site), n_in, counts.tolist(), [t.kept.clone() for t in trace.samples]))
         return hidden
+
+    def _prompt_embeddings(self, units: list[int]) -> PromptEmbeddings:
+        """Each unit's visual and text input embeddings, as they entered the language model."""
+        entry, embeds = self._prefill.entry, self._prefill.embeds[units]
+        image, image_valid = pack(entry.visual[units], align="left")
+        text, text_valid = pack((entry.types == TokenType.TEXT)[units], align="left")
+        return PromptEmbeddings(take(embeds, image) * image_valid[..., None], image_valid,
+                                take(embeds, text) * text_valid[..., None], text_valid)
+
+    def _rope_gravity(self, site: Site, hidden: Tensor, current: Segment, units: list[int], unit_slots: Tensor) -> Tensor:
+        """(U, R, N) RoPE-only score between the text queries and the visual keys of the scored layer
+        (decoder layer k-1, which ran on ``current``), times that layer's scaling."""
+        text, _ = pack(current.types == TokenType.TEXT, align="left")
+        positions = current.positions.expand(current.mask.shape)[units]
+        gravity = self.adapter.rope_gravity(hidden, take(positions, text[units]), take(positions, unit_slots))
+        return gravity * self.adapter.llm_attention(site.layer - 1).scaling
 
     def _sample_seed(self, sample: int) -> int:
         prefill = self._prefill
@@ -736,6 +772,7 @@ def _normalise(keep: Keep, ctx: PruneContext, name: str) -> Keep:
         raise PruningError(f"{name} returned decisions for {len(keep.indices)} units at {ctx.site}; expected {ctx.num_units}")
     device = ctx.tokens.device
     indices, features, members = [], [] if keep.features is not None else None, [] if keep.members is not None else None
+    orders = [] if keep.order is not None else None
     for u, idx in enumerate(keep.indices):
         idx = torch.as_tensor(idx, dtype=torch.long).reshape(-1)
         order = torch.argsort(idx)
@@ -756,7 +793,30 @@ def _normalise(keep: Keep, ctx: PruneContext, name: str) -> Keep:
             if len(m) != idx.numel():
                 raise PruningError(f"{name}: unit {u} has {idx.numel()} kept indices but {len(m)} member lists")
             members.append([torch.as_tensor(m[j], dtype=torch.long).reshape(-1).cpu() for j in order.tolist()])
-    return Keep(indices, features, members, keep.mask_only)
+        if orders is not None:
+            key = torch.as_tensor(keep.order[u]).reshape(-1)
+            if key.numel() != idx.numel():
+                raise PruningError(f"{name}: unit {u} has {idx.numel()} kept indices but {key.numel()} order keys")
+            orders.append(key[order.to(key.device)].cpu())
+    return Keep(indices, features, members, keep.mask_only, orders)
+
+
+def _sequence_order(key: Tensor) -> Tensor:
+    """Permutation putting outputs (sorted by representative) in sequence order: by key, ties by representative."""
+    return torch.sort(key, stable=True).indices
+
+
+def _reorder_visual(index: Tensor, segment: Segment, units: list[int], order: list[Tensor]) -> Tensor:
+    """The gather index with each unit's surviving visual slots filled in ``order`` instead of slot order.
+
+    Slots (and so positions, masks and types) stay where they are; only which kept token fills which visual
+    slot changes, so under ``compact`` positions the tokens are numbered in the requested order.
+    """
+    index = index.clone()
+    for u, b in enumerate(units):
+        slots = segment.visual[b].nonzero().squeeze(1)
+        index[b, slots] = index[b, slots[_sequence_order(order[u]).to(slots.device)]]
+    return index
 
 
 def _assemble(tokens: Tensor, keep: Keep) -> Tensor:
