@@ -112,6 +112,9 @@ class PruneContext:
     signals: Any = field(default=None, repr=False)  # SiteSignals, when the strategy declared any
     _prompt_source: Any = field(default=None, repr=False)
     _gravity_source: Any = field(default=None, repr=False)
+    _prefix_source: Any = field(default=None, repr=False)
+    _text_source: Any = field(default=None, repr=False)
+    _norm: Any = field(default=None, repr=False)
     _seed_source: Any = field(default=None, repr=False)
     _grid_source: Any = field(default=None, repr=False)
 
@@ -171,6 +174,30 @@ class PruneContext:
             raise SignalError(f"prompt embeddings were not recorded for {self.site}: declare "
                               "Signals(..., prompt=True) in the strategy's signals(site) (llm_layer sites only)")
         return self._prompt_source()
+
+    def prefix_tokens(self) -> Tensor:
+        """(U, P, D) the vision feature layer's output at the encoder's prefix tokens (CLS), before the projector
+        (``Signals(prefix=True)``, ``vision_output`` only)."""
+        return self._need(self._prefix_source, "prefix tokens", "Signals(prefix=True) at vision_output")()
+
+    def text_tokens(self) -> tuple[Tensor, Tensor]:
+        """(U, R, D) hidden states of each unit's text tokens at this ``llm_layer`` site (the rows of
+        ``attention('text')``), and their validity (U, R)."""
+        return self._need(self._text_source, "text tokens", "an llm_layer site")()
+
+    def output_norm(self, x: Tensor) -> Tensor:
+        """The language model's final norm applied to ``x`` (``llm_layer`` sites; DART's similarity space)."""
+        return self._need(self._norm, "the output norm", "an llm_layer site")(x)
+
+    def _need(self, source, what: str, where: str):
+        if source is None:
+            from .signals import SignalError
+
+            raise SignalError(f"{what} are not available at {self.site}: they need {where}")
+        return source
+
+    def text_keys(self) -> Tensor:
+        return self._signals().text_keys()
 
     def rope_gravity(self) -> Tensor:
         """(U, R, N) the RoPE-only score of the scored layer between each text query (rows as in

@@ -72,7 +72,9 @@ class Signals:
     it has them), RoPE at the current positions and its scaling — instead of from layer k-1's attention.
 
     ``prompt`` (``llm_layer`` sites only): keep the language model's input embeddings of the visual and text
-    tokens for ``ctx.prompt_embeddings()`` (SparseVLM's raters). Not an attention signal: it needs no probe.
+    tokens for ``ctx.prompt_embeddings()`` (SparseVLM's raters). ``prefix`` (``vision_output`` only): keep the
+    feature layer's output at the encoder's prefix tokens (CLS) for ``ctx.prefix_tokens()`` (VisionZip feeds
+    it to the projector). Neither is an attention signal: they need no probe.
     """
 
     rows: tuple[AttentionRows, ...] = ()
@@ -80,6 +82,7 @@ class Signals:
     values: bool = False
     pre: bool = False
     prompt: bool = False
+    prefix: bool = False
 
     def __bool__(self) -> bool:
         """True when attention must be probed (rows, keys or values)."""
@@ -388,6 +391,17 @@ class SiteSignals:
     def keys(self) -> Tensor:
         """(U, Hkv, N, d) keys of the visual tokens (after RoPE in a language model)."""
         return self._gather_tokens(self._recorded(self.probe.keys, self.source, "keys"))
+
+    def text_keys(self) -> Tensor:
+        """(U, Hkv, R, d) keys of the text queries (the rows of ``attention('text')``; zero past a unit's count)."""
+        keys = self._recorded(self.probe.keys, self.source, "keys")
+        _, text = self.probe.masks[self.source]
+        if text is None:
+            raise SignalError(f"there are no text tokens at {self.site}")
+        rows, valid = pack(text, align="left")
+        rows, valid = rows[self.batch_rows.to(rows.device)].to(keys.device), valid[self.batch_rows.to(valid.device)]
+        index = rows[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[3])
+        return keys.gather(2, index) * valid.to(keys.device)[:, None, :, None]
 
     def values(self) -> Tensor:
         """(U, Hkv, N, d) values of the visual tokens."""

@@ -79,8 +79,9 @@ class SampleTrack:
         if members is None:
             new_members = [self.members[i] for i in indices.tolist()]
         else:
-            new_members = [
-                torch.cat([self.members[j] for j in m.cpu().tolist()]).sort().values for m in members
+            new_members = [  # an empty member list: a token standing for no patch (VisionZip's CLS)
+                torch.cat([self.members[j] for j in m.cpu().tolist()] or [torch.zeros(0, dtype=torch.long)]).sort().values
+                for m in members
             ]
         self.kept = self.kept[indices]
         self.members = new_members

@@ -1,2 +1,2 @@
 """Built-in strategies, one file each. Importing this package registers them."""
-from . import fastv, flowcut, keep_all, pdrop, pooling, random, sparsevlm  # noqa: F401
+from . import dart, divprune, fastv, fastervlm, flowcut, keep_all, pdrop, pooling, random, sparsevlm, visionzip  # noqa: F401

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 import prunekit
 from prunekit import Keep, Site, TokenPruner
-from helpers import batch, greedy, recompute_last_logits, tower_reference, vision_features
+from helpers import batch, generate_positions, greedy, recompute_last_logits, tower_reference, vision_features
 
 B = 16  # budget: 16 of the tiny model's 64 visual tokens
 N = 64
@@ -42,6 +42,13 @@ PRUNING = {
     "fastv@llm2": dict(name="fastv", budget=B, layer=2),
     "fastv-all@llm1": dict(name="fastv", budget=B, layer=1, query="all"),
     "pdrop@llm1+2+3": dict(name="pdrop", budget=B, convention="n_final", layer_list=[1, 2, 3]),
+    "fastervlm": dict(name="fastervlm", budget=B),
+    "divprune@projector_output": dict(name="divprune", budget=B),
+    "dart@llm2": dict(name="dart", budget=B, layer=2),
+}
+REORDERED = {  # VisionZip: [CLS] first (standing for no patch), then dominant patches, then merged contextual tokens
+    "visionzip": dict(name="visionzip", budget=B),
+    "visionzip-no-cls-mean": dict(name="visionzip", budget=B, cls=False, merge="mean"),
 }
 SPARSE = {  # SparseVLM: text raters, recycled (merged) tokens placed after the kept ones, per-version positions
     "sparsevlm-v1.5@llm1+2+3": dict(name="sparsevlm", budget=B),
@@ -59,7 +66,7 @@ KEEP_ALL = {
     "keep_all@llm0": dict(name="keep_all", stage="llm_layer", layer=0),
     "keep_all@llm2": dict(name="keep_all", stage="llm_layer", layer=2),
 }
-ALL = {**PRUNING, **KEEP_ALL, **MASKED, **SPARSE}
+ALL = {**PRUNING, **KEEP_ALL, **MASKED, **SPARSE, **REORDERED}
 
 
 def attach(model, spec):
@@ -69,7 +76,7 @@ def attach(model, spec):
 def stage_of(spec) -> str:
     if isinstance(spec, type) or spec["name"] == "flowcut":
         return "vision_layer"
-    if spec["name"] in ("fastv", "pdrop"):
+    if spec["name"] in ("fastv", "pdrop", "dart"):
         return "llm_layer"
     return spec.get("stage", "vision_output")
 
@@ -176,7 +183,10 @@ def vision_cuts(spec, handle):
 
 
 # 4. Cache == recompute (with the prefill's decisions replayed) -----------------------------------
-@pytest.mark.parametrize("spec", list({**PRUNING, **MASKED, **SPARSE}.values()), ids=list({**PRUNING, **MASKED, **SPARSE}))
+CACHED = {**PRUNING, **MASKED, **SPARSE, **REORDERED}
+
+
+@pytest.mark.parametrize("spec", list(CACHED.values()), ids=list(CACHED))
 def test_cached_generation_equals_recompute_with_replay(model, processor, spec):
     x = batch(processor, [0, 1])
     steps = 4
@@ -204,8 +214,10 @@ def test_replay_needs_a_prefill(model):
 def test_batch_of_four_with_padding_equals_batch_of_one(model, processor, spec):
     x4 = batch(processor, [0, 1, 2, 3])
     assert (x4["attention_mask"] == 0).any(), "the batch must be left-padded"
+    # positions from the mask, as generate passes them: DART's key norms are taken after RoPE, so absolute
+    # positions matter to it (a plain forward would number the left padding too)
     with attach(model, spec) as h:
-        logits4 = model(**x4).logits[:, -1]
+        logits4 = model(**x4, position_ids=generate_positions(x4["attention_mask"])).logits[:, -1]
         kept4 = [h.trace.kept_positions(b) for b in range(4)]
         members4 = [h.trace.members(b) for b in range(4)]
         tokens4, _ = greedy(model, x4)

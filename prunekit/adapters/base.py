@@ -100,6 +100,11 @@ class ModelAdapter(ABC):
         return getattr(self.decoder_layers[layer], "input_layernorm", None)
 
     @property
+    def llm_output_norm(self) -> nn.Module:
+        """The language model's final norm (before the LM head)."""
+        return self.language_model.norm
+
+    @property
     def text_config(self):
         return self.language_model.config
 

@@ -61,6 +61,7 @@ class VisionPass:
     live: Tensor | None = None  # (images, prefix + n) bool inside the encoder once counts are ragged
     key_mask: Tensor | None = None  # matching additive key-padding mask for the encoder layers
     layer_counts: Tensor | None = None  # (images, encoder layers): patches entering each layer
+    prefix: Tensor | None = None  # (images, P, D) the feature layer's output at the prefix tokens, on request
 
     def lengths(self) -> Tensor:
         """(images,) tokens each image still has."""
@@ -194,6 +195,10 @@ class PruningHandle:
                     "(to prune the features themselves use the vision_output stage)"
                 )
             signals = self.strategy.signals(site)
+            if signals is not None and signals.prefix and site.stage is not Stage.VISION_OUTPUT:
+                raise PruningError(
+                    f"strategy {name!r} asks for prefix tokens at {site}; they exist at vision_output only"
+                )
             if signals is not None and signals.prompt and site.stage is not Stage.LLM_LAYER:
                 raise PruningError(
                     f"strategy {name!r} asks for prompt embeddings at {site}; they exist at llm_layer sites only"
@@ -247,6 +252,9 @@ class PruningHandle:
         self._probe, self._scored, self._vision_modules = None, {}, set()
         requests = {site: self.strategy.signals(site) for site in self.sites}
         self._prompt_sites = {site for site, req in requests.items() if req is not None and req.prompt}
+        if any(req is not None and req.prefix for req in requests.values()):  # the feature layer's CLS output
+            layer = self.adapter.vision_layers[self.adapter.vision_feature_layer]
+            self._handles.append(layer.register_forward_hook(self._on_feature_layer))
         requests = {site: req for site, req in requests.items() if req}
         if not requests:
             return
@@ -268,6 +276,11 @@ class PruningHandle:
             self._probe.watch(module, *req.rows, keys=req.keys, values=req.values, input_norm=norm)
             self._scored[site] = module
         self._probe.install()
+
+    def _on_feature_layer(self, module, args, output):
+        if self._vision is not None:
+            hidden = output[0] if isinstance(output, tuple) else output
+            self._vision.prefix = hidden[:, : self.adapter.vision_prefix_tokens]
 
     def _llm_input_norm(self, layer: int) -> nn.Module:
         """The adapter's norm in front of decoder layer ``layer``'s attention; pre signals cannot do without it."""
@@ -319,9 +332,10 @@ class PruningHandle:
             if keep is not None and keep.mask_only and ctx.stage is not Stage.LLM_LAYER:
                 raise PruningError(f"{self.strategy.name} returned a mask_only decision at {ctx.site}; masking "
                                    "instead of removing is served at llm_layer sites only")
-            if keep is not None and keep.order is not None and (ctx.stage is not Stage.LLM_LAYER or keep.mask_only):
+            if keep is not None and keep.order is not None and (ctx.stage is Stage.VISION_LAYER or keep.mask_only):
                 raise PruningError(f"{self.strategy.name} returned an order at {ctx.site}; reordering is served "
-                                   "at llm_layer sites only, and not with mask_only")
+                                   "after the vision encoder (vision_output, projector_output, llm_layer), not with "
+                                   "mask_only")
         if keep is not None:
             keep = _normalise(keep, ctx, self.strategy.name)
         self._recorded[ctx.site] = keep
@@ -428,8 +442,8 @@ class PruningHandle:
             return None
         # scatter kept embeddings back into the N placeholder slots; the LLM entry drops the others
         full = output.new_zeros(output.shape[0], vision.images[0].span_length, output.shape[2])
-        for u, d in enumerate(vision.images):
-            full[u, d.kept.to(full.device)] = output[u, : len(d.kept)]
+        for u, d in enumerate(vision.images):  # rows in sequence order fill the kept slots in slot order
+            full[u, d.kept.sort().values.to(full.device)] = output[u, : len(d.kept)]
         return full
 
     def _image_context(self, site: Site, tokens: Tensor, vision: VisionPass, lengths: Tensor, prefix: int):
@@ -444,6 +458,7 @@ class PruningHandle:
         return PruneContext(
             site=site, tokens=tokens, lengths=lengths, grids=grids, sample_of=list(range(n_images)),
             budget=self.strategy.budget, num_layers=len(self.adapter.vision_layers), signals=signals,
+            _prefix_source=(lambda: vision.prefix) if vision.prefix is not None else None,
             _seed_source=vision.seed, _grid_source=lambda u: vision.images[u].grid_positions(self.adapter.image_grid),
         )
 
@@ -451,7 +466,11 @@ class PruningHandle:
     def _apply_to_images(vision: VisionPass, keep: Keep, site: str) -> None:
         n_in = [len(d.kept) for d in vision.images]
         for u, d in enumerate(vision.images):
-            d.select(keep.indices[u], keep.members[u] if keep.members else None)
+            indices, members = keep.indices[u], keep.members[u] if keep.members else None
+            if keep.order is not None:  # the trace lists tokens in sequence order
+                seq = _sequence_order(keep.order[u])
+                indices, members = indices[seq.to(indices.device)], None if members is None else [members[j] for j in seq]
+            d.select(indices, members)
         vision.events.append((site, n_in, [d.kept.clone() for d in vision.images]))
 
     # --- multimodal model and LLM entry -----------------------------------------------------------
@@ -649,6 +668,8 @@ class PruningHandle:
                 _prompt_source=(lambda: self._prompt_embeddings(units)) if site in self._prompt_sites else None,
                 _gravity_source=(lambda: self._rope_gravity(site, hidden, current, units, unit_slots))
                 if signals is not None and not isinstance(signals.source, BlockInput) else None,
+                _text_source=lambda: self._text_tokens(hidden, current, units),
+                _norm=self.adapter.llm_output_norm,
                 _seed_source=lambda u: self._sample_seed(units[u]),
                 _grid_source=lambda u: trace.samples[units[u]].grid_positions(self.adapter.image_grid),
             )
@@ -690,6 +711,11 @@ class PruningHandle:
         text, text_valid = pack((entry.types == TokenType.TEXT)[units], align="left")
         return PromptEmbeddings(take(embeds, image) * image_valid[..., None], image_valid,
                                 take(embeds, text) * text_valid[..., None], text_valid)
+
+    @staticmethod
+    def _text_tokens(hidden: Tensor, current: Segment, units: list[int]) -> tuple[Tensor, Tensor]:
+        text, valid = pack((current.types == TokenType.TEXT)[units], align="left")
+        return take(hidden[units], text) * valid[..., None], valid
 
     def _rope_gravity(self, site: Site, hidden: Tensor, current: Segment, units: list[int], unit_slots: Tensor) -> Tensor:
         """(U, R, N) RoPE-only score between the text queries and the visual keys of the scored layer
@@ -821,6 +847,10 @@ def _reorder_visual(index: Tensor, segment: Segment, units: list[int], order: li
 
 def _assemble(tokens: Tensor, keep: Keep) -> Tensor:
     """(U, K_max, D): each unit's kept (or merged) tokens in sequence order, zero right-padded."""
+    if keep.order is not None:
+        seq = [_sequence_order(o).to(i.device) for o, i in zip(keep.order, keep.indices)]
+        keep = Keep([i[s] for i, s in zip(keep.indices, seq)],
+                    None if keep.features is None else [f[s.to(f.device)] for f, s in zip(keep.features, seq)])
     sizes = {len(i) for i in keep.indices}
     if len(sizes) == 1:
         if keep.features is not None:
