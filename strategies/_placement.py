@@ -25,3 +25,10 @@ def default_policy(site: Site, positions: str | None) -> str:
 
 def convention(site: Site) -> str:
     return "n_final" if site.stage is Stage.LLM_LAYER else "n_in"
+
+
+def needs_cls(adapter, method: str) -> str | None:
+    """The reason a [CLS]-attention method cannot run on a tower without [CLS] (Qwen2-VL), else None."""
+    if adapter.vision_prefix_tokens < 1:
+        return f"{method} ranks patches by [CLS] attention, and this vision tower has no [CLS] token"
+    return None

@@ -12,6 +12,7 @@ import torch
 
 from prunekit import AttentionRows, Keep, PruneContext, Signals, Site, Stage, TokenPruner, register_strategy
 
+from ._placement import needs_cls
 from .flowcut import select_top
 
 
@@ -28,9 +29,7 @@ class FasterVLM(TokenPruner):
         return Signals(rows=(AttentionRows("first"),))  # the CLS row, head mean
 
     def supports(self, adapter) -> str | None:
-        if adapter.vision_prefix_tokens < 1:
-            return "FasterVLM ranks patches by [CLS] attention, and this vision tower has no [CLS] token"
-        return None
+        return needs_cls(adapter, "FasterVLM")
 
     def prune(self, ctx: PruneContext) -> Keep:
         scores = ctx.attention("first").float()

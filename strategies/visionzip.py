@@ -23,6 +23,8 @@ from torch.nn.functional import normalize
 
 from prunekit import AttentionRows, Keep, PruneContext, Signals, Site, Stage, TokenPruner, register_strategy
 
+from ._placement import needs_cls
+
 # budget -> (dominant, contextual) for LLaVA-1.5 [LC configs/.../visionzip.yml; VZ README: 54+10 for 64]
 SPLITS = {192: (162, 30), 128: (108, 20), 64: (54, 10)}
 MERGES = ("target_plus_mean", "mean")
@@ -63,9 +65,7 @@ class VisionZip(TokenPruner):
         return Signals(rows=(AttentionRows("first"),), keys=True, prefix=self.cls)
 
     def supports(self, adapter) -> str | None:
-        if adapter.vision_prefix_tokens < 1:
-            return "VisionZip ranks patches by [CLS] attention, and this vision tower has no [CLS] token"
-        return None
+        return needs_cls(adapter, "VisionZip")
 
     def prune(self, ctx: PruneContext) -> Keep:
         scores = ctx.attention("first").float()
