@@ -69,10 +69,11 @@ class Keep:
     are not removed but masked out as keys for every later layer, prefill and decode; they are still
     computed, so nothing is saved.
 
-    ``order`` (``llm_layer`` sites only) overrides the sequence order: ``order[u][j]`` is a sort key per output
+    ``order`` (after the vision encoder: ``vision_output``, ``projector_output``, ``llm_layer``) overrides the
+    sequence order: ``order[u][j]`` is a sort key per output
     token (ties broken by representative). The outputs then fill the unit's surviving visual slots in key
     order, so under ``compact`` positions they are numbered in that order (SparseVLM appends its merged tokens
-    after the kept ones); the trace lists them in sequence order.
+    after the kept ones, VisionZip puts [CLS] first); the trace lists them in sequence order.
     """
 
     indices: list[Tensor]
@@ -166,14 +167,13 @@ class PruneContext:
     def text_queries(self) -> Tensor:
         return self._signals().text_queries()
 
+    def text_keys(self) -> Tensor:
+        return self._signals().text_keys()
+
     def prompt_embeddings(self) -> "PromptEmbeddings":
         """The language model's input embeddings of each unit's visual and text tokens (``Signals(prompt=True)``)."""
-        if self._prompt_source is None:
-            from .signals import SignalError
-
-            raise SignalError(f"prompt embeddings were not recorded for {self.site}: declare "
-                              "Signals(..., prompt=True) in the strategy's signals(site) (llm_layer sites only)")
-        return self._prompt_source()
+        return self._need(self._prompt_source, "prompt embeddings",
+                          "Signals(..., prompt=True) in the strategy's signals(site) (llm_layer sites only)")()
 
     def prefix_tokens(self) -> Tensor:
         """(U, P, D) the vision feature layer's output at the encoder's prefix tokens (CLS), before the projector
@@ -189,25 +189,19 @@ class PruneContext:
         """The language model's final norm applied to ``x`` (``llm_layer`` sites; DART's similarity space)."""
         return self._need(self._norm, "the output norm", "an llm_layer site")(x)
 
-    def _need(self, source, what: str, where: str):
-        if source is None:
-            from .signals import SignalError
-
-            raise SignalError(f"{what} are not available at {self.site}: they need {where}")
-        return source
-
-    def text_keys(self) -> Tensor:
-        return self._signals().text_keys()
-
     def rope_gravity(self) -> Tensor:
         """(U, R, N) the RoPE-only score of the scored layer between each text query (rows as in
         ``attention('text')``) and each visual token: all-ones q and k rotated at their current positions,
         q·k times the layer's scaling (SparseVLM v2's attention-gravity term). ``llm_layer`` sites only."""
-        if self._gravity_source is None:
-            from .signals import SignalError
+        return self._need(self._gravity_source, "the RoPE gravity", "an llm_layer site with attention signals")()
 
-            raise SignalError(f"rope_gravity exists at llm_layer sites with attention signals, not at {self.site}")
-        return self._gravity_source()
+    def _need(self, source, what: str, where: str):
+        """``source`` (a runtime-supplied callable), or an error naming what the site lacks."""
+        if source is None:
+            from .signals import SignalError  # not at import time: signals imports the runtime package
+
+            raise SignalError(f"{what} are not available at {self.site}: they need {where}")
+        return source
 
     def _signals(self):
         if self.signals is None:

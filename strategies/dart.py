@@ -56,9 +56,7 @@ class DART(TokenPruner):
         return Signals(keys=True)
 
     def prune(self, ctx: PruneContext) -> Keep:
-        keys = ctx.keys().float()  # (U, Hkv, N, d) after RoPE
-        norms = keys.transpose(1, 2).flatten(2).abs().sum(-1)  # (U, N): L1 over all heads
-        text_norms = ctx.text_keys().float().transpose(1, 2).flatten(2).abs().sum(-1)  # (U, R)
+        norms, text_norms = key_l1(ctx.keys()), key_l1(ctx.text_keys())  # (U, N), (U, R); keys after RoPE
         text, text_valid = ctx.text_tokens()
         hidden, text = ctx.output_norm(ctx.tokens).float(), ctx.output_norm(text).float()
         keep = []
@@ -96,3 +94,8 @@ class DART(TokenPruner):
     def params(self):
         return {**super().params(), "layer": self.layer, "pivots_image": self.pivots_image,
                 "pivots_text": self.pivots_text, "parity_count": self.parity_count}
+
+
+def key_l1(keys: Tensor) -> Tensor:
+    """(U, Hkv, n, d) keys -> (U, n): the L1 norm of each token's key, all heads concatenated, in fp32."""
+    return keys.float().transpose(1, 2).flatten(2).abs().sum(-1)

@@ -466,11 +466,7 @@ class PruningHandle:
     def _apply_to_images(vision: VisionPass, keep: Keep, site: str) -> None:
         n_in = [len(d.kept) for d in vision.images]
         for u, d in enumerate(vision.images):
-            indices, members = keep.indices[u], keep.members[u] if keep.members else None
-            if keep.order is not None:  # the trace lists tokens in sequence order
-                seq = _sequence_order(keep.order[u])
-                indices, members = indices[seq.to(indices.device)], None if members is None else [members[j] for j in seq]
-            d.select(indices, members)
+            d.select(*_in_sequence_order(keep, u))
         vision.events.append((site, n_in, [d.kept.clone() for d in vision.images]))
 
     # --- multimodal model and LLM entry -----------------------------------------------------------
@@ -682,12 +678,7 @@ class PruningHandle:
                 keep[b, unit_slots[u, idx]] = True
                 if decision.features is not None:
                     hidden[b, unit_slots[u, idx]] = decision.features[u].to(hidden.dtype)
-                members = decision.members[u] if decision.members else None
-                if decision.order is not None:  # the trace lists tokens in sequence order
-                    seq = _sequence_order(decision.order[u])
-                    trace.samples[b].select(decision.indices[u][seq], None if members is None else [members[j] for j in seq])
-                else:
-                    trace.samples[b].select(decision.indices[u], members)
+                trace.samples[b].select(*_in_sequence_order(decision, u))
         policy = self.strategy.position_policy
         if mask_only:
             segment = current.mask_out(keep, policy, start_layer=site.layer)
@@ -708,21 +699,21 @@ class PruningHandle:
         """Each unit's visual and text input embeddings, as they entered the language model."""
         entry, embeds = self._prefill.entry, self._prefill.embeds[units]
         image, image_valid = pack(entry.visual[units], align="left")
-        text, text_valid = pack((entry.types == TokenType.TEXT)[units], align="left")
+        text, text_valid = _text_rows(entry, units)
         return PromptEmbeddings(take(embeds, image) * image_valid[..., None], image_valid,
                                 take(embeds, text) * text_valid[..., None], text_valid)
 
     @staticmethod
     def _text_tokens(hidden: Tensor, current: Segment, units: list[int]) -> tuple[Tensor, Tensor]:
-        text, valid = pack((current.types == TokenType.TEXT)[units], align="left")
+        text, valid = _text_rows(current, units)
         return take(hidden[units], text) * valid[..., None], valid
 
     def _rope_gravity(self, site: Site, hidden: Tensor, current: Segment, units: list[int], unit_slots: Tensor) -> Tensor:
         """(U, R, N) RoPE-only score between the text queries and the visual keys of the scored layer
         (decoder layer k-1, which ran on ``current``), times that layer's scaling."""
-        text, _ = pack(current.types == TokenType.TEXT, align="left")
+        text, _ = _text_rows(current, units)
         positions = current.positions.expand(current.mask.shape)[units]
-        gravity = self.adapter.rope_gravity(hidden, take(positions, text[units]), take(positions, unit_slots))
+        gravity = self.adapter.rope_gravity(hidden, take(positions, text), take(positions, unit_slots))
         return gravity * self.adapter.llm_attention(site.layer - 1).scaling
 
     def _sample_seed(self, sample: int) -> int:
@@ -830,6 +821,22 @@ def _normalise(keep: Keep, ctx: PruneContext, name: str) -> Keep:
 def _sequence_order(key: Tensor) -> Tensor:
     """Permutation putting outputs (sorted by representative) in sequence order: by key, ties by representative."""
     return torch.sort(key, stable=True).indices
+
+
+def _in_sequence_order(keep: Keep, u: int) -> tuple[Tensor, list[Tensor] | None]:
+    """Unit u's (indices, members) in sequence order, as the trace lists them."""
+    indices, members = keep.indices[u], keep.members[u] if keep.members else None
+    if keep.order is None:
+        return indices, members
+    seq = _sequence_order(keep.order[u])
+    return indices[seq.to(indices.device)], None if members is None else [members[j] for j in seq.tolist()]
+
+
+def _text_rows(segment: Segment, units: list[int]) -> tuple[Tensor, Tensor]:
+    """(U, R) slots of each unit's text tokens in order and their validity: the rows of ``attention('text')``,
+    padded to the same R (the most text tokens of any sample in the batch)."""
+    text, valid = pack(segment.types == TokenType.TEXT, align="left")
+    return text[units], valid[units]
 
 
 def _reorder_visual(index: Tensor, segment: Segment, units: list[int], order: list[Tensor]) -> Tensor:
