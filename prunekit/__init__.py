@@ -12,6 +12,14 @@ __all__ = [
     "Signals", "AttentionRows", "SignalError",
     "register_strategy", "build_strategy", "list_strategies", "load_plugins",
     "attach", "PruningHandle", "PruningError", "PruneTrace",
-    "adapter_for", "supported_families",
+    "adapter_for", "supported_families", "support_matrix",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name):  # support_matrix builds tiny models: import it on first use only
+    if name == "support_matrix":
+        from .support import support_matrix
+
+        return support_matrix
+    raise AttributeError(f"module 'prunekit' has no attribute {name!r}")

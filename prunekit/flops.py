@@ -112,12 +112,16 @@ def trace_flops(flops: FlopsModel, trace, sample: int, text_tokens: int, unprune
     """:meth:`FlopsModel.prefill` of one sample of the last prefill, read off its ``PruneTrace``;
     ``unpruned``: the same sample with every visual token kept everywhere (the vanilla model)."""
     track = trace.samples[sample]
-    images = int(track.image_of.max()) + 1 if track.span_length else 0
-    per_image = track.span_length // max(images, 1)
+    if trace.vision_units is not None:  # encoder units (LLaVA-NeXT: crops) and their projector-level tokens
+        images, tokens = trace.vision_units[sample], trace.vision_tokens[sample]
+    else:
+        images = int(track.image_of.max()) + 1 if track.span_length else 0
+        tokens = track.span_length
+    per_image = tokens // max(images, 1) * trace.merge_size  # encoder patches per unit
     if unpruned:
         return flops.prefill(text_tokens, [track.span_length] * len(flops.llm_layer_linear), images=images,
-                             patches_per_image=per_image)
+                             patches_per_image=per_image, projector_tokens=tokens)
     vision = trace.vision_layer_counts[sample].tolist() if trace.vision_layer_counts is not None else None
-    at_projector = next((ev.n_in[sample] for ev in trace.events if ev.site == "projector_output"), None)
+    at_projector = trace.projector_tokens[sample] if trace.projector_tokens is not None else None
     return flops.prefill(text_tokens, trace.llm_layer_counts[sample].tolist(), images=images, vision_patches=vision,
                          patches_per_image=per_image, projector_tokens=at_projector)

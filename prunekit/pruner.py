@@ -111,6 +111,7 @@ class PruneContext:
     num_layers: int | None = None  # layers of the module the site is in (vision tower or language model)
     token_types: Tensor | None = None  # (U, L) TokenType of each unit's current sequence (llm_layer)
     signals: Any = field(default=None, repr=False)  # SiteSignals, when the strategy declared any
+    budget_units: int = 1  # vision units a per-image budget is split over (LLaVA-NeXT: its most crops)
     _prompt_source: Any = field(default=None, repr=False)
     _gravity_source: Any = field(default=None, repr=False)
     _prefix_source: Any = field(default=None, repr=False)
@@ -132,9 +133,14 @@ class PruneContext:
         return self.tokens.shape[0]
 
     def target(self, unit: int) -> int:
-        """Tokens to keep for ``unit``: the budget's per-unit target, clamped to what is there."""
+        """Tokens to keep for ``unit``: the budget's per-unit target, clamped to what is there. Budgets are per
+        image; where an image is several vision units (LLaVA-NeXT's crops) a vision-side target is the budget
+        split evenly over the model's most crops (``budget_units``), as the references do."""
         n = int(self.lengths[unit])
-        return n if self.budget is None else min(self.budget.tokens, n)
+        if self.budget is None:
+            return n
+        tokens = self.budget.tokens if self.stage is Stage.LLM_LAYER else max(self.budget.tokens // self.budget_units, 1)
+        return min(tokens, n)
 
     def seed(self, unit: int) -> int:
         """A seed derived from the unit's image content, identical whatever the batch (invariant 5)."""
@@ -248,11 +254,14 @@ class TokenPruner(ABC):
     A subclass declares its ``sites()`` and implements ``prune(ctx) -> Keep``; it is registered with
     ``@register_strategy("name")``. ``position_policy`` says which positions kept tokens get in the
     language model: ``compact`` (renumbered as if the short sequence had been the prompt) or
-    ``original`` (the unpruned positions, with gaps).
+    ``original`` (the unpruned positions, with gaps). On M-RoPE models (Qwen2-VL) kept tokens always keep their
+    original 3-D positions. ``image_newlines`` (LLaVA-NeXT, after a vision-side cut): ``keep`` the row newline
+    tokens of the anyres layout (stock layout, FasterVLM) or ``drop`` them (VisionZip, FlowCut).
     """
 
     name: ClassVar[str] = "?"  # set by @register_strategy
     position_policy: str = "compact"
+    image_newlines: str = "keep"
 
     def __init__(self, budget: int | None = None, convention: str = "n_in"):
         self.budget = None if budget is None else Budget(budget, convention)

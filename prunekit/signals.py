@@ -227,6 +227,10 @@ class AttentionProbe:
         self._request(source, rows, keys, values)
         return source
 
+    def request(self, source: BlockInput, rows, keys: bool = False, values: bool = False) -> None:
+        """Ask for rows (keys, values) of a source the caller computes and passes to ``record`` itself."""
+        self._request(source, rows, keys, values)
+
     def _request(self, source, rows, keys: bool, values: bool) -> None:
         self.requests.setdefault(source, [])
         self.requests[source] += [r for r in rows if r not in self.requests[source]]
@@ -300,6 +304,10 @@ class AttentionProbe:
         value = heads(module.v_proj) if source in self.keep_values else None
         self._record(source, module, query, key, value, mask, module.scaling, masks)
 
+    def record(self, source, module, query, key, value, mask, scaling, masks) -> None:
+        """Record ``source``'s requested rows from q (B, H, q, d), k, v (B, Hkv, kv, d) computed by the caller."""
+        self._record(source, module, query, key, value, mask, scaling, masks)
+
     def _record(self, source, module, query, key, value, mask, scaling, masks, synthetic=None) -> None:
         live, text = masks
         causal = bool(getattr(module, "is_causal", False))
@@ -351,7 +359,8 @@ class SiteSignals:
 
     ``source`` is the watched attention module (or the ``BlockInput`` of ``pre`` signals). ``columns`` (U, N)
     are the key positions of each unit's current visual tokens in that layer's sequence (``valid`` marks
-    real ones; padded entries read as zero). ``batch_rows`` maps units to the layer's batch rows; ``prefix``
+    real ones; padded entries read as zero), or (U, N, g) when a token is a group of g encoder rows (Qwen's
+    2x2 merge groups before the PatchMerger: attention summed, keys and values averaged over the group). ``batch_rows`` maps units to the layer's batch rows; ``prefix``
     counts the encoder tokens before the patches (CLS) at vision sites. Rows are probabilities over *all*
     keys of the layer (CLS, text, ...), so they do not sum to 1 over the visual tokens.
     """
@@ -372,13 +381,17 @@ class SiteSignals:
         return x[self.batch_rows.to(x.device)]
 
     def attention(self, query: str = "last", heads: str = "mean") -> Tensor:
-        """(U, N) head-mean or (U, H, N) per-head probabilities; ``text``: (U, [H,] R, N)."""
+        """(U, N) head-mean or (U, H, N) per-head probabilities; ``text``: (U, [H,] R, N). A token made of
+        several encoder rows (a merge group) receives the sum of their probabilities."""
         which = AttentionRows(query, heads)
         rows = self._recorded(self.probe.rows, (self.source, which), f"attention rows {which}")
         cols = self.columns.to(rows.device)
+        n, group = cols.shape[1], (cols.shape[2] if cols.dim() == 3 else 1)
+        cols = cols.reshape(cols.shape[0], n * group)
         shape = (cols.shape[0],) + (1,) * (rows.dim() - 2) + (cols.shape[1],)
         index = cols.view(shape).expand(*rows.shape[:-1], cols.shape[1])
-        return rows.gather(-1, index) * self.valid.to(rows.device).view(shape)
+        picked = rows.gather(-1, index).unflatten(-1, (n, group)).sum(-1)
+        return picked * self.valid.to(rows.device).view(shape[:-1] + (n,))
 
     def text_queries(self) -> Tensor:
         """(U, R) validity of the rows returned by ``attention('text')``."""
@@ -430,6 +443,9 @@ class SiteSignals:
         return values.gather(2, rows[:, None, :, None].expand(-1, values.shape[1], 1, values.shape[3])).squeeze(2)
 
     def _gather_tokens(self, x: Tensor) -> Tensor:
+        """Per-token rows of x (U, H, kv, d); a merge group's rows are averaged."""
         cols = self.columns.to(x.device)
-        index = cols[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3])
-        return x.gather(2, index) * self.valid.to(x.device)[:, None, :, None]
+        n, group = cols.shape[1], (cols.shape[2] if cols.dim() == 3 else 1)
+        index = cols.reshape(cols.shape[0], n * group)[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3])
+        picked = x.gather(2, index).unflatten(2, (n, group)).mean(3)
+        return picked * self.valid.to(x.device)[:, None, :, None]

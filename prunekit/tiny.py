@@ -1,12 +1,16 @@
-"""Tiny random-weight LLaVA-1.5 with an offline processor: the embedded default and the test model.
+"""Tiny random-weight VLMs with offline processors: the embedded default and the test models.
 
-No hub access: the tokenizer vocabulary, image processor and chat template are built in memory and
-saved next to the weights, so ``from_pretrained(path)`` exercises the same loading code as a real
-checkpoint. A random-weight model's answers are meaningless; use it for mechanics and fidelity.
+Four families, each a ~1M-parameter model built from config with a processor made in memory:
+LLaVA-1.5 (``build_tiny_llava``), LLaVA-NeXT (``build_tiny_llava_next``), Qwen2-VL (``build_tiny_qwen2_vl``)
+and Qwen2.5-VL (``build_tiny_qwen2_5_vl``). No hub access: the tokenizer vocabulary, image processor and
+chat template are saved next to the weights (``tiny_model_dir``), so ``from_pretrained(path)`` exercises the
+same loading code as a real checkpoint. A random-weight model's answers are meaningless; use it for
+mechanics and fidelity.
 """
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +25,21 @@ CHAT_TEMPLATE = (
     "{% else %}ASSISTANT: {% for item in message['content'] %}{{ item['text'] }}{% endfor %}</s>"
     "{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
-VERSION = "v2"  # bump when the recipe changes, so cached copies are rebuilt
+VERSION = "v2"  # bump when the LLaVA-1.5 recipe changes, so cached copies are rebuilt
 
+# Qwen-style chat: <|im_start|>role\n ... <|im_end|>\n; an image item is <|vision_start|><|image_pad|><|vision_end|>
+# (the processor expands <|image_pad|> to one token per merged 2x2 patch group).
+QWEN_SPECIAL_TOKENS = ["<|im_start|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 def build_tokenizer():
+    """Llama-style tokenizer (byte fallback, so any text encodes) with ``<pad>`` and ``<image>``; left padding."""
     from transformers import LlamaTokenizer
 
     chars = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789?!:;.,'-\n▁")
@@ -34,25 +49,53 @@ def build_tokenizer():
     return tok
 
 
+def build_qwen_tokenizer():
+    """Qwen2-style byte-level tokenizer (256 byte tokens, no merges, no BOS) with the Qwen special tokens;
+    ``<|endoftext|>`` pads, ``<|im_end|>`` ends a turn; left padding."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import Qwen2Tokenizer
+
+    vocab = {c: i for i, c in enumerate(sorted(ByteLevel.alphabet()))}
+    tok = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=None, bos_token=None, eos_token="<|im_end|>",
+                         pad_token="<|endoftext|>", padding_side="left")
+    tok.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL_TOKENS})
+    return tok
+
+
+def _llama_text_config(tok, text_layers: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=text_layers,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+
+
+def _clip_config(image_size: int, patch_size: int, vision_layers: int):
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=vision_layers,
+                            num_attention_heads=4, image_size=image_size, patch_size=patch_size, projection_dim=64)
+
+
+def _instantiate(cls, cfg, attn_implementation: str, seed: int, tok):
+    torch.manual_seed(seed)
+    model = cls._from_config(cfg, attn_implementation=attn_implementation).eval()
+    model.generation_config.pad_token_id = tok.pad_token_id
+    return model
+
+
 def build_tiny_llava(image_size: int = 112, patch_size: int = 14, vision_layers: int = 6, text_layers: int = 4,
                      attn_implementation: str = "sdpa", seed: int = 0):
     """(model, processor): a ~1M-parameter LLaVA-1.5 with (image_size/patch_size)^2 visual tokens."""
-    from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
+    from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     tok = build_tokenizer()
-    image_token_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
-    text = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=text_layers,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=vision_layers,
-                              num_attention_heads=4, image_size=image_size, patch_size=patch_size, projection_dim=64)
-    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token_id,
+    cfg = LlavaConfig(vision_config=_clip_config(image_size, patch_size, vision_layers),
+                      text_config=_llama_text_config(tok, text_layers),
+                      image_token_index=tok.convert_tokens_to_ids(IMAGE_TOKEN),
                       image_seq_length=(image_size // patch_size) ** 2, vision_feature_layer=-2,
                       vision_feature_select_strategy="default", pad_token_id=tok.pad_token_id)
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration._from_config(cfg, attn_implementation=attn_implementation).eval()
-    model.generation_config.pad_token_id = tok.pad_token_id
+    model = _instantiate(LlavaForConditionalGeneration, cfg, attn_implementation, seed, tok)
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": image_size},
                                             crop_size={"height": image_size, "width": image_size})
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=patch_size,
@@ -61,29 +104,179 @@ def build_tiny_llava(image_size: int = 112, patch_size: int = 14, vision_layers:
     return model, processor
 
 
-def tiny_llava_dir(cache_dir: str | os.PathLike | None = None, image_size: int = 112) -> Path:
-    """A saved tiny LLaVA (weights + processor), built once and cached on disk.
+def build_tiny_llava_next(image_size: int = 112, vision_layers: int = 6, text_layers: int = 4,
+                          attn_implementation: str = "sdpa", seed: int = 0):
+    """(model, processor): a ~1M-parameter LLaVA-NeXT (AnyRes) with a CLIP tower of ``image_size`` px crops,
+    14 px patches and pinpoints [[s, 2s], [2s, s], [2s, 2s]]. The visual-token count depends on the image:
+    a base crop of (s/14)^2 plus the unpadded high-resolution grid with one newline token per row."""
+    from transformers import (LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessorPil,
+                              LlavaNextProcessor)
 
-    ``image_size`` 112 gives 64 visual tokens (the default); 336 gives LLaVA-1.5's 576, so the papers'
-    64/128/192-token budgets mean what they mean on a real model.
+    patch_size, s = 14, image_size
+    pinpoints = [[s, 2 * s], [2 * s, s], [2 * s, 2 * s]]
+    tok = build_tokenizer()
+    cfg = LlavaNextConfig(vision_config=_clip_config(s, patch_size, vision_layers),
+                          text_config=_llama_text_config(tok, text_layers),
+                          image_token_index=tok.convert_tokens_to_ids(IMAGE_TOKEN), image_grid_pinpoints=pinpoints,
+                          image_seq_length=(s // patch_size) ** 2, vision_feature_layer=-2,
+                          vision_feature_select_strategy="default", pad_token_id=tok.pad_token_id)
+    model = _instantiate(LlavaNextForConditionalGeneration, cfg, attn_implementation, seed, tok)
+    image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": s}, crop_size={"height": s, "width": s},
+                                                 image_grid_pinpoints=pinpoints)
+    processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tok, patch_size=patch_size,
+                                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                   chat_template=CHAT_TEMPLATE)
+    return model, processor
+
+
+def _qwen_text_config(tok, text_layers: int) -> dict:
+    # head_dim = 128 / 4 = 32; M-RoPE sections (temporal, height, width) sum to head_dim / 2 = 16
+    return dict(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=text_layers,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]})
+
+
+def _qwen_ids(tok) -> dict:
+    ids = {key: tok.convert_tokens_to_ids(t) for key, t in (
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"),
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"))}
+    assert all(0 <= i < len(tok) for i in ids.values()), ids
+    return ids
+
+
+def _qwen_processor(cls, tok, min_pixels: int, max_pixels: int):
+    from transformers import Qwen2VLImageProcessorPil
+
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=14,
+                                               merge_size=2, temporal_patch_size=2)
+    return cls(image_processor=image_processor, tokenizer=tok, chat_template=QWEN_CHAT_TEMPLATE)
+
+
+def _qwen_finish(model, tok):
+    model.generation_config.eos_token_id = tok.eos_token_id
+    return model
+
+
+def build_tiny_qwen2_vl(vision_layers: int = 6, text_layers: int = 4, min_pixels: int = 56 * 56,
+                        max_pixels: int = 224 * 224, attn_implementation: str = "sdpa", seed: int = 0):
+    """(model, processor): a ~1M-parameter Qwen2-VL (dynamic resolution, 14 px patches, 2x2 merge, M-RoPE).
+    An image resized to H x W (multiples of 28 within [min_pixels, max_pixels]) gives H*W/28^2 visual tokens."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    from .processors import Qwen2VLImageOnlyProcessor
+
+    tok = build_qwen_tokenizer()
+    vision = dict(depth=vision_layers, embed_dim=64, hidden_size=128, num_heads=4, mlp_ratio=2, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2)  # hidden_size = merger output = text hidden
+    cfg = Qwen2VLConfig(text_config=_qwen_text_config(tok, text_layers), vision_config=vision, **_qwen_ids(tok))
+    model = _qwen_finish(_instantiate(Qwen2VLForConditionalGeneration, cfg, attn_implementation, seed, tok), tok)
+    return model, _qwen_processor(Qwen2VLImageOnlyProcessor, tok, min_pixels, max_pixels)
+
+
+def build_tiny_qwen2_5_vl(vision_layers: int = 6, text_layers: int = 4, min_pixels: int = 56 * 56,
+                          max_pixels: int = 224 * 224, attn_implementation: str = "sdpa", seed: int = 0,
+                          window_size: int = 112, fullatt_block_indexes: list[int] | None = None):
+    """(model, processor): a ~1M-parameter Qwen2.5-VL. Like ``build_tiny_qwen2_vl``, plus window attention in
+    the vision tower: windows of ``window_size`` px (8x8 patches) except in ``fullatt_block_indexes`` (default:
+    the middle and the last block, e.g. [2, 5] for 6 layers, as the real model ends on a full-attention block).
+    Images up to 112x112 px fit in one window; larger ones are split."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from .processors import Qwen2_5_VLImageOnlyProcessor
+
+    if fullatt_block_indexes is None:
+        fullatt_block_indexes = sorted({vision_layers // 2 - 1, vision_layers - 1})
+    windowed = [i for i in range(vision_layers) if i not in fullatt_block_indexes]
+    if not windowed or not fullatt_block_indexes:
+        raise ValueError(f"{vision_layers} vision layers with full attention at {fullatt_block_indexes}: "
+                         "need both windowed and full-attention blocks")
+    tok = build_qwen_tokenizer()
+    vision = dict(depth=vision_layers, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=128,
+                  patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=window_size,
+                  fullatt_block_indexes=list(fullatt_block_indexes))
+    cfg = Qwen2_5_VLConfig(text_config=_qwen_text_config(tok, text_layers), vision_config=vision, **_qwen_ids(tok))
+    model = _qwen_finish(_instantiate(Qwen2_5_VLForConditionalGeneration, cfg, attn_implementation, seed, tok), tok)
+    return model, _qwen_processor(Qwen2_5_VLImageOnlyProcessor, tok, min_pixels, max_pixels)
+
+
+# name -> (directory name under the cache, builder, kwargs). "tiny"/"tiny-576" keep their historic names.
+TINY_MODELS = {
+    "tiny": (f"tiny-llava-{VERSION}", build_tiny_llava, {"image_size": 112}),
+    "tiny-576": (f"tiny-llava-{VERSION}-336px", build_tiny_llava, {"image_size": 336}),
+    "tiny-next": ("tiny-llava-next-v1", build_tiny_llava_next, {}),
+    "tiny-qwen2-vl": ("tiny-qwen2-vl-v1", build_tiny_qwen2_vl, {}),
+    "tiny-qwen2.5-vl": ("tiny-qwen2.5-vl-v1", build_tiny_qwen2_5_vl, {}),
+}
+
+
+def _cache_root(cache_dir) -> Path:
+    return Path(cache_dir or os.environ.get("PRUNEKIT_CACHE", Path.home() / ".cache" / "prunekit"))
+
+
+def _complete(path: Path) -> bool:
+    return (path / "config.json").exists() and (path / "processor_config.json").exists()
+
+
+def tiny_model_dir(name: str = "tiny", cache_dir: str | os.PathLike | None = None) -> Path:
+    """A saved tiny model (weights + processor) named ``name``, built once and cached under ``cache_dir``
+    (default ``$PRUNEKIT_CACHE`` or ~/.cache/prunekit). Names: ``tiny`` (LLaVA-1.5, 112 px, 64 visual
+    tokens), ``tiny-576`` (LLaVA-1.5, 336 px, 576), ``tiny-next`` (LLaVA-NeXT), ``tiny-qwen2-vl``,
+    ``tiny-qwen2.5-vl``."""
+    if name not in TINY_MODELS:
+        raise ValueError(f"unknown tiny model {name!r}; choose one of {sorted(TINY_MODELS)}")
+    dirname, builder, kwargs = TINY_MODELS[name]
+    return _cached(_cache_root(cache_dir) / dirname, lambda: builder(**kwargs))
+
+
+def tiny_llava_dir(cache_dir: str | os.PathLike | None = None, image_size: int = 112) -> Path:
+    """A saved tiny LLaVA-1.5 (weights + processor), built once and cached on disk.
+
+    ``image_size`` 112 gives 64 visual tokens (the default, ``tiny``); 336 gives LLaVA-1.5's 576
+    (``tiny-576``), so the papers' 64/128/192-token budgets mean what they mean on a real model.
     """
-    root = Path(cache_dir or os.environ.get("PRUNEKIT_CACHE", Path.home() / ".cache" / "prunekit"))
-    path = root / (f"tiny-llava-{VERSION}" + ("" if image_size == 112 else f"-{image_size}px"))
-    if not (path / "config.json").exists() or not (path / "processor_config.json").exists():
-        model, processor = build_tiny_llava(image_size=image_size)
+    path = _cache_root(cache_dir) / (f"tiny-llava-{VERSION}" + ("" if image_size == 112 else f"-{image_size}px"))
+    return _cached(path, lambda: build_tiny_llava(image_size=image_size))
+
+
+def _cached(path: Path, build) -> Path:
+    """``path``, first written from ``build()`` -> (model, processor) if it is not complete: saved to a
+    temporary directory and renamed, so readers see all of it or nothing."""
+    if not _complete(path):
+        model, processor = build()
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        tmp.replace(path) if not path.exists() else None
+        try:
+            tmp.rename(path)  # atomic; fails if another process got there first
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if not _complete(path):
+            raise FileNotFoundError(f"{path} exists but lacks config.json or processor_config.json; "
+                                    "delete it to rebuild")
     return path
 
 
-def synthetic_image(seed: int, size: int = 112) -> Image.Image:
-    """A reproducible picture: a few coloured rectangles on a noisy background."""
+def synthetic_image(seed: int, size: int | tuple[int, int] = 112) -> Image.Image:
+    """A reproducible picture: a few coloured rectangles on a noisy background.
+    ``size`` is the side of a square, or (width, height) for a non-square picture."""
+    if not isinstance(size, int):
+        return _synthetic_image_wh(seed, *size)
     rng = np.random.default_rng(seed)
     img = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
     for _ in range(3):
         y0, x0 = rng.integers(0, size - 16, 2)
         h, w = rng.integers(12, size // 2, 2)
+        img[y0 : y0 + h, x0 : x0 + w] = rng.integers(80, 256, 3, dtype=np.uint8)
+    return Image.fromarray(img)
+
+
+def _synthetic_image_wh(seed: int, width: int, height: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    img = rng.integers(0, 60, (height, width, 3), dtype=np.uint8)
+    for _ in range(3):
+        y0, x0 = rng.integers(0, height - 16), rng.integers(0, width - 16)
+        h, w = rng.integers(12, height // 2), rng.integers(12, width // 2)
         img[y0 : y0 + h, x0 : x0 + w] = rng.integers(80, 256, 3, dtype=np.uint8)
     return Image.fromarray(img)

@@ -17,8 +17,8 @@ from .budget import Budget, layer_average, layer_average_out
 @dataclass
 class StageEvent:
     site: str  # e.g. "vision_output" or "llm_layer[2]"
-    n_in: list[int]  # per sample
-    n_out: list[int]
+    n_in: list[int]  # per sample: tokens the site decided on (vision sites: over the sample's units, e.g. crops)
+    n_out: list[int]  # per sample: tokens it kept (same units)
     kept: list[Tensor] | None = None  # per sample: span indices (representatives) alive after the site
 
 
@@ -30,18 +30,19 @@ class SampleTrack:
     image_of: Tensor  # (N,) which image of the sample each span index belongs to
     kept: Tensor  # (n,) representative span index of each live token, in sequence order (ascending unless reordered)
     members: list[Tensor]  # per live token: its member span indices
+    grids: list[tuple[int, int] | None] | None = None  # per image: its raster grid, when known (else from grid_of)
 
     @classmethod
-    def full(cls, image_lengths: list[int]) -> "SampleTrack":
+    def full(cls, image_lengths: list[int], grids: list | None = None) -> "SampleTrack":
         n = sum(image_lengths)
         image_of = torch.repeat_interleave(torch.arange(len(image_lengths)), torch.tensor(image_lengths, dtype=torch.long))
         kept = torch.arange(n)
-        return cls(n, image_of, kept, [kept[i : i + 1] for i in range(n)])
+        return cls(n, image_of, kept, [kept[i : i + 1] for i in range(n)], grids)
 
     @classmethod
     def from_images(cls, images: list["SampleTrack"]) -> "SampleTrack":
         """A sample's track from its images' tracks, offset into the sample's span."""
-        track = cls.full([d.span_length for d in images])
+        track = cls.full([d.span_length for d in images], [d.grid for d in images])
         offset, kept, members = 0, [], []
         for d in images:
             kept.append(offset + d.kept)
@@ -52,6 +53,11 @@ class SampleTrack:
         return track
 
     @property
+    def grid(self) -> tuple[int, int] | None:
+        """The raster grid of a one-image track, if known."""
+        return self.grids[0] if self.grids and len(self.grids) == 1 else None
+
+    @property
     def intact_single_image(self) -> bool:
         """One image whose tokens are all still there (so they form its full grid)."""
         return self.span_length > 0 and len(self.kept) == self.span_length and int(self.image_of.max()) == 0
@@ -59,7 +65,8 @@ class SampleTrack:
     def grid_positions(self, grid_of) -> Tensor:
         """(n, 3): image, row, col of each live token's representative; row/col -1 without a grid.
 
-        ``grid_of(n_tokens)`` gives the (rows, cols) grid of an intact image of that many tokens.
+        Grids come from ``grids`` when known, else ``grid_of(n_tokens)`` gives the (rows, cols) grid of an
+        intact image of that many tokens.
         """
         image = self.image_of[self.kept]
         lengths = torch.bincount(self.image_of)
@@ -67,7 +74,7 @@ class SampleTrack:
         local = self.kept - starts[image]
         row, col = torch.full_like(local, -1), torch.full_like(local, -1)
         for i, n in enumerate(lengths.tolist()):
-            grid = grid_of(n) if n else None
+            grid = self.grids[i] if self.grids is not None else grid_of(n) if n else None
             if grid is not None:
                 sel = image == i
                 row[sel], col[sel] = local[sel] // grid[1], local[sel] % grid[1]
@@ -100,6 +107,12 @@ class PruneTrace:
     llm_layer_counts: Tensor | None = None
     # patch tokens entering each vision-encoder layer, per sample (all its images): (B, encoder layers)
     vision_layer_counts: Tensor | None = None
+    # per sample: vision units through the encoder (images; LLaVA-NeXT: crops) and their unpruned tokens at the
+    # projector's input granularity (Qwen: merge groups of merge_size patches)
+    vision_units: list[int] | None = None
+    vision_tokens: list[int] | None = None
+    projector_tokens: list[int] | None = None  # per sample: tokens the projector mapped (after vision-side cuts)
+    merge_size: int = 1
     notes: list[str] = field(default_factory=list)
     replayed: bool = False
 

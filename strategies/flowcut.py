@@ -13,6 +13,16 @@ reads layer F's output; LLaVA-1.5: F = L-2, so the last cut is on layer L-3's ou
        P = N - T                                                          rpl = 0: the forced final cut
      keep the top max(N - P, T) patches by C, in raster order. CLS always stays and is not counted.
 
+Two-stage families (§1.2, §1.3, §3.2): on LLaVA-NeXT every crop is cut to int(T/2) in the encoder, on
+Qwen2-VL / 2.5-VL every image to 2T merged tokens (8T patches, relay = the mean query, no semantic term);
+then, on the output of LLM layer 1 (site ``llm_layer[2]``), each sample is cut to exactly T:
+
+  rel = mean_h softmax_vis(q_r k_vis / sqrt(d)),  sem = mean_h softmax_vis(v_r v_vis / sqrt(d)),
+  nu = || mean_h v_vis ||_1,  S = (rel / sum rel + sem / sum sem) * nu,  keep the top T in order,
+
+with r the last prompt token and the softmaxes over the visual tokens only. Any batch size, any padding,
+sdpa (the references are batch 1, and the Qwen port's eager / FA2 paths do not run).
+
 Reference bugs fixed by default, parity behind flags: the prune count is per image (``batch_coupled``
 takes the batch max like the reference); zero probabilities give 0 log 0 = 0 instead of a crash.
 """
@@ -23,7 +33,7 @@ import math
 import torch
 from torch import Tensor
 
-from prunekit import AttentionRows, Keep, PruneContext, Signals, Site, Stage, TokenPruner, register_strategy
+from prunekit import AttentionRows, Budget, Keep, PruneContext, Signals, Site, Stage, TokenPruner, register_strategy
 from prunekit.scoring import ScoreInputs, get_relay, get_score, normalise
 
 SCHEDULES = ("adaptive", "uniform", "single_layer")
@@ -32,14 +42,17 @@ SCHEDULES = ("adaptive", "uniform", "single_layer")
 @register_strategy("flowcut")
 class FlowCut(TokenPruner):
     position_policy = "compact"
+    image_newlines = "drop"  # LLaVA-NeXT: the reference lays multi-crop images out without row newlines
 
     def __init__(
         self,
         budget: int = 64,
-        relay: str = "cls",  # whose view scores the patches: cls | mean_query | any registered relay
+        relay: str | None = None,  # whose view scores the patches: cls | mean_query | ...; None = cls, or
+        # mean_query on towers without [CLS] (the Qwen port)
         score: str = "flowcut",  # registered score function combining the criteria
         attention_term: bool = True,  # criterion I^a: the relay's attention
-        semantic_term: bool = True,  # criterion I^s: value-value similarity with the relay
+        semantic_term: bool | None = None,  # criterion I^s: value-value similarity with the relay; None = on,
+        # except on towers without [CLS] (the Qwen port has none)
         value_norm_term: bool = True,  # criterion I^d: L1 norm of the head-mean value
         semantic_scaled: bool = False,  # divide v.v by sqrt(d) (paper A.5, LLM stage) or not (CLIP code)
         history_weight: float = 0.5,  # EMA weight of the cumulative score (Tab. 10: 0 = current layer only)
@@ -48,6 +61,9 @@ class FlowCut(TokenPruner):
         final_layer: int | None = None,  # layer whose output gets the final cut; None = feature layer - 1
         entropy_exponent: float = 2.0,  # e in (1 - rho^e)
         batch_coupled: bool = False,  # paper parity: one prune count per batch (max over images)
+        llm_stage: bool | None = None,  # cut to T after an LLM layer too; None = as the references: on for
+        # LLaVA-NeXT and Qwen2-VL / 2.5-VL, off for LLaVA-1.5
+        llm_layer: int = 2,  # the LLM cut is on the output of layer llm_layer - 1 (reference: index 1)
     ):
         super().__init__(budget, "n_in")
         if schedule not in SCHEDULES:
@@ -60,9 +76,14 @@ class FlowCut(TokenPruner):
             raise ValueError(f"entropy_exponent must be > 0, got {entropy_exponent}")
         if final_layer is not None and final_layer < 0:
             raise ValueError(f"final_layer must be >= 0, got {final_layer}")
+        if not (isinstance(llm_layer, int) and llm_layer >= 1):
+            raise ValueError(f"llm_layer must be an integer >= 1 (the cut follows layer llm_layer - 1), got {llm_layer!r}")
         self.relay_name, self.score_name = relay, score
-        self.relay, self.score_fn = get_relay(relay), get_score(score)
+        self.relay = None if relay is None else get_relay(relay)
+        self.score_fn = get_score(score)
         self.attention_term, self.semantic_term, self.value_norm_term = attention_term, semantic_term, value_norm_term
+        self.llm_stage, self.llm_layer = llm_stage, llm_layer
+        self._relay, self._semantic, self._two_stage, self._unit_target = self.relay, semantic_term, False, None
         self.semantic_scaled, self.history_weight = semantic_scaled, history_weight
         self.schedule, self.interval, self.final_layer = schedule, interval, final_layer
         self.entropy_exponent, self.batch_coupled = entropy_exponent, batch_coupled
@@ -77,6 +98,22 @@ class FlowCut(TokenPruner):
         if self._final < 0:
             raise ValueError(f"flowcut needs a vision layer before the feature layer ({feature}) to prune after")
         self._sites = None
+        has_cls = adapter.vision_prefix_tokens > 0
+        self._relay = self.relay or get_relay("cls" if has_cls else "mean_query")
+        self._semantic = has_cls if self.semantic_term is None else self.semantic_term
+        multi_unit = adapter.budget_units() > 1 or adapter.packed_vision
+        self._two_stage = multi_unit if self.llm_stage is None else self.llm_stage
+        if self._two_stage and self.llm_layer >= adapter.num_llm_layers:
+            raise ValueError(f"flowcut's LLM cut follows layer {self.llm_layer - 1}, but the language model has "
+                             f"{adapter.num_llm_layers} layers; choose llm_layer <= {adapter.num_llm_layers - 1}")
+        T = self.budget.tokens
+        if not self._two_stage:
+            self._unit_target = None  # the budget (split per crop where an image is several)
+        elif adapter.packed_vision:
+            self._unit_target = 2 * T  # 2T merged tokens = 8T patches (reference: visual.target_num * 4)
+        else:
+            self._unit_target = max(T // 2, 1)  # int(T/2) per crop
+        self.budget = Budget(T, "n_final" if self._two_stage else "n_in")
 
     def prunes_at(self, layer: int) -> bool:
         rpl = self._final - layer
@@ -91,19 +128,26 @@ class FlowCut(TokenPruner):
             layers = range(self._final + 1)
             scored = layers if self.history_weight > 0 else filter(self.prunes_at, layers)
             self._sites = [Site(Stage.VISION_LAYER, layer) for layer in scored]
+            if self._two_stage:
+                self._sites.append(Site(Stage.LLM_LAYER, self.llm_layer))
         return self._sites
 
     def signals(self, site: Site):
-        return Signals(rows=(AttentionRows(self.relay.query, "mean"),),
-                       values=self.value_norm_term or self.semantic_term)
+        if site.stage is Stage.LLM_LAYER:  # the relay's per-head row, renormalised over the visual tokens
+            return Signals(rows=(AttentionRows("last", "all"),), values=True)
+        return Signals(rows=(AttentionRows(self._relay.query, "mean"),),
+                       values=self.value_norm_term or self._semantic)
 
     # --- per layer ------------------------------------------------------------------------------------
     def prune(self, ctx: PruneContext) -> Keep | None:
+        if ctx.stage is Stage.LLM_LAYER:
+            return self.prune_llm(ctx)
         if ctx.layer == self.sites()[0].layer:
             self._cumulative = None  # a new pass through the encoder
         lengths = ctx.lengths.to(ctx.tokens.device)
         live = torch.arange(ctx.tokens.shape[1], device=lengths.device)[None] < lengths[:, None]
-        target = torch.tensor([ctx.target(u) for u in range(ctx.num_units)], device=lengths.device)
+        target = torch.tensor([ctx.target(u) if self._unit_target is None else min(self._unit_target, int(n))
+                               for u, n in enumerate(ctx.lengths.tolist())], device=lengths.device)
         if not bool((lengths > target).any()):
             return None
         criteria, attention = self.criteria(ctx, live)
@@ -120,16 +164,31 @@ class FlowCut(TokenPruner):
         self._cumulative = gather_rows(self._cumulative, indices)
         return Keep(indices)
 
+    def prune_llm(self, ctx: PruneContext) -> Keep:
+        """Stage 2 (§3.2): each sample's visual tokens cut to exactly T by the last prompt token's view."""
+        lengths = ctx.lengths.to(ctx.tokens.device)
+        live = torch.arange(ctx.tokens.shape[1], device=lengths.device)[None] < lengths[:, None]
+        rows = ctx.attention("last", "all").float()  # (U, H, N): softmax over all keys
+        relevance = normalise(rows, live[:, None]).mean(1)  # = softmax over the visual keys, per head
+        values = ctx.values().float()  # (U, Hkv, N, d); GQA's repeated heads average the same
+        relay = ctx.query_values("last").float()
+        logits = torch.einsum("uhnd,uhd->uhn", values, relay) * values.shape[-1] ** -0.5
+        semantic = logits.masked_fill(~live[:, None], float("-inf")).softmax(-1).nan_to_num(0.0).mean(1)
+        value_norm = values.mean(1).abs().sum(-1)
+        score = (normalise(relevance, live) + normalise(semantic, live)) * value_norm
+        target = lengths.clamp(max=self.budget.tokens)
+        return Keep(select_top(score, live, target))
+
     def criteria(self, ctx: PruneContext, live: Tensor) -> tuple[ScoreInputs, Tensor]:
         """The three criteria of layer ``ctx.layer`` (fp32), and the raw relay attention for the count."""
-        attention = ctx.attention(self.relay.query, "mean").float()
+        attention = ctx.attention(self._relay.query, "mean").float()
         semantic = value_norm = None
-        if self.semantic_term or self.value_norm_term:
+        if self._semantic or self.value_norm_term:
             values = ctx.values().float()  # (U, H, N, d), zero past each unit's length
             if self.value_norm_term:
                 value_norm = values.mean(1).abs().sum(-1)
-            if self.semantic_term and self.relay.value is not None:
-                semantic = semantic_attention(ctx.query_values(self.relay.value).float(),
+            if self._semantic and self._relay.value is not None:
+                semantic = semantic_attention(ctx.query_values(self._relay.value).float(),
                                               ctx.prefix_values().float(), values, live, self.semantic_scaled)
         inputs = ScoreInputs(attention if self.attention_term else None, semantic, value_norm, live)
         return inputs, attention
@@ -154,7 +213,7 @@ class FlowCut(TokenPruner):
             "value_norm_term": self.value_norm_term, "semantic_scaled": self.semantic_scaled,
             "history_weight": self.history_weight, "schedule": self.schedule, "interval": self.interval,
             "final_layer": self.final_layer, "entropy_exponent": self.entropy_exponent,
-            "batch_coupled": self.batch_coupled,
+            "batch_coupled": self.batch_coupled, "llm_stage": self.llm_stage, "llm_layer": self.llm_layer,
         }
 
 

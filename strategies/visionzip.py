@@ -32,6 +32,7 @@ MERGES = ("target_plus_mean", "mean")
 
 @register_strategy("visionzip")
 class VisionZip(TokenPruner):
+    image_newlines = "drop"  # LLaVA-NeXT: the reference does not re-insert the row newlines
     def __init__(
         self,
         budget: int = 64,  # d + c tokens per image entering the LLM (n_in)
@@ -44,19 +45,17 @@ class VisionZip(TokenPruner):
         super().__init__(budget, "n_in")
         if merge not in MERGES:
             raise ValueError(f"unknown visionzip merge {merge!r}; choose one of {MERGES}")
-        if dominant is None and contextual is None:
-            dominant, contextual = SPLITS.get(budget, (None, None))
-            if dominant is None:  # the reference splits are 84% / 16%
-                contextual = max(1, round(budget * 10 / 64))
-                dominant = budget - contextual
-        elif dominant is None or contextual is None:
-            dominant = budget - contextual if dominant is None else dominant
-            contextual = budget - dominant if contextual is None else contextual
-        if dominant + contextual != budget or dominant < (1 if cls else 0) or contextual < 0:
-            raise ValueError(f"visionzip needs dominant + contextual = budget with dominant >= {int(cls)} "
-                             f"(the [CLS] token); got {dominant} + {contextual} for budget {budget}")
-        self.dominant, self.contextual, self.cls, self.merge = dominant, contextual, cls, merge
+        self.split_given = (dominant, contextual)
+        self.cls, self.merge = cls, merge
+        self.dominant, self.contextual = split(budget, dominant, contextual, cls)
         self.position_policy = positions
+
+    def bind(self, adapter) -> None:
+        """LLaVA-NeXT: every crop gets the split of budget / (most crops), as the reference configs (640 = 5 x
+        (108 + 20)); a split given explicitly is per crop."""
+        units = adapter.budget_units()
+        if units > 1 and self.split_given == (None, None):
+            self.dominant, self.contextual = split(max(self.budget.tokens // units, 1), None, None, self.cls)
 
     def sites(self):
         return [Site(Stage.VISION_OUTPUT)]
@@ -121,3 +120,19 @@ def merge(target: Tensor, members: Tensor, how: str) -> Tensor:
     if how == "mean":
         return torch.cat([target[None], members]).float().mean(0).to(target.dtype)
     return target + (members.float().mean(0).to(target.dtype) if len(members) else torch.zeros_like(target))
+
+
+def split(budget: int, dominant: int | None, contextual: int | None, cls: bool) -> tuple[int, int]:
+    """(dominant, contextual) for a budget: the reference split (54+10, 108+20, 162+30; else 84% / 16%)."""
+    if dominant is None and contextual is None:
+        dominant, contextual = SPLITS.get(budget, (None, None))
+        if dominant is None:  # the reference splits are 84% / 16%
+            contextual = max(1, round(budget * 10 / 64)) if budget > 1 else 0
+            dominant = budget - contextual
+    elif dominant is None or contextual is None:
+        dominant = budget - contextual if dominant is None else dominant
+        contextual = budget - dominant if contextual is None else contextual
+    if dominant + contextual != budget or dominant < (1 if cls else 0) or contextual < 0:
+        raise ValueError(f"visionzip needs dominant + contextual = budget with dominant >= {int(cls)} "
+                         f"(the [CLS] token); got {dominant} + {contextual} for budget {budget}")
+    return dominant, contextual

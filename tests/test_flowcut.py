@@ -31,8 +31,15 @@ class FakeSignals:
 
 
 class FakeAdapter:
+    """The adapter facts FlowCut binds to: a LLaVA-1.5-like tower (one unit per image, [CLS], not packed)."""
+
+    vision_prefix_tokens, packed_vision, num_llm_layers = 1, False, 32
+
     def __init__(self, layers):
         self.vision_feature_layer = layers - 2  # LLaVA reads hidden_states[-2]
+
+    def budget_units(self):
+        return 1
 
 
 def signals_for(lengths, kind, generator, heads=2, dim=4, dtype=torch.float32):

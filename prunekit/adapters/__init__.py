@@ -1,4 +1,4 @@
-from .base import ModelAdapter, adapter_for, register_adapter, supported_families
-from . import llava  # noqa: F401  (registers the family)
+from .base import ImageLayout, ModelAdapter, adapter_for, register_adapter, supported_families
+from . import llava, llava_next, qwen2_vl  # noqa: F401  (register the families)
 
-__all__ = ["ModelAdapter", "adapter_for", "register_adapter", "supported_families"]
+__all__ = ["ImageLayout", "ModelAdapter", "adapter_for", "register_adapter", "supported_families"]

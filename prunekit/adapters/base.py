@@ -7,6 +7,7 @@ tables for new positions. Adding a family = one adapter file registered with ``@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -36,9 +37,50 @@ def supported_families() -> list[str]:
     return [c.family for c in _ADAPTERS]
 
 
+@dataclass
+class ImageLayout:
+    """How one image's vision units (crops) fill its placeholder span in the language model's sequence.
+
+    ``units``: how many consecutive vision units (encoder batch rows / packed images) the image has.
+    ``source`` (span,) long: for each span position, the unit token it holds as ``unit * tokens + token``
+    (``tokens`` = tokens per unit), or -1 for a token no unit produced (LLaVA-NeXT's row newlines).
+    ``grid``: the (rows, cols) raster grid of the span when it is one (None for LLaVA-NeXT's anyres layout).
+    """
+
+    units: int
+    tokens: int
+    source: Tensor
+    grid: tuple[int, int] | None
+
+    @classmethod
+    def identity(cls, tokens: int, grid: tuple[int, int] | None) -> "ImageLayout":
+        return cls(1, tokens, torch.arange(tokens), grid)
+
+    @property
+    def span_length(self) -> int:
+        return self.source.numel()
+
+    @property
+    def is_identity(self) -> bool:
+        return self.units == 1 and self.span_length == self.tokens and bool((self.source == torch.arange(self.tokens)).all())
+
+
 class ModelAdapter(ABC):
+    """The contract between the runtime and one model family (see docs/architecture.md, "The model adapter").
+
+    Class facts the runtime branches on: ``packed_vision`` (the encoder runs all images as one flat sequence
+    with ``cu_seqlens``, Qwen2-VL, instead of a padded batch), ``merge_size`` (encoder patches per visual token
+    of the language model: Qwen's 2x2 PatchMerger = 4; vision-side decisions keep such groups whole), ``mrope``
+    (3-D M-RoPE positions: kept tokens keep their original positions whatever the strategy's policy),
+    ``raster_images`` (an image's tokens in the language model are one raster grid; not LLaVA-NeXT's anyres).
+    """
+
     family: ClassVar[str]
     model_classes: ClassVar[tuple[str, ...]]
+    packed_vision: ClassVar[bool] = False
+    merge_size: ClassVar[int] = 1
+    mrope: ClassVar[bool] = False
+    raster_images: ClassVar[bool] = True  # an image's visual tokens in the LM form one raster grid
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -125,13 +167,47 @@ class ModelAdapter(ABC):
     def image_grid(self, n_tokens: int) -> tuple[int, int] | None:
         """(rows, cols) of an intact image's visual tokens in raster order, if they form a grid."""
 
-    def rope(self, hidden_states: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
-        """(cos, sin) for ``position_ids``, computed exactly as the language model does."""
-        return self.language_model.rotary_emb(hidden_states, position_ids=position_ids)
+    # --- vision units and images ------------------------------------------------------------------
+    def capture_vision_inputs(self, kwargs: dict) -> dict:
+        """The call arguments (of ``generate``, the top model or the multimodal model) the adapter needs to lay
+        out images: e.g. LLaVA-NeXT's ``image_sizes``. Empty for fixed layouts."""
+        return {}
+
+    def image_layouts(self, unit_tokens: list[int], inputs: dict) -> list[ImageLayout]:
+        """One layout per image of the vision pass, from the tokens of each unit and the captured inputs.
+        Default: one unit per image, its tokens in raster order."""
+        return [ImageLayout.identity(n, self.image_grid(n)) for n in unit_tokens]
+
+    def unit_grid(self, unit: int, n_tokens: int) -> tuple[int, int] | None:
+        """(rows, cols) of vision unit ``unit``'s intact tokens (at the language model's granularity)."""
+        return self.image_grid(n_tokens)
+
+    def budget_units(self) -> int:
+        """Vision units a per-image budget is split over at vision-side sites (LLaVA-NeXT: its most crops)."""
+        return 1
+
+    # --- positions --------------------------------------------------------------------------------
+    def positions_in(self, position_ids: Tensor | None, batch: int, length: int, device) -> Tensor:
+        """The language model's prefill positions as (B, L, C) long: C = 1, or 3 for M-RoPE."""
+        if position_ids is None:
+            position_ids = torch.arange(length, device=device)
+        return position_ids.expand(batch, length)[..., None]
+
+    def positions_out(self, positions: Tensor) -> Tensor:
+        """(B, L, C) back to what the language model takes as ``position_ids``."""
+        return positions[..., 0]
+
+    def layer_position_ids(self, positions: Tensor) -> Tensor | None:
+        """The ``position_ids`` the language model passes its decoder layers, for (B, L, C) positions."""
+        return positions[..., 0]
+
+    def rope(self, hidden_states: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """(cos, sin) for (B, L, C) ``positions``, computed exactly as the language model does."""
+        return self.language_model.rotary_emb(hidden_states, position_ids=self.positions_out(positions))
 
     def rope_gravity(self, hidden_states: Tensor, query_positions: Tensor, key_positions: Tensor) -> Tensor:
         """(B, R, N) fp32: q·k of all-ones query and key vectors rotated by the language model's RoPE at
-        ``query_positions`` (B, R) and ``key_positions`` (B, N) — the score RoPE alone adds between two
+        ``query_positions`` (B, R, C) and ``key_positions`` (B, N, C) — the score RoPE alone adds between two
         positions (SparseVLM v2's attention gravity). Llama-style ``rotate_half`` RoPE; unscaled."""
         probe = hidden_states[:1, :1].float()  # rotary_emb reads only the device and dtype
 

@@ -34,12 +34,13 @@ from torch import Tensor, nn
 from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask
 
-from ..adapters import ModelAdapter, adapter_for
+from ..adapters import ImageLayout, ModelAdapter, adapter_for
 from ..pruner import (Keep, PromptEmbeddings, PruneContext, Site, Stage, TokenPruner, TokenType, combine_seeds,
                       content_seed)
 from ..signals import AttentionProbe, BlockInput, Signals, SiteSignals
 from ..registry import build_strategy
 from ..trace import PruneTrace, SampleTrack, StageEvent
+from .packed import PackedState, pad_images
 from .sequence import Segment, pack, take
 
 _ATTACHED: "weakref.WeakKeyDictionary[nn.Module, PruningHandle]" = weakref.WeakKeyDictionary()
@@ -62,6 +63,8 @@ class VisionPass:
     key_mask: Tensor | None = None  # matching additive key-padding mask for the encoder layers
     layer_counts: Tensor | None = None  # (images, encoder layers): patches entering each layer
     prefix: Tensor | None = None  # (images, P, D) the feature layer's output at the prefix tokens, on request
+    packed: PackedState | None = None  # packed encoders (Qwen2-VL): the live rows and the blocks' kwargs
+    projector_counts: Tensor | None = None  # (units,) tokens the projector maps (FLOPs)
 
     def lengths(self) -> Tensor:
         """(images,) tokens each image still has."""
@@ -71,7 +74,8 @@ class VisionPass:
         if image not in self.seeds:
             if self.pixel_values is None:
                 raise PruningError("a randomised strategy needs the pixel values of each image for its seed")
-            self.seeds[image] = content_seed(self.pixel_values[image])
+            pixels = self.pixel_values[image] if self.packed is None else self.packed.pixels(self.pixel_values, image)
+            self.seeds[image] = content_seed(pixels)
         return self.seeds[image]
 
 
@@ -85,7 +89,7 @@ class Prefill:
     segments: list[Segment]  # llm_layer segments, in layer order
     active: bool  # False when nothing was pruned (no images): decode passes through
     vision: VisionPass | None = None
-    sample_images: list[list[int]] = field(default_factory=list)  # per sample: its images in the vision pass
+    sample_images: list[list[int]] = field(default_factory=list)  # per sample: its units in the vision pass
     step: int = 0
     step_positions: Tensor | None = None  # original positions of the current decode step's tokens
     step_tail: Tensor | None = None  # mask columns of generated tokens, current step included
@@ -119,6 +123,8 @@ class PruningHandle:
         self._recorded: dict[Site, Keep] = {}
         self._vision: VisionPass | None = None
         self._span: Tensor | None = None  # (B, L) image-token mask of the current multimodal forward
+        self._inputs: dict = {}  # the adapter's layout inputs of the current call (LLaVA-NeXT: image_sizes)
+        self.policy = "original" if self.adapter.mrope else strategy.position_policy  # M-RoPE: ids stay
         self._prefill: Prefill | None = None
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._had_generate = "generate" in model.__dict__
@@ -223,6 +229,8 @@ class PruningHandle:
                 f"budget {budget.tokens} exceeds the {per_image} visual tokens per image of this model; "
                 f"use a budget <= {per_image} ({per_image} keeps every token)"
             )
+        if self.strategy.image_newlines not in ("keep", "drop"):
+            raise ValueError(f"strategy {name!r} has image_newlines={self.strategy.image_newlines!r}; use 'keep' or 'drop'")
         if self.strategy.position_policy not in ("compact", "original"):
             raise ValueError(f"strategy {name!r} has unknown position_policy {self.strategy.position_policy!r}")
 
@@ -273,6 +281,15 @@ class PruningHandle:
                 layer = site.layer if site.stage is Stage.VISION_LAYER else self.adapter.vision_feature_layer
                 module, norm = self.adapter.vision_attention(layer), self.adapter.vision_input_norm(layer)
                 self._vision_modules.add(module)
+                if self.adapter.packed_vision:  # attention runs per image chunk: read q, k, v off its input
+                    if any(r.query == "mean_hidden" for r in req.rows):
+                        raise PruningError(f"{self.strategy.name!r} asks for mean_hidden rows, which need separate "
+                                           f"q/v projections; {self.adapter.describe()} has a fused qkv. Use 'mean'.")
+                    source = self._scored[site] = BlockInput(module)
+                    self._probe.request(source, req.rows, req.keys, req.values)
+                    self._handles.append(module.register_forward_pre_hook(
+                        functools.partial(self._capture_packed, source), with_kwargs=True))
+                    continue
             self._probe.watch(module, *req.rows, keys=req.keys, values=req.values, input_norm=norm)
             self._scored[site] = module
         self._probe.install()
@@ -351,15 +368,24 @@ class PruningHandle:
         return site if site in self.sites else None
 
     # --- vision side ------------------------------------------------------------------------------
+    # A vision pass has units: the encoder's batch rows (LLaVA: images; LLaVA-NeXT: crops) or the packed
+    # images of a flat encoder (Qwen2-VL). ``VisionPass.images`` holds one SampleTrack per unit.
     def _on_vision_tower(self, module, args, kwargs):
-        pixels = args[0] if args else kwargs.get("pixel_values")
-        self._vision = VisionPass(pixel_values=pixels)
+        pixels = args[0] if args else kwargs.get("pixel_values", kwargs.get("hidden_states"))
+        vision = self._vision = VisionPass(pixel_values=pixels)
+        if self.adapter.packed_vision:
+            grid_thw = args[1] if len(args) > 1 else kwargs.get("grid_thw")
+            packed = self.adapter.packed_images(grid_thw)
+            vision.packed = PackedState(packed, self.adapter.merge_size)
+            vision.images = [SampleTrack.full([g], [grid]) for g, grid in zip(packed.groups, packed.grids)]
 
     def _on_vision_layer(self, index: int, module, args, kwargs):
         """Before encoder layer ``index``: prune after layer index-1 if it is a site; pass the padding mask."""
         vision = self._vision
         if vision is None:
             return None
+        if vision.packed is not None:
+            return self._on_packed_layer(index, vision, args, kwargs)
         hidden = args[0]
         site = self._site(Stage.VISION_LAYER, index - 1)
         if site is not None:
@@ -373,11 +399,15 @@ class PruningHandle:
             kwargs["attention_mask"] = vision.key_mask
         return args, kwargs
 
+    def _new_units(self, vision: VisionPass, n_units: int, n_tokens: int) -> None:
+        vision.images = [SampleTrack.full([n_tokens], [self.adapter.unit_grid(u, n_tokens)]) for u in range(n_units)]
+        vision.events = []
+
     def _prune_vision(self, site: Site, hidden: Tensor, vision: VisionPass) -> Tensor:
         prefix = self.adapter.vision_prefix_tokens
         patches = hidden[:, prefix:]
         if vision.images is None:
-            vision.images = [SampleTrack.full([patches.shape[1]]) for _ in range(patches.shape[0])]
+            self._new_units(vision, patches.shape[0], patches.shape[1])
         lengths = vision.lengths()
         if vision.layer_counts is None:
             vision.layer_counts = lengths[:, None].repeat(1, len(self.adapter.vision_layers))
@@ -392,29 +422,74 @@ class PruningHandle:
         if bool((counts == counts[0]).all()):
             vision.live = vision.key_mask = None
         else:
-            impl = self.adapter.vision_layers[site.layer].self_attn.config._attn_implementation
-            if "flash" in impl:
-                raise PruningError(
-                    f"{self.strategy.name!r} keeps different token counts per image inside the vision encoder, "
-                    f"which needs a key-padding mask; the {impl!r} backend takes none. Load the vision tower "
-                    "with attn_implementation='sdpa'."
-                )
+            self._refuse_flash_padding(self.adapter.vision_attention(site.layer))
             slots = torch.arange(prefix + kept.shape[1], device=hidden.device)
             vision.live = slots[None] < (prefix + counts)[:, None]
             vision.key_mask = torch.zeros(vision.live.shape, dtype=hidden.dtype, device=hidden.device)
             vision.key_mask = vision.key_mask.masked_fill(~vision.live, torch.finfo(hidden.dtype).min)[:, None, None]
         return torch.cat([hidden[:, :prefix], kept.to(hidden.dtype)], 1)
 
+    def _refuse_flash_padding(self, attention: nn.Module) -> None:
+        impl = attention.config._attn_implementation
+        if "flash" in impl:
+            raise PruningError(
+                f"{self.strategy.name!r} keeps different token counts per image inside the vision encoder, "
+                f"which needs a key-padding mask; the {impl!r} backend takes none. Load the vision tower "
+                "with attn_implementation='sdpa'."
+            )
+
+    def _on_packed_layer(self, index: int, vision: VisionPass, args, kwargs):
+        """Packed encoder, before block ``index``: cut whole merge groups after block index-1 if it is a site;
+        every later block gets the rebuilt boundaries and rotary tables."""
+        packed, hidden = vision.packed, args[0]
+        site = self._site(Stage.VISION_LAYER, index - 1)
+        if site is not None:
+            if vision.layer_counts is None:
+                vision.layer_counts = vision.lengths()[:, None].repeat(1, len(self.adapter.vision_layers))
+            view = packed.view()
+            tokens, lengths = view.tokens(hidden)
+            keep = self._decide(self._image_context(site, tokens, vision, lengths, 0, view))
+            if keep is not None:
+                self._refuse_packed_merge(keep, site)
+                self._apply_to_images(vision, keep, str(site))
+                vision.layer_counts[:, site.layer + 1 :] = vision.lengths()[:, None]
+                mask = packed.keep_groups(view, keep.indices)
+                hidden = hidden[mask.to(hidden.device)]
+                packed.rebuild(kwargs["position_embeddings"], mask, kwargs.get("max_seqlen"))
+        if packed.block_kwargs is None:
+            return None
+        kwargs.update(packed.kwargs_for(self.adapter.block_windowed(index)))
+        return (hidden,) + tuple(args[1:]), kwargs
+
+    def _refuse_packed_merge(self, keep: Keep, site: Site) -> None:
+        if keep.features is not None or keep.order is not None:
+            raise PruningError(
+                f"{self.strategy.name} merged or reordered tokens at {site} on {self.adapter.describe()}; before the "
+                "PatchMerger the runtime keeps or drops whole 2x2 patch groups. Merge at projector_output instead."
+            )
+
+    def _capture_packed(self, source: BlockInput, module, args, kwargs) -> None:
+        """Signals of a packed encoder's attention: q, k, v from its own input, laid out per image."""
+        vision = self._vision
+        if vision is None or self.replaying:
+            return
+        hidden = args[0] if args else kwargs["hidden_states"]
+        q, k, v = self.adapter.vision_qkv(module, hidden, kwargs["position_embeddings"])
+        bounds = vision.packed.image_chunks()
+        (q, live), (k, _), (v, _) = (pad_images(t, bounds) for t in (q, k, v))
+        self._probe.record(source, module, q, k, v, live[:, None, None, :], module.scaling, (live, None))
+
     def _on_projector_input(self, module, args):
         vision = self._vision
         site = self._site(Stage.VISION_OUTPUT)
         if vision is None:
             vision = self._vision = VisionPass(pixel_values=None)
+        if vision.packed is not None:
+            return self._packed_projector_input(site, vision, args)
         features = args[0]
         n_images, n_tokens = features.shape[:2]
         if vision.images is None or len(vision.images) != n_images:  # no vision_layer site pruned in this pass
-            vision.images = [SampleTrack.full([n_tokens]) for _ in range(n_images)]
-            vision.events = []
+            self._new_units(vision, n_images, n_tokens)
         lengths = vision.lengths()
         if int(lengths.max()) != n_tokens:
             raise PruningError(
@@ -422,16 +497,34 @@ class PruningHandle:
                 f"{lengths.tolist()}; the features were not read from a layer after the last vision_layer site"
             )
         if site is None:
+            vision.projector_counts = lengths
             return None
         ctx = self._image_context(site, features, vision, lengths, self.adapter.vision_prefix_tokens)
         keep = self._decide_all(ctx)
         self._apply_to_images(vision, keep, str(site))
+        vision.projector_counts = vision.lengths()
         return (_assemble(features, keep),) + tuple(args[1:])
+
+    def _packed_projector_input(self, site: Site | None, vision: VisionPass, args):
+        vision.projector_counts = vision.lengths()
+        if site is None:
+            return None
+        packed, hidden = vision.packed, args[0]
+        view = packed.view()
+        tokens, lengths = view.tokens(hidden)
+        keep = self._decide_all(self._image_context(site, tokens, vision, lengths, 0, view))
+        self._refuse_packed_merge(keep, site)
+        self._apply_to_images(vision, keep, str(site))
+        mask = packed.keep_groups(view, keep.indices)
+        vision.projector_counts = vision.lengths()
+        return (hidden[mask.to(hidden.device)],) + tuple(args[1:])
 
     def _on_projector_output(self, module, args, output):
         vision = self._vision
         if vision is None or vision.images is None:
             return None
+        if vision.packed is not None:
+            return self._packed_projector_output(vision, output)
         site = self._site(Stage.PROJECTOR_OUTPUT)
         if site is not None:
             ctx = self._image_context(site, output, vision, vision.lengths(), self.adapter.vision_prefix_tokens)
@@ -446,18 +539,50 @@ class PruningHandle:
             full[u, d.kept.sort().values.to(full.device)] = output[u, : len(d.kept)]
         return full
 
-    def _image_context(self, site: Site, tokens: Tensor, vision: VisionPass, lengths: Tensor, prefix: int):
-        """Context over images; signal columns skip the encoder's prefix (CLS) tokens."""
+    def _packed_projector_output(self, vision: VisionPass, output: Tensor):
+        """Merged tokens (one per live group, encoder order) -> per image in raster order for a projector_output
+        site, then scattered back into every group's slot of the merger's unpruned output."""
+        packed = vision.packed
+        view = packed.view()
+        position = torch.zeros(len(packed.rows), dtype=torch.long)
+        position[:: packed.size] = torch.arange(len(packed.rows) // packed.size)  # merger output row of a group
+        per_image = [position[first] for first in view.first]
+        lengths = torch.tensor([len(p) for p in per_image])
+        tokens = output.new_zeros(len(per_image), int(lengths.max()), output.shape[-1])
+        for u, rows in enumerate(per_image):
+            tokens[u, : len(rows)] = output[rows.to(output.device)]
+        site = self._site(Stage.PROJECTOR_OUTPUT)
+        if site is not None:
+            keep = self._decide_all(self._image_context(site, tokens, vision, lengths, 0))
+            self._apply_to_images(vision, keep, str(site))
+            tokens = _assemble(tokens, keep)
+        if not vision.events:
+            return None
+        slot = packed.encoder_slot_of_group()
+        full = output.new_zeros(len(slot), output.shape[-1])
+        for u, d in enumerate(vision.images):
+            groups = int(packed.group_offsets[u]) + d.kept.sort().values
+            full[slot[groups].to(full.device)] = tokens[u, : len(d.kept)]
+        return full
+
+    def _image_context(self, site: Site, tokens: Tensor, vision: VisionPass, lengths: Tensor, prefix: int,
+                       view=None):
+        """Context over vision units; signal columns skip the encoder's prefix (CLS) tokens, and on a packed
+        encoder list each merge group's rows (``view``)."""
         n_images, n_tokens = tokens.shape[:2]
-        grids = [self.adapter.image_grid(d.span_length) if d.intact_single_image else None for d in vision.images]
+        grids = [d.grid if d.intact_single_image else None for d in vision.images]
         signals = None
         if site in self._scored:
-            columns = prefix + torch.arange(n_tokens).expand(n_images, n_tokens)
-            valid = torch.arange(n_tokens)[None] < lengths[:, None]
+            if view is not None:
+                columns, valid = view.columns()
+            else:
+                columns = prefix + torch.arange(n_tokens).expand(n_images, n_tokens)
+                valid = torch.arange(n_tokens)[None] < lengths[:, None]
             signals = self._signals(site, list(range(n_images)), columns, valid)
         return PruneContext(
             site=site, tokens=tokens, lengths=lengths, grids=grids, sample_of=list(range(n_images)),
             budget=self.strategy.budget, num_layers=len(self.adapter.vision_layers), signals=signals,
+            budget_units=self.adapter.budget_units(),
             _prefix_source=(lambda: vision.prefix) if vision.prefix is not None else None,
             _seed_source=vision.seed, _grid_source=lambda u: vision.images[u].grid_positions(self.adapter.image_grid),
         )
@@ -471,8 +596,17 @@ class PruningHandle:
 
     # --- multimodal model and LLM entry -----------------------------------------------------------
     def _on_multimodal(self, module, args, kwargs):
+        self._capture_inputs(kwargs)
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         self._span = self.adapter.image_token_mask(input_ids, kwargs.get("inputs_embeds"))
+
+    def _capture_inputs(self, kwargs: dict) -> None:
+        """Remember what the adapter needs to lay images out (LLaVA-NeXT's image_sizes), from whichever call
+        carries the pixels first (generate, the top model, the multimodal model)."""
+        if kwargs.get("pixel_values_videos") is not None:
+            raise PruningError("prunekit prunes image tokens; video inputs (pixel_values_videos) are not supported")
+        if kwargs.get("pixel_values") is not None:
+            self._inputs = self.adapter.capture_vision_inputs(kwargs)
 
     def _on_llm_entry(self, module, args, kwargs):
         embeds = kwargs.get("inputs_embeds")
@@ -503,27 +637,27 @@ class PruningHandle:
         mask = torch.ones(batch, length, dtype=torch.bool, device=device) if mask is None else mask.to(torch.bool)
         if mask.dim() != 2:
             raise PruningError("prunekit needs a 2-D attention_mask (batch, length); got a prepared 4-D mask")
-        positions = kwargs.get("position_ids")
-        if positions is None:
-            positions = torch.arange(length, device=device).unsqueeze(0)
-        positions = positions.expand(batch, length)
+        positions = self.adapter.positions_in(kwargs.get("position_ids"), batch, length, device)
         entry = Segment(0, mask, positions, span & mask, torch.zeros(batch, dtype=torch.long, device=device),
                         types=_token_types(span, mask))
 
         trace = PruneTrace(
             strategy=self.strategy.name, batch_size=batch, num_llm_layers=self.adapter.num_llm_layers,
-            budget=self.strategy.budget, position_policy=self.strategy.position_policy, replayed=self.replaying,
+            budget=self.strategy.budget, position_policy=self.policy, replayed=self.replaying,
         )
+        if self.policy != self.strategy.position_policy:
+            trace.notes.append(f"{self.adapter.family} uses 3-D M-RoPE positions: kept tokens keep their original "
+                               f"positions (the strategy's policy is {self.strategy.position_policy!r})")
         vision, self._vision = self._vision, None
         trace.samples, sample_images = self._sample_tracks(span, vision, trace)
         keep = ~entry.visual
         for b, track in enumerate(trace.samples):
             slots = entry.visual[b].nonzero().squeeze(1)
             keep[b, slots[track.kept.to(device)]] = True
-        index, entry = entry.select(keep, self.strategy.position_policy, start_layer=0)
+        index, entry = entry.select(keep, self.policy, start_layer=0)
         kwargs["inputs_embeds"] = take(embeds, index)
         kwargs["attention_mask"] = entry.mask.long()
-        kwargs["position_ids"] = entry.positions
+        kwargs["position_ids"] = self.adapter.positions_out(entry.positions)
         counts = entry.visual_counts().cpu()
         trace.llm_layer_counts = counts.unsqueeze(1).repeat(1, self.adapter.num_llm_layers)
         active = bool(span.any())
@@ -537,7 +671,8 @@ class PruningHandle:
         )
 
     def _sample_tracks(self, span: Tensor, vision: VisionPass | None, trace: PruneTrace):
-        """Match the vision pass's images to samples (they fill the placeholders in batch order)."""
+        """Lay the vision pass's units out as images (adapter.image_layouts) and match images to samples (they
+        fill the placeholders in batch order). Returns the sample tracks and each sample's vision units."""
         counts = span.sum(1).tolist()
         vision_sites = [s for s in self.sites if s.stage is not Stage.LLM_LAYER]
         if vision is None or vision.images is None:
@@ -548,39 +683,63 @@ class PruningHandle:
                     "Pass pixel_values so prunekit can prune the image features."
                 )
             return [SampleTrack.full([c] if c else []) for c in counts], [[] for _ in counts]
-        remaining = list(range(len(vision.images)))
-        tracks, sample_images = [], []
+        images = self._images(vision)
+        remaining = list(range(len(images)))
+        tracks, sample_units, sample_images = [], [], []
         for b, count in enumerate(counts):
             mine, total = [], 0
             while total < count and remaining:
-                u = remaining.pop(0)
-                mine.append(u)
-                total += vision.images[u].span_length
+                i = remaining.pop(0)
+                mine.append(i)
+                total += images[i].track.span_length
             if total != count:
                 raise PruningError(
                     f"sample {b} has {count} image tokens but its images give {total} features; "
                     "prompt placeholders and images do not line up"
                 )
-            tracks.append(SampleTrack.from_images([vision.images[u] for u in mine]))
+            tracks.append(SampleTrack.from_images([images[i].track for i in mine]))
             sample_images.append(mine)
+            sample_units.append([u for i in mine for u in images[i].units])
+        trace.vision_units = [len(units) for units in sample_units]
+        trace.vision_tokens = [sum(vision.images[u].span_length for u in units) for units in sample_units]
+        trace.merge_size = self.adapter.merge_size
+        if vision.projector_counts is not None:
+            trace.projector_tokens = [int(vision.projector_counts[units].sum()) for units in sample_units]
         layers = len(self.adapter.vision_layers)
-        per_image = vision.layer_counts
-        if per_image is None:
-            per_image = torch.tensor([[d.span_length] * layers for d in vision.images], dtype=torch.long).reshape(-1, layers)
+        per_unit = vision.layer_counts
+        if per_unit is None:
+            per_unit = torch.tensor([[d.span_length] * layers for d in vision.images], dtype=torch.long).reshape(-1, layers)
+        per_unit = per_unit * self.adapter.merge_size  # encoder rows (patches), not merge groups
         trace.vision_layer_counts = torch.stack(
-            [per_image[mine].sum(0) if mine else torch.zeros(layers, dtype=torch.long) for mine in sample_images]
+            [per_unit[units].sum(0) if units else torch.zeros(layers, dtype=torch.long) for units in sample_units]
         )
-        offset = {}  # each image's start in its sample's span
-        for mine in sample_images:
-            start = 0
-            for u in mine:
-                offset[u], start = start, start + vision.images[u].span_length
-        for site, n_in, kept in vision.events:
-            per_in = [sum(n_in[u] for u in mine) for mine in sample_images]
-            per_kept = [torch.cat([offset[u] + kept[u] for u in mine]) if mine else torch.zeros(0, dtype=torch.long)
-                        for mine in sample_images]
-            trace.events.append(StageEvent(site, per_in, [len(k) for k in per_kept], per_kept))
-        return tracks, sample_images
+        for e, (site, n_in, kept) in enumerate(vision.events):  # counts per unit token, survivors as span positions
+            per_in = [sum(n_in[u] for u in units) for units in sample_units]
+            per_out = [sum(len(kept[u]) for u in units) for units in sample_units]
+            per_kept = []
+            for mine in sample_images:
+                start, parts = 0, []
+                for i in mine:
+                    parts.append(start + images[i].span_of(kept, e))
+                    start += images[i].track.span_length
+                per_kept.append(torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long))
+            trace.events.append(StageEvent(site, per_in, per_out, per_kept))
+        return tracks, sample_units
+
+    def _images(self, vision: VisionPass) -> list["_Image"]:
+        """The pass's images: each one's units and its track over its placeholder span."""
+        unit_tokens = [d.span_length for d in vision.images]
+        layouts = self.adapter.image_layouts(unit_tokens, self._inputs)
+        if sum(lay.units for lay in layouts) != len(vision.images):
+            raise PruningError(f"the vision pass has {len(vision.images)} units but the images' layout needs "
+                               f"{sum(lay.units for lay in layouts)}; inputs and images do not line up")
+        images, start = [], 0
+        newlines = self.strategy.image_newlines == "keep" or not vision.events
+        for lay in layouts:
+            units = list(range(start, start + lay.units))
+            start += lay.units
+            images.append(_Image(lay, units, [vision.images[u] for u in units], newlines))
+        return images
 
     def _start_decode(self, embeds: Tensor, kwargs: dict, cache) -> None:
         prefill = self._prefill
@@ -612,11 +771,11 @@ class PruningHandle:
         positions = kwargs.get("position_ids")
         if positions is None:
             positions = torch.arange(q, device=embeds.device) + prefill.length_orig + generated
-        positions = positions.expand(batch, q)
+        positions = self.adapter.positions_in(positions, batch, q, embeds.device)
         prefill.step += 1
         prefill.step_positions, prefill.step_tail = positions, tail
         kwargs["attention_mask"] = torch.cat([entry.mask, tail], dim=1).long()
-        kwargs["position_ids"] = positions - entry.shift[:, None]
+        kwargs["position_ids"] = self.adapter.positions_out(positions - entry.shift[:, None, None])
 
     # --- decoder layers (llm_layer sites) ---------------------------------------------------------
     def _on_decoder_layer(self, index: int, module, args, kwargs):
@@ -652,10 +811,7 @@ class PruningHandle:
             unit_slots = slots[units]
             tokens = take(hidden, unit_slots)
             lengths = valid[units].sum(1).cpu()
-            grids = [
-                self.adapter.image_grid(trace.samples[b].span_length) if trace.samples[b].intact_single_image else None
-                for b in units
-            ]
+            grids = [_sample_grid(trace.samples[b], self.adapter) for b in units]
             signals = self._signals(site, units, unit_slots, valid[units])
             ctx = PruneContext(
                 site=site, tokens=tokens, lengths=lengths, grids=grids, sample_of=units,
@@ -679,7 +835,7 @@ class PruningHandle:
                 if decision.features is not None:
                     hidden[b, unit_slots[u, idx]] = decision.features[u].to(hidden.dtype)
                 trace.samples[b].select(*_in_sequence_order(decision, u))
-        policy = self.strategy.position_policy
+        policy = self.policy
         if mask_only:
             segment = current.mask_out(keep, policy, start_layer=site.layer)
             trace.notes.append(f"{site}: dropped tokens masked out, not removed; every later layer still computes "
@@ -712,7 +868,7 @@ class PruningHandle:
         """(U, R, N) RoPE-only score between the text queries and the visual keys of the scored layer
         (decoder layer k-1, which ran on ``current``), times that layer's scaling."""
         text, _ = _text_rows(current, units)
-        positions = current.positions.expand(current.mask.shape)[units]
+        positions = current.positions[units]
         gravity = self.adapter.rope_gravity(hidden, take(positions, text), take(positions, unit_slots))
         return gravity * self.adapter.llm_attention(site.layer - 1).scaling
 
@@ -728,8 +884,8 @@ class PruningHandle:
             mask2d, positions = segment.mask, segment.positions
         else:
             mask2d = torch.cat([segment.mask, prefill.step_tail], dim=1)
-            positions = prefill.step_positions - segment.shift[:, None]
-        out = {"position_ids": positions}
+            positions = prefill.step_positions - segment.shift[:, None, None]
+        out = {"position_ids": self.adapter.layer_position_ids(positions)}
         if is_prefill or not torch.equal(segment.shift, prefill.entry.shift):
             out["position_embeddings"] = self.adapter.rope(hidden, positions)
         out["attention_mask"] = create_causal_mask(
@@ -740,6 +896,7 @@ class PruningHandle:
 
     # --- guards -----------------------------------------------------------------------------------
     def _on_top_forward(self, module, args, kwargs):
+        self._capture_inputs(kwargs)
         if kwargs.get("labels") is not None:
             raise PruningError(
                 "labels are not supported with pruning attached: the pruned sequence no longer lines up with "
@@ -768,9 +925,17 @@ class PruningHandle:
                     f"cache_implementation={setting('cache_implementation')!r} is not supported: pruning gives "
                     "layers KV caches of different lengths, which needs the dynamic cache"
                 )
+            self._capture_inputs(kwargs)
             return generate(*args, **kwargs)
 
         return guarded
+
+
+def _sample_grid(track: SampleTrack, adapter: ModelAdapter) -> tuple[int, int] | None:
+    """The patch grid of a sample that is one intact image, else None."""
+    if not track.intact_single_image:
+        return None
+    return track.grid if track.grids is not None else adapter.image_grid(track.span_length)
 
 
 def _token_types(span: Tensor, mask: Tensor) -> Tensor:
@@ -867,3 +1032,51 @@ def _assemble(tokens: Tensor, keep: Keep) -> Tensor:
     for u, idx in enumerate(keep.indices):
         out[u, : len(idx)] = keep.features[u].to(tokens.dtype) if keep.features is not None else tokens[u, idx]
     return out
+
+
+class _Image:
+    """One image of a vision pass: its vision units and its track over its placeholder span.
+
+    With an identity layout (one unit, tokens in span order) the unit's track is the image's track. Otherwise
+    (LLaVA-NeXT) each unit's outputs fill its surviving token slots in slot order, the model's layout moves
+    slots into the span (or drops them: unpadding), and the image's track lists the occupied span positions in
+    span order, each with the span positions of its members (members the layout dropped are left out). Tokens
+    no unit produced (row newlines) stay when ``newlines``.
+    """
+
+    def __init__(self, layout: ImageLayout, units: list[int], tracks: list[SampleTrack], newlines: bool):
+        self.layout, self.units, self.newlines = layout, units, newlines
+        if layout.is_identity:
+            self.track = tracks[0]
+            return
+        n, source = layout.tokens, layout.source
+        self._span_of = torch.full((layout.units * n,), -1, dtype=torch.long)
+        placed = (source >= 0).nonzero().squeeze(1)
+        self._span_of[source[placed]] = placed
+        occupant = {}
+        for c, d in enumerate(tracks):  # output j of a unit fills its j-th surviving slot
+            for slot, members in zip(d.kept.sort().values.tolist(), d.members):
+                occupant[c * n + slot] = c * n + members
+        kept, members = [], []
+        for p, s in enumerate(source.tolist()):
+            if s < 0 and newlines:
+                kept.append(p)
+                members.append(torch.tensor([p]))
+            elif s in occupant:
+                m = self._span_of[occupant[s]]
+                kept.append(p)
+                members.append(m[m >= 0].sort().values)
+        length = layout.span_length
+        self.track = SampleTrack(length, torch.zeros(length, dtype=torch.long), torch.tensor(kept, dtype=torch.long),
+                                 members, [layout.grid])
+
+    def span_of(self, kept: list[Tensor], event: int) -> Tensor:
+        """Span positions alive after a vision event, given each unit's kept token indices."""
+        if self.layout.is_identity:
+            return kept[self.units[0]]
+        n = self.layout.tokens
+        tokens = torch.cat([c * n + kept[u] for c, u in enumerate(self.units)])
+        span = self._span_of[tokens]
+        if self.newlines:
+            span = torch.cat([span, (self.layout.source < 0).nonzero().squeeze(1)])
+        return span[span >= 0].sort().values

@@ -44,7 +44,7 @@ class Segment:
 
     start_layer: int
     mask: Tensor  # (B, L) bool: live (non-padding) slots of the prefill part
-    positions: Tensor  # (B, L) long: positions of the slots under the policy
+    positions: Tensor  # (B, L, C) long: positions of the slots under the policy (C = 3 for M-RoPE, else 1)
     visual: Tensor  # (B, L) bool: slots holding live visual tokens
     shift: Tensor  # (B,) long: original position - this segment's position, for decode steps
     types: Tensor | None = None  # (B, L) TokenType codes of the slots (pad / system / image / text)
@@ -84,7 +84,7 @@ class Segment:
     def _positions(self, dropped: Tensor, policy: str) -> tuple[Tensor, Tensor]:
         """Positions and decode shift after dropping ``dropped`` under ``policy``."""
         if policy == "compact":
-            return self.positions - dropped.cumsum(1), self.shift + dropped.sum(1)
+            return self.positions - dropped.cumsum(1)[..., None], self.shift + dropped.sum(1)
         if policy != "original":
             raise ValueError(f"unknown position policy {policy!r}; use 'compact' or 'original'")
         return self.positions, self.shift

@@ -1,0 +1,155 @@
+"""Qwen2-VL and Qwen2.5-VL: a packed ViT (all images as one flat sequence, ``cu_seqlens``), a 2x2 PatchMerger,
+3-D M-RoPE positions in the language model, and (2.5) window attention in most ViT blocks.
+
+What the runtime needs to know, and nothing else, lives here:
+
+- the vision units are images; the language model's visual token is a merge group of ``merge_size`` = 4
+  consecutive encoder patches (the image processor orders patches block-major), so vision-side decisions are
+  taken per group and keep groups whole;
+- Qwen2.5-VL permutes groups into window order before the blocks (``window_index``) and undoes it after the
+  merger: ``PackedImages.row_group`` maps every encoder row to its group in raster order, ``row_window`` to
+  its attention window, so a pruned sequence can rebuild ``cu_seqlens`` / ``cu_window_seqlens``;
+- positions are (3, B, L) M-RoPE ids (4 rows with a leading text row under ``generate``); the runtime keeps
+  kept tokens' original ids, so decoding continues from ``rope_deltas`` of the full prompt, as the references do.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .base import ModelAdapter, register_adapter
+
+
+@dataclass
+class PackedImages:
+    """The geometry of one packed vision pass (one row per image of ``grid_thw``)."""
+
+    patches: list[int]  # encoder rows (patches) per image
+    grids: list[tuple[int, int]]  # per image: its merge-group grid (rows, cols), the LLM tokens' raster grid
+    row_group: Tensor  # (rows,) long: global group id (image-major, raster within the image) of each encoder row
+    row_window: Tensor | None  # (rows,) long: attention window of each encoder row (Qwen2.5-VL), else None
+
+    @property
+    def groups(self) -> list[int]:
+        return [r * c for r, c in self.grids]
+
+
+@register_adapter
+class Qwen2VLAdapter(ModelAdapter):
+    family = "qwen2-vl"
+    model_classes = ("Qwen2VLForConditionalGeneration",)
+    packed_vision = True
+    mrope = True
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        self.merge = self.vision_tower.spatial_merge_size
+        self.merge_size = self.merge**2
+
+    @property
+    def multimodal_model(self) -> nn.Module:
+        return self.model.model
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self.model.model.visual
+
+    @property
+    def vision_layers(self) -> nn.ModuleList:
+        return self.vision_tower.blocks
+
+    def vision_attention(self, layer: int) -> nn.Module:
+        return self.vision_layers[layer].attn
+
+    def vision_input_norm(self, layer: int) -> nn.Module:
+        return self.vision_layers[layer].norm1
+
+    @property
+    def vision_feature_layer(self) -> int:
+        return len(self.vision_layers) - 1  # the merger reads the last block's output
+
+    @property
+    def projector(self) -> nn.Module:
+        return self.vision_tower.merger
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.model.model.language_model
+
+    def image_token_mask(self, input_ids: Tensor | None, inputs_embeds: Tensor | None) -> Tensor:
+        return self._placeholder_mask(
+            self.language_model.embed_tokens, self.model.config.image_token_id, input_ids, inputs_embeds
+        )
+
+    def tokens_per_image(self) -> None:
+        return None  # dynamic resolution
+
+    def image_grid(self, n_tokens: int) -> None:
+        return None  # not square in general: grids come from image_grid_thw (unit_grid)
+
+    # --- the packed encoder -----------------------------------------------------------------------
+    def packed_images(self, grid_thw: Tensor) -> PackedImages:
+        thw = grid_thw.tolist()
+        if any(t != 1 for t, _, _ in thw):
+            from ..runtime.attach import PruningError
+
+            raise PruningError("prunekit prunes images on Qwen2-VL; this vision pass has a video (grid t > 1)")
+        patches = [h * w for _, h, w in thw]
+        grids = [(h // self.merge, w // self.merge) for _, h, w in thw]
+        rows = torch.arange(sum(patches))
+        row_group, row_window = self._encoder_order(grid_thw, rows)
+        return PackedImages(patches, grids, row_group, row_window)
+
+    def _encoder_order(self, grid_thw: Tensor, rows: Tensor) -> tuple[Tensor, Tensor | None]:
+        return rows // self.merge_size, None  # block-major patches, images one after another
+
+    def block_windowed(self, layer: int) -> bool:
+        """Whether vision block ``layer`` attends within windows (``cu_window_seqlens``) rather than images."""
+        return False
+
+    def vision_qkv(self, module: nn.Module, hidden: Tensor, position_embeddings) -> tuple[Tensor, Tensor, Tensor]:
+        """(rows, H, d) q, k (rotated) and v of vision attention ``module`` on its input ``hidden`` (rows, D)."""
+        q, k, v = module.qkv(hidden).reshape(hidden.shape[0], 3, module.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        rotate = sys.modules[type(module).__module__].apply_rotary_pos_emb_vision
+        q, k = rotate(q, k, *position_embeddings)
+        return q, k, v
+
+    # --- positions: (3, B, L) M-RoPE ids ----------------------------------------------------------
+    def positions_in(self, position_ids: Tensor | None, batch: int, length: int, device) -> Tensor:
+        if position_ids is None:
+            position_ids = torch.arange(length, device=device)
+        if position_ids.dim() == 3 and position_ids.shape[0] == 4:  # generate's leading text row
+            position_ids = position_ids[1:]
+        if position_ids.dim() < 3:
+            position_ids = position_ids.expand(batch, length)[None].expand(3, batch, length)
+        return position_ids.expand(3, batch, length).permute(1, 2, 0)
+
+    def positions_out(self, positions: Tensor) -> Tensor:
+        return positions.permute(2, 0, 1)
+
+    def layer_position_ids(self, positions: Tensor) -> None:
+        return None  # the language model passes its layers no ids for (3, B, L) positions
+
+
+@register_adapter
+class Qwen2_5_VLAdapter(Qwen2VLAdapter):
+    family = "qwen2.5-vl"
+    model_classes = ("Qwen2_5_VLForConditionalGeneration",)
+
+    def _encoder_order(self, grid_thw: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+        from transformers.vision_utils import get_vision_window_index
+
+        tower = self.vision_tower
+        window_index, cu_windows = get_vision_window_index(
+            grid_thw.cpu(), spatial_merge_size=tower.spatial_merge_size, window_size=tower.window_size,
+            patch_size=tower.patch_size)
+        row_group = window_index.cpu()[rows // self.merge_size]
+        cu = torch.as_tensor(cu_windows).cpu().long()
+        row_window = torch.bucketize(rows, cu[1:], right=True)
+        return row_group, row_window
+
+    def block_windowed(self, layer: int) -> bool:
+        return layer not in self.vision_tower.fullatt_block_indexes

@@ -1,0 +1,145 @@
+"""Packed vision encoders (Qwen2-VL / Qwen2.5-VL): all images as one flat sequence delimited by ``cu_seqlens``.
+
+The runtime prunes such an encoder at the granularity of the language model's visual tokens: merge groups
+of ``merge_size`` consecutive encoder rows (the 2x2 PatchMerger's input), kept or dropped whole, so every
+merged token still covers one 2x2 window. ``PackedState`` follows which original encoder rows are still in
+the flat sequence and rebuilds what the blocks take for it: ``cu_seqlens`` per image, ``cu_window_seqlens``
+per attention window (Qwen2.5-VL), the sliced rotary tables, ``max_seqlen`` where the backend wants one.
+A group is presented to strategies as the mean of its rows (tokens, keys, values) and the attention it
+receives as the sum over its rows; groups are listed in raster order of the image's group grid, whatever
+the encoder's own order (Qwen2.5-VL's window order).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..adapters.qwen2_vl import PackedImages
+
+
+@dataclass
+class GroupView:
+    """The live merge groups of each image, in raster order, over a flat (rows, D) sequence."""
+
+    first: list[Tensor]  # per image: flat position of each live group's first row (raster order of groups)
+    groups: list[Tensor]  # per image: local group id of each live group (ascending)
+    starts: list[int]  # per image: flat position of its first live row (its rows are contiguous)
+    size: int  # rows per group
+
+    def tokens(self, hidden: Tensor) -> tuple[Tensor, Tensor]:
+        """(U, G, D) group means (zero-padded) and (U,) live group counts."""
+        lengths = torch.tensor([len(f) for f in self.first])
+        out = hidden.new_zeros(len(self.first), int(lengths.max()) if len(lengths) else 0, hidden.shape[-1])
+        for u, first in enumerate(self.first):
+            rows = first.to(hidden.device)[:, None] + torch.arange(self.size, device=hidden.device)
+            out[u, : len(first)] = hidden[rows].mean(1)
+        return out, lengths
+
+    def columns(self) -> tuple[Tensor, Tensor]:
+        """(U, G, size) positions of each group's rows inside its image's chunk, and (U, G) validity."""
+        n = max((len(f) for f in self.first), default=0)
+        cols = torch.zeros(len(self.first), n, self.size, dtype=torch.long)
+        valid = torch.zeros(len(self.first), n, dtype=torch.bool)
+        for u, first in enumerate(self.first):
+            cols[u, : len(first)] = (first - self.starts[u])[:, None] + torch.arange(self.size)
+            valid[u, : len(first)] = True
+        return cols, valid
+
+
+@dataclass
+class PackedState:
+    images: PackedImages
+    size: int  # encoder rows per merge group
+    rows: Tensor = field(init=False)  # original encoder rows still in the flat sequence, in its order
+    image_of_row: Tensor = field(init=False)
+    group_offsets: Tensor = field(init=False)
+    block_kwargs: dict | None = None  # {"full": cu_seqlens, "window": cu_window_seqlens, "pos": (cos, sin)}
+
+    def __post_init__(self):
+        patches = torch.tensor(self.images.patches)
+        self.rows = torch.arange(int(patches.sum()))
+        self.image_of_row = torch.repeat_interleave(torch.arange(len(patches)), patches)
+        self.group_offsets = F.pad(torch.tensor(self.images.groups).cumsum(0), (1, 0))
+
+    def pixels(self, pixel_values: Tensor, image: int) -> Tensor:
+        start = sum(self.images.patches[:image])
+        return pixel_values[start : start + self.images.patches[image]]
+
+    def view(self) -> GroupView:
+        image = self.image_of_row[self.rows]
+        local = self.images.row_group[self.rows] - self.group_offsets[image]
+        first, groups, starts = [], [], []
+        for u in range(len(self.images.patches)):
+            where = (image == u).nonzero().squeeze(1)
+            heads = where[:: self.size]  # a group's rows are consecutive in the encoder's order
+            order = torch.argsort(local[heads])
+            first.append(heads[order])
+            groups.append(local[heads][order])
+            starts.append(int(where[0]) if len(where) else 0)
+        return GroupView(first, groups, starts, self.size)
+
+    def keep_groups(self, view: GroupView, kept: list[Tensor]) -> Tensor:
+        """Keep, per image, the live groups at positions ``kept[u]`` (indices into ``view.groups[u]``); returns the
+        (rows,) bool mask of surviving flat positions and updates ``rows``."""
+        mask = torch.zeros(len(self.rows), dtype=torch.bool)
+        for u, idx in enumerate(kept):
+            first = view.first[u][idx.cpu()]
+            mask[(first[:, None] + torch.arange(self.size)).reshape(-1)] = True
+        self.rows = self.rows[mask]
+        return mask
+
+    def rebuild(self, position_embeddings: tuple[Tensor, Tensor], mask: Tensor, max_seqlen) -> None:
+        """The blocks' kwargs for the current rows: sliced rotary tables and new sequence boundaries."""
+        device = position_embeddings[0].device
+        cos, sin = (t[mask.to(t.device)] for t in position_embeddings)
+        image = self.image_of_row[self.rows]
+        full = _cumulative(torch.bincount(image, minlength=len(self.images.patches)))
+        window = None
+        if self.images.row_window is not None:
+            _, counts = torch.unique_consecutive(self.images.row_window[self.rows], return_counts=True)
+            window = _cumulative(counts)
+        self.block_kwargs = {
+            "full": full.to(device), "window": None if window is None else window.to(device), "pos": (cos, sin),
+            "max_full": None if max_seqlen is None else _longest(full),
+            "max_window": None if max_seqlen is None or window is None else _longest(window),
+        }
+
+    def kwargs_for(self, windowed: bool) -> dict:
+        kw = self.block_kwargs
+        which = "window" if windowed and kw["window"] is not None else "full"
+        out = {"cu_seqlens": kw[which], "position_embeddings": kw["pos"]}
+        if kw["max_" + which] is not None:
+            out["max_seqlen"] = kw["max_" + which]
+        return out
+
+    def image_chunks(self) -> Tensor:
+        """(images + 1,) boundaries of each image's rows in the current flat sequence."""
+        image = self.image_of_row[self.rows]
+        return _cumulative(torch.bincount(image, minlength=len(self.images.patches)))
+
+    def encoder_slot_of_group(self) -> Tensor:
+        """(groups,) where each group (global raster id) sits in the merger's unpruned output (window order on 2.5)."""
+        return torch.argsort(self.images.row_group[:: self.size])
+
+
+def _cumulative(counts: Tensor) -> Tensor:
+    return F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
+
+
+def _longest(cu: Tensor) -> int:
+    return int((cu[1:] - cu[:-1]).max()) if len(cu) > 1 else 0
+
+
+def pad_images(x: Tensor, bounds: Tensor) -> tuple[Tensor, Tensor]:
+    """(rows, H, d) flat -> (images, H, n_max, d) zero-padded, and the (images, n_max) live mask."""
+    lengths = (bounds[1:] - bounds[:-1]).tolist()
+    n = max(lengths, default=0)
+    out = x.new_zeros(len(lengths), x.shape[1], n, x.shape[2])
+    live = torch.zeros(len(lengths), n, dtype=torch.bool, device=x.device)
+    for u, (start, length) in enumerate(zip(bounds[:-1].tolist(), lengths)):
+        out[u, :, :length] = x[start : start + length].transpose(0, 1)
+        live[u, :length] = True
+    return out, live

@@ -1,0 +1,78 @@
+"""Which strategy runs on which model family: ``prunekit.support_matrix()`` and the table in docs/support.md.
+
+Every registered strategy is built at its defaults (its paper setting) and attached to a structural twin of
+each family: a tiny random-weight model of the family's own class with the real checkpoint's depths and
+token counts (LLaVA-1.5-7B: 24 CLIP layers, 576 tokens, 32 LM layers; LLaVA-NeXT: the same CLIP tower in
+anyres; Qwen2-VL / 2.5-VL-7B: 32 ViT blocks, 28 LM layers, 2.5's full-attention blocks 7/15/23/31). attach()
+checks everything that depends on the model (sites, signals, budgets, the strategy's own ``supports``), so a
+refusal here is the refusal a real checkpoint gets, with the same message.
+
+    python -m prunekit.support            # print the markdown table (docs/support.md holds a copy; a test
+                                          # keeps the two equal)
+"""
+from __future__ import annotations
+
+import functools
+
+from .registry import build_strategy, list_strategies
+from .runtime import PruningError, attach
+
+VARIANTS = {  # strategies whose support depends on a knob: extra rows besides their defaults
+    "pooling (stage=projector_output)": {"name": "pooling", "stage": "projector_output"},
+    "pooling (stage=llm_layer)": {"name": "pooling", "stage": "llm_layer"},
+}
+
+
+@functools.cache
+def family_models() -> dict:
+    """family -> a structural twin of its 7B checkpoint (random weights, tiny widths)."""
+    from .tiny import build_tiny_llava, build_tiny_llava_next, build_tiny_qwen2_5_vl, build_tiny_qwen2_vl
+
+    return {
+        "llava-1.5": build_tiny_llava(image_size=336, vision_layers=24, text_layers=32)[0],
+        "llava-next": build_tiny_llava_next(image_size=336, vision_layers=24, text_layers=32)[0],
+        "qwen2-vl": build_tiny_qwen2_vl(vision_layers=32, text_layers=28)[0],
+        "qwen2.5-vl": build_tiny_qwen2_5_vl(vision_layers=32, text_layers=28, fullatt_block_indexes=[7, 15, 23, 31])[0],
+    }
+
+
+def support_matrix(strategies: dict | None = None) -> dict[str, dict[str, str | None]]:
+    """{row: {family: None if it attaches, else the reason attach() gives}}.
+
+    ``strategies`` maps row names to a strategy name or a config dict; default: every registered strategy at
+    its defaults plus ``VARIANTS``.
+    """
+    rows = strategies if strategies is not None else {**{n: n for n in list_strategies()}, **VARIANTS}
+    matrix = {}
+    for row, spec in rows.items():
+        matrix[row] = {}
+        for family, model in family_models().items():
+            try:
+                attach(model, build_strategy(spec)).detach()
+                matrix[row][family] = None
+            except (PruningError, ValueError) as err:
+                matrix[row][family] = str(err)
+    return matrix
+
+
+def support_table(matrix: dict[str, dict[str, str | None]] | None = None) -> str:
+    """The matrix as markdown: a yes/no table, then each refusal's reason."""
+    matrix = support_matrix() if matrix is None else matrix
+    families = list(next(iter(matrix.values())))
+    lines = ["| strategy | " + " | ".join(families) + " |", "|---|" + "---|" * len(families)]
+    reasons = []
+    for row, cells in matrix.items():
+        marks = []
+        for family in families:
+            if cells[family] is None:
+                marks.append("yes")
+            else:
+                reasons.append(f"- **{row}** on {family}: {cells[family]}")
+                marks.append(f"no ({len(reasons)})")
+        lines.append(f"| {row} | " + " | ".join(marks) + " |")
+    return "\n".join(lines + ["", "Refusals, as attach() words them:", ""]
+                     + [f"{i}. {r[2:]}" for i, r in enumerate(reasons, 1)]) + "\n"
+
+
+if __name__ == "__main__":
+    print(support_table(), end="")

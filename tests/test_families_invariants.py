@@ -1,0 +1,295 @@
+"""DESIGN.md invariants on the other model families: LLaVA-NeXT (anyres crops, unpadding, newlines) and
+Qwen2-VL / Qwen2.5-VL (packed ViT, 2x2 merge groups, window attention, 3-D M-RoPE), for every strategy that
+supports the family, at batch 1 and batch 4 with left padding and images of different sizes, with and without
+the KV cache. (LLaVA-1.5: tests/test_invariants.py.)"""
+import pytest
+import torch
+
+import prunekit
+from prunekit.tiny import build_tiny_llava_next, build_tiny_qwen2_5_vl, build_tiny_qwen2_vl, synthetic_image
+from helpers import QUESTIONS, generate_positions, prompt
+
+FAMILIES = {
+    "llava-next": (build_tiny_llava_next, [(224, 112), (112, 112), (200, 150), (112, 224)], 40),
+    "qwen2-vl": (build_tiny_qwen2_vl, [(224, 224), (224, 112), (200, 150), (112, 224)], 12),
+    "qwen2.5-vl": (build_tiny_qwen2_5_vl, [(224, 224), (224, 112), (200, 150), (112, 224)], 12),
+}
+
+
+def specs(family: str, budget: int) -> dict:
+    common = {
+        "keep_all@vision_layer1": dict(name="keep_all", stage="vision_layer", layer=1),
+        "keep_all@vision_output": dict(name="keep_all"),
+        "keep_all@projector_output": dict(name="keep_all", stage="projector_output"),
+        "keep_all@llm2": dict(name="keep_all", stage="llm_layer", layer=2),
+        "random@vision_layer1": dict(name="random", budget=budget, stage="vision_layer", layer=1),
+        "random@vision_output": dict(name="random", budget=budget),
+        "random@projector_output": dict(name="random", budget=budget, stage="projector_output"),
+        "random@llm2-compact": dict(name="random", budget=budget, stage="llm_layer", layer=2, positions="compact"),
+        "flowcut": dict(name="flowcut", budget=budget),
+        "fastv@llm2": dict(name="fastv", budget=budget, layer=2),
+        "fastv-all@llm1": dict(name="fastv", budget=budget, layer=1, query="all"),
+        "fastv-mask@llm2": dict(name="fastv", budget=budget, layer=2, variant="mask"),
+        "pdrop@llm1+2+3": dict(name="pdrop", budget=budget, convention="n_final", layer_list=[1, 2, 3]),
+        "sparsevlm-v1.5": dict(name="sparsevlm", budget=budget),
+        "sparsevlm-v2": dict(name="sparsevlm", version="v2", budget=budget),
+        "dart@llm2": dict(name="dart", budget=budget, layer=2),
+        "divprune": dict(name="divprune", budget=budget),
+        "pooling@projector_output": dict(name="pooling", budget=4, stage="projector_output"),
+    }
+    if family == "llava-next":
+        common.update({
+            "pooling@vision_layer1": dict(name="pooling", budget=20, stage="vision_layer", layer=1),
+            "fastervlm": dict(name="fastervlm", budget=budget),
+            "visionzip": dict(name="visionzip", budget=budget),
+        })
+    return common
+
+
+CASES = [(f, k) for f in FAMILIES for k in specs(f, FAMILIES[f][2])]
+KEEP_ALL = [(f, k) for f, k in CASES if k.startswith("keep_all")]
+PRUNING = [(f, k) for f, k in CASES if not k.startswith("keep_all")]
+
+
+@pytest.fixture(scope="module")
+def families():
+    built = {}
+    for name, (build, sizes, budget) in FAMILIES.items():
+        model, processor = build()
+        processor.tokenizer.padding_side = "left"
+        built[name] = (model, processor, sizes, budget)
+    return built
+
+
+def batch(processor, sizes, indices):
+    texts = [prompt(processor, QUESTIONS[i % len(QUESTIONS)]) for i in indices]
+    images = [synthetic_image(100 + i, sizes[i % len(sizes)]) for i in indices]
+    return processor(images=images, text=texts, return_tensors="pt", padding=True)
+
+
+def forward_kwargs(family, x):
+    """Inputs as generate's prefill sees them (LLaVA-NeXT: positions from the mask; Qwen: M-RoPE from the ids)."""
+    return dict(x) if family.startswith("qwen") else {**x, "position_ids": generate_positions(x["attention_mask"])}
+
+
+def greedy(model, x, steps=3):
+    out = model.generate(**x, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                         output_logits=True, return_dict_in_generate=True)
+    return out.sequences[:, x["input_ids"].shape[1]:], torch.stack(out.logits, 1)
+
+
+def recompute_last_logits(family, model, x, generated):
+    """No cache: the prompt plus the tokens generated so far in one forward."""
+    ids = torch.cat([x["input_ids"], generated], 1)
+    mask = torch.cat([x["attention_mask"], torch.ones_like(generated)], 1)
+    extra = {k: x[k] for k in ("pixel_values", "image_sizes", "image_grid_thw") if k in x}
+    if "mm_token_type_ids" in x:
+        extra["mm_token_type_ids"] = torch.cat([x["mm_token_type_ids"], torch.zeros_like(generated)], 1)
+    else:
+        extra["position_ids"] = generate_positions(mask)
+    return model(input_ids=ids, attention_mask=mask, use_cache=False, **extra).logits[:, -1]
+
+
+def setup(families, family, key):
+    model, processor, sizes, budget = families[family]
+    return model, processor, sizes, specs(family, budget)[key]
+
+
+# 1. Detached == never attached ----------------------------------------------------------------------
+@pytest.mark.parametrize("family,key", PRUNING, ids=[f"{f}-{k}" for f, k in PRUNING])
+def test_detach_restores_the_model(families, family, key):
+    model, processor, sizes, spec = setup(families, family, key)
+    x = batch(processor, sizes, [0, 1])
+    with torch.no_grad():
+        logits = model(**x).logits
+        with prunekit.attach(model, spec):
+            model(**x)
+        assert torch.equal(model(**x).logits, logits)
+
+
+# 2. Keep-all == vanilla, at every stage ---------------------------------------------------------------
+@pytest.mark.parametrize("family,key", KEEP_ALL, ids=[f"{f}-{k}" for f, k in KEEP_ALL])
+def test_keep_all_is_vanilla(families, family, key):
+    model, processor, sizes, spec = setup(families, family, key)
+    x = batch(processor, sizes, [0, 1, 2])
+    with torch.no_grad():
+        logits = model(**x).logits
+        tokens, step_logits = greedy(model, x)
+        with prunekit.attach(model, spec) as h:
+            assert torch.equal(model(**x).logits, logits)
+            assert h.trace.n_final == h.trace.n_vanilla
+            t2, l2 = greedy(model, x)
+    assert torch.equal(t2, tokens) and torch.equal(l2, step_logits)
+
+
+# 4. Cache == recompute, with the prefill's decisions replayed ------------------------------------------
+@pytest.mark.parametrize("family,key", PRUNING, ids=[f"{f}-{k}" for f, k in PRUNING])
+def test_cache_equals_recompute(families, family, key):
+    model, processor, sizes, spec = setup(families, family, key)
+    x = batch(processor, sizes, [0, 1])
+    with torch.no_grad(), prunekit.attach(model, spec) as h:
+        tokens, step_logits = greedy(model, x)
+        with h.replay():
+            for t in range(tokens.shape[1]):
+                out = recompute_last_logits(family, model, x, tokens[:, :t])
+                torch.testing.assert_close(out, step_logits[:, t], rtol=1e-5, atol=1e-5)
+                assert torch.equal(out.argmax(-1), tokens[:, t])
+
+
+# 5. Batch of four with padding == batch of one; 7. the trace counts what the LLM gets -------------------
+@pytest.mark.parametrize("family,key", PRUNING, ids=[f"{f}-{k}" for f, k in PRUNING])
+def test_batch_of_four_equals_batch_of_one(families, family, key):
+    model, processor, sizes, spec = setup(families, family, key)
+    x4 = batch(processor, sizes, [0, 1, 2, 3])
+    assert (x4["attention_mask"] == 0).any()
+    with torch.no_grad(), prunekit.attach(model, spec) as h:
+        logits4 = model(**forward_kwargs(family, x4)).logits[:, -1]
+        kept4 = [h.trace.kept_positions(b) for b in range(4)]
+        members4 = [h.trace.members(b) for b in range(4)]
+        tokens4, _ = greedy(model, x4)
+        for b in range(4):
+            x1 = batch(processor, sizes, [b])
+            out = model(**forward_kwargs(family, x1)).logits
+            torch.testing.assert_close(out[:, -1], logits4[b : b + 1], rtol=1e-5, atol=1e-5)
+            t = h.trace
+            assert torch.equal(t.kept_positions(0), kept4[b])
+            assert all(torch.equal(m1, m4) for m1, m4 in zip(t.members(0), members4[b]))
+            assert torch.equal(greedy(model, x1)[0], tokens4[b : b + 1])
+            # honest accounting: the sequence shrank by exactly the dropped visual tokens
+            removed = 0 if spec.get("variant") == "mask" else t.n_vanilla[0] - t.n_final[0]
+            assert out.shape[1] == x1["input_ids"].shape[1] - removed
+            kept = t.kept_positions(0)
+            assert kept.unique().numel() == len(kept) == t.n_final[0]
+            assert int(kept.max()) < t.n_vanilla[0]
+
+
+def test_flowcut_two_stages_end_at_exactly_the_budget(families):
+    for family in FAMILIES:
+        model, processor, sizes, budget = families[family]
+        with torch.no_grad(), prunekit.attach(model, "flowcut", budget=budget) as h:
+            model(**batch(processor, sizes, [0, 1, 2, 3]))
+        t = h.trace
+        assert [ev.site for ev in t.events][-1] == "llm_layer[2]", family
+        assert t.budget.convention == "n_final"
+        assert t.n_final == [min(budget, n) for n in t.n_in], family
+        per_unit = max(budget // 2, 1) if family == "llava-next" else 2 * budget  # stage 1: int(T/2) / crop, 2T
+        assert all(n <= per_unit * 5 for n in t.n_in)
+
+
+def test_qwen_kept_tokens_keep_their_mrope_positions(families):
+    """Invariant 3 on Qwen2-VL: pruning after the merger == the unpatched language model fed the kept merged
+    tokens at their original 3-D positions (get_rope_index of the full prompt)."""
+    model, processor, sizes, budget = families["qwen2-vl"]
+    x = batch(processor, sizes, [0])
+    with torch.no_grad():
+        with prunekit.attach(model, "random", budget=budget, stage="projector_output") as h:
+            logits = model(**x).logits
+        kept = h.trace.kept_positions(0)
+        ids = x["input_ids"]
+        positions, _ = model.model.get_rope_index(ids, mm_token_type_ids=x["mm_token_type_ids"],
+                                                  image_grid_thw=x["image_grid_thw"], attention_mask=x["attention_mask"])
+        features = model.model.get_image_features(x["pixel_values"], x["image_grid_thw"]).pooler_output[0]
+        image = ids[0] == model.config.image_token_id
+        slots = image.nonzero().squeeze(1)
+        keep = ~image
+        keep[slots[kept]] = True
+        embeds = model.model.language_model.embed_tokens(ids[0])
+        embeds[slots[kept]] = features[kept]
+        lm = model.model.language_model(inputs_embeds=embeds[keep][None], position_ids=positions[:, :, keep])
+        ref = model.lm_head(lm.last_hidden_state)
+    assert logits.shape == ref.shape
+    torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_qwen25_window_attention_is_rebuilt_after_a_cut(families):
+    """A cut inside Qwen2.5-VL's ViT leaves windows of different sizes: the windowed blocks must see exactly the
+    surviving rows of each window (checked against a hand-run tower on the kept rows)."""
+    model, processor, sizes, budget = families["qwen2.5-vl"]
+    x = batch(processor, sizes, [0])  # 224x224: 4 windows
+    tower = model.model.visual
+    with torch.no_grad(), prunekit.attach(model, "random", budget=budget, stage="vision_layer", layer=0) as h:
+        model(**x)
+        kept = h.trace.kept_positions(0)
+        out = tower(x["pixel_values"], grid_thw=x["image_grid_thw"]).pooler_output
+    # by hand: run block 0 on everything, then the later blocks on the kept groups only, with windows rebuilt
+    from transformers.vision_utils import get_vision_window_index
+
+    grid = x["image_grid_thw"]
+    window_index, cu_windows = get_vision_window_index(grid, tower.spatial_merge_size, tower.window_size, tower.patch_size)
+    hidden = tower.patch_embed(x["pixel_values"])
+    hidden = tower.permute_input_for_window_attn(hidden, window_index, hidden.shape[0])
+    from transformers.vision_utils import get_vision_position_ids
+
+    pos = tower.rotary_pos_emb(hidden, get_vision_position_ids(grid, tower.spatial_merge_size))
+    pos = tuple(tower.permute_input_for_window_attn(p, window_index, hidden.shape[0]) for p in pos)
+    full = torch.tensor([0, hidden.shape[0]], dtype=torch.int32)
+    hidden = tower.blocks[0](hidden, cu_seqlens=cu_windows, position_embeddings=pos)
+    group_of_row = window_index[torch.arange(hidden.shape[0]) // 4]
+    rows = torch.isin(group_of_row, kept)
+    hidden, pos = hidden[rows], tuple(p[rows] for p in pos)
+    window_of_row = torch.bucketize(torch.arange(len(rows)), cu_windows[1:].long(), right=True)[rows]
+    counts = torch.unique_consecutive(window_of_row, return_counts=True)[1]
+    windows = torch.nn.functional.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
+    full = torch.tensor([0, int(rows.sum())], dtype=torch.int32)
+    for i, block in enumerate(tower.blocks[1:], start=1):
+        hidden = block(hidden, cu_seqlens=full if i in tower.fullatt_block_indexes else windows, position_embeddings=pos)
+    merged = tower.merger(hidden)
+    order = torch.argsort(group_of_row[rows][::4])  # window order -> raster order of the kept groups
+    torch.testing.assert_close(out[kept], merged[order], rtol=1e-5, atol=1e-5)
+    assert len(counts) > 1 and len(set(counts.tolist())) > 1, "the cut should leave unequal windows"
+
+
+def test_next_kept_positions_index_the_models_anyres_layout(families):
+    """Invariant 3 on LLaVA-NeXT: a per-crop cut after the projector == the unpatched language model fed the
+    unpruned image features (base crop, unpadded grid, newlines) at the trace's kept span positions."""
+    model, processor, sizes, budget = families["llava-next"]
+    x = batch(processor, sizes, [2])  # 200x150: unpadding removes rows of the high-resolution grid
+    with torch.no_grad():
+        features = model.model.get_image_features(x["pixel_values"], x["image_sizes"]).pooler_output[0]
+        with prunekit.attach(model, "random", budget=budget, stage="projector_output") as h:
+            logits = model(**x).logits
+        t = h.trace
+        kept = t.kept_positions(0)
+        ids = x["input_ids"][0]
+        slots = (ids == model.config.image_token_id).nonzero().squeeze(1)
+        assert t.n_vanilla == [len(slots)] == [features.shape[0]]
+        keep = ids != model.config.image_token_id
+        keep[slots[kept]] = True
+        embeds = model.model.language_model.embed_tokens(ids)
+        embeds[slots] = features
+        lm = model.model.language_model(inputs_embeds=embeds[keep][None],
+                                        position_ids=torch.arange(int(keep.sum()))[None])
+        ref = model.lm_head(lm.last_hidden_state)
+    torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
+    per_crop = budget // h.adapter.budget_units()
+    newlines = (h.adapter.image_layouts([64] * 5, {"image_sizes": x["image_sizes"]})[0].source < 0).sum()
+    crops = h.adapter.image_layouts([64] * 5, {"image_sizes": x["image_sizes"]})[0].units
+    assert t.n_final[0] <= crops * per_crop + int(newlines)  # per-crop budget, minus unpadding, plus newlines
+
+
+def test_flops_count_crops_and_patches(families):
+    """FLOPs read the vision work off the trace: LLaVA-NeXT runs every crop through CLIP, Qwen 4 patches per
+    merged token; keep-all costs exactly the unpruned count, and a cut costs less."""
+    from prunekit.flops import FlopsModel, trace_flops
+
+    for family in FAMILIES:
+        model, processor, sizes, budget = families[family]
+        x = batch(processor, sizes, [0])
+        flops = FlopsModel.from_model(model)
+        text = int(x["attention_mask"].sum()) - int((x["input_ids"] == model.config.image_token_id).sum())
+        with torch.no_grad():
+            with prunekit.attach(model, "keep_all") as h:
+                model(**x)
+            t = h.trace
+            if family == "llava-next":
+                assert t.vision_units == [x["pixel_values"].shape[1]] and t.vision_tokens == [t.vision_units[0] * 64]
+            else:
+                patches = int(x["image_grid_thw"].prod())
+                assert t.vision_units == [1] and t.vision_tokens == [patches // 4] and t.merge_size == 4
+                assert t.vision_layer_counts[0].tolist() == [patches] * len(model.model.visual.blocks)
+            full = trace_flops(flops, t, 0, text, unpruned=True)
+            assert trace_flops(flops, t, 0, text) == full
+            with prunekit.attach(model, "random", budget=budget, stage="vision_layer", layer=1) as h:
+                model(**x)
+            cut = trace_flops(flops, h.trace, 0, text)
+        assert cut["exact_vision"] < full["exact_vision"] and cut["exact_llm"] < full["exact_llm"], family
