@@ -33,6 +33,7 @@ def specs(family: str, budget: int) -> dict:
         "pdrop@llm1+2+3": dict(name="pdrop", budget=budget, convention="n_final", layer_list=[1, 2, 3]),
         "sparsevlm-v1.5": dict(name="sparsevlm", budget=budget),
         "sparsevlm-v2": dict(name="sparsevlm", version="v2", budget=budget),
+        "sparsevlm-v1": dict(name="sparsevlm", version="v1", scale=1.5),
         "dart@llm2": dict(name="dart", budget=budget, layer=2),
         "divprune": dict(name="divprune", budget=budget),
         "pooling@projector_output": dict(name="pooling", budget=4, stage="projector_output"),
@@ -40,6 +41,7 @@ def specs(family: str, budget: int) -> dict:
     if family == "llava-next":
         common.update({
             "pooling@vision_layer1": dict(name="pooling", budget=20, stage="vision_layer", layer=1),
+            "pooling@vision_output": dict(name="pooling", budget=20),
             "fastervlm": dict(name="fastervlm", budget=budget),
             "visionzip": dict(name="visionzip", budget=budget),
         })
