@@ -118,7 +118,9 @@ def attention_rows(query: Tensor, key: Tensor, mask: Tensor | None, scaling: flo
     or (B, [H,] R, kv) for ``text`` (rows past a sample's text count are zero).
     """
     batch, heads, q_len, dim = query.shape
-    key = key.repeat_interleave(heads // key.shape[1], dim=1).float()  # GQA: as transformers' repeat_kv
+    if heads != key.shape[1]:  # GQA: as transformers' repeat_kv
+        key = key.repeat_interleave(heads // key.shape[1], dim=1)
+    key = key.float()
     live = torch.ones(batch, q_len, dtype=torch.bool, device=query.device) if live is None else live.to(query.device)
     if which.query == "all":
         return _mean_over_queries(query, key, mask, scaling, causal, live, which.heads)
@@ -198,13 +200,18 @@ class AttentionProbe:
         self.block_norms: dict[BlockInput, nn.Module] = {}
         self.synthetic_values: dict[nn.Module, Tensor] = {}
         self._inputs: dict[nn.Module, Tensor] = {}
+        self.chunked: dict[nn.Module, list] = {}  # module -> its calls' (q, k, v, scaling) since the last flush
         self._restore: list[tuple[object, str]] = []
         self._hooks: list = []
 
     def watch(self, module: nn.Module, *rows: AttentionRows, keys: bool = False, values: bool = False,
-              input_norm: nn.Module | None = None) -> None:
+              input_norm: nn.Module | None = None, chunked: bool = False) -> None:
         """Record ``rows`` (and keys / values) of ``module``. ``mean_hidden`` rows need ``input_norm``, the
-        layer's pre-attention norm, whose input is the residual stream (its mean builds the global token)."""
+        layer's pre-attention norm, whose input is the residual stream (its mean builds the global token).
+        ``chunked``: the module attends in several calls over consecutive pieces of one flat sequence (a packed
+        ViT: one call per image or window); its q, k, v are kept until ``flush`` lays them out per unit."""
+        if chunked:
+            self.chunked[module] = []
         if any(r.query == "mean_hidden" for r in rows):
             if input_norm is None or getattr(module, "q_proj", None) is None:
                 raise SignalError("mean_hidden rows are available only in a vision tower with q/v projections "
@@ -226,10 +233,6 @@ class AttentionProbe:
         self.block_norms[source] = norm
         self._request(source, rows, keys, values)
         return source
-
-    def request(self, source: BlockInput, rows, keys: bool = False, values: bool = False) -> None:
-        """Ask for rows (keys, values) of a source the caller computes and passes to ``record`` itself."""
-        self._request(source, rows, keys, values)
 
     def _request(self, source, rows, keys: bool, values: bool) -> None:
         self.requests.setdefault(source, [])
@@ -270,10 +273,18 @@ class AttentionProbe:
     def clear(self) -> None:
         for store in (self.rows, self.keys, self.values, self.masks, self.synthetic_values, self._inputs):
             store.clear()
+        self.drop_chunks()
+
+    def drop_chunks(self) -> None:
+        for calls in self.chunked.values():
+            calls.clear()
 
     # --- capture ------------------------------------------------------------------------------------
     def _capture(self, module, query, key, value, mask, scaling) -> None:
         """Inside a watched module's attention call (q, k after RoPE)."""
+        if module in self.chunked:
+            self.chunked[module].append((query, key, value, scaling))
+            return
         masks = self.queries(module) if self.queries is not None else (None, None)
         if masks is None:
             return
@@ -304,9 +315,15 @@ class AttentionProbe:
         value = heads(module.v_proj) if source in self.keep_values else None
         self._record(source, module, query, key, value, mask, module.scaling, masks)
 
-    def record(self, source, module, query, key, value, mask, scaling, masks) -> None:
-        """Record ``source``'s requested rows from q (B, H, q, d), k, v (B, Hkv, kv, d) computed by the caller."""
-        self._record(source, module, query, key, value, mask, scaling, masks)
+    def flush(self, module: nn.Module, layout: Callable[[Tensor], "tuple[Tensor, Tensor]"]) -> None:
+        """Join a chunked module's calls into its flat sequence (rows, H, d), lay it out per unit with ``layout``
+        ((units, H, n, d) and the (units, n) live mask) and record its rows, keys and values."""
+        calls, self.chunked[module] = self.chunked[module], []
+        if not calls:
+            return
+        flat = [torch.cat([c[i] for c in calls], dim=2)[0].transpose(0, 1) for i in range(3)]  # (rows, H, d)
+        (query, live), (key, _), (value, _) = (layout(x) for x in flat)
+        self._record(module, module, query, key, value, live[:, None, None, :], calls[0][3], (live, None))
 
     def _record(self, source, module, query, key, value, mask, scaling, masks, synthetic=None) -> None:
         live, text = masks
@@ -366,10 +383,18 @@ class SiteSignals:
     """
 
     def __init__(self, probe: AttentionProbe, source: nn.Module | BlockInput, site: str, batch_rows: list[int],
-                 columns: Tensor, valid: Tensor, prefix: int = 0):
+                 columns: Tensor, valid: Tensor, prefix: int = 0, contiguous: bool | None = None):
         self.probe, self.source, self.site, self.prefix = probe, source, site, prefix
         self.batch_rows = torch.as_tensor(batch_rows, dtype=torch.long)
         self.columns, self.valid = columns, valid
+        # fast paths (every unit of the layer's batch; tokens a contiguous run of columns, all live): slices
+        self._all_rows = self.batch_rows.tolist() == list(range(len(batch_rows)))
+        if contiguous is None:  # the caller may know (vision sites without padding)
+            n = columns.shape[1] if columns.dim() == 2 else -1
+            first = columns[:, :1] if n > 0 else None
+            contiguous = (first is not None and bool((first == first[:1]).all()) and bool(valid.all())
+                          and bool((columns == first + torch.arange(n)).all()))
+        self._run = contiguous
 
     def _recorded(self, store: dict, key, what: str) -> Tensor:
         if key not in store:
@@ -378,13 +403,19 @@ class SiteSignals:
                 "(e.g. Signals(rows=(AttentionRows('first'),), values=True))"
             )
         x = store[key]
+        if self._all_rows and x.shape[0] == len(self.batch_rows):
+            return x
         return x[self.batch_rows.to(x.device)]
 
     def attention(self, query: str = "last", heads: str = "mean") -> Tensor:
         """(U, N) head-mean or (U, H, N) per-head probabilities; ``text``: (U, [H,] R, N). A token made of
-        several encoder rows (a merge group) receives the sum of their probabilities."""
+        several encoder rows (a merge group) receives the sum of their probabilities. Like ``keys`` and
+        ``values``, the result may be a view of what the probe recorded: read it, do not write into it."""
         which = AttentionRows(query, heads)
         rows = self._recorded(self.probe.rows, (self.source, which), f"attention rows {which}")
+        if self._run:
+            start = int(self.columns[0, 0])
+            return rows[..., start : start + self.columns.shape[1]]
         cols = self.columns.to(rows.device)
         n, group = cols.shape[1], (cols.shape[2] if cols.dim() == 3 else 1)
         cols = cols.reshape(cols.shape[0], n * group)
@@ -444,6 +475,9 @@ class SiteSignals:
 
     def _gather_tokens(self, x: Tensor) -> Tensor:
         """Per-token rows of x (U, H, kv, d); a merge group's rows are averaged."""
+        if self._run:
+            start = int(self.columns[0, 0])
+            return x[:, :, start : start + self.columns.shape[1]]
         cols = self.columns.to(x.device)
         n, group = cols.shape[1], (cols.shape[2] if cols.dim() == 3 else 1)
         index = cols.reshape(cols.shape[0], n * group)[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3])

@@ -37,7 +37,7 @@ class SampleTrack:
         n = sum(image_lengths)
         image_of = torch.repeat_interleave(torch.arange(len(image_lengths)), torch.tensor(image_lengths, dtype=torch.long))
         kept = torch.arange(n)
-        return cls(n, image_of, kept, [kept[i : i + 1] for i in range(n)], grids)
+        return cls(n, image_of, kept, list(kept.view(n, 1).unbind(0)), grids)
 
     @classmethod
     def from_images(cls, images: list["SampleTrack"]) -> "SampleTrack":
@@ -60,7 +60,8 @@ class SampleTrack:
     @property
     def intact_single_image(self) -> bool:
         """One image whose tokens are all still there (so they form its full grid)."""
-        return self.span_length > 0 and len(self.kept) == self.span_length and int(self.image_of.max()) == 0
+        images = len(self.grids) if self.grids is not None else int(self.image_of.max()) + 1
+        return self.span_length > 0 and len(self.kept) == self.span_length and images == 1
 
     def grid_positions(self, grid_of) -> Tensor:
         """(n, 3): image, row, col of each live token's representative; row/col -1 without a grid.

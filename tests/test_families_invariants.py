@@ -295,3 +295,68 @@ def test_flops_count_crops_and_patches(families):
                 model(**x)
             cut = trace_flops(flops, h.trace, 0, text)
         assert cut["exact_vision"] < full["exact_vision"] and cut["exact_llm"] < full["exact_llm"], family
+
+
+class _Signals(prunekit.TokenPruner):
+    """Keeps everything; records what its context shows at one vision_layer site."""
+
+    name = "signals_recorder"
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer, self.seen = layer, {}
+
+    def sites(self):
+        return [prunekit.Site("vision_layer", self.layer)]
+
+    def signals(self, site):
+        return prunekit.Signals(rows=(prunekit.AttentionRows("mean", "mean"),), values=True)
+
+    def prune(self, ctx):
+        self.seen = dict(attention=ctx.attention("mean", "mean").clone(), values=ctx.values().clone(),
+                         lengths=ctx.lengths.clone())
+        return None
+
+
+@pytest.mark.parametrize("family", ["qwen2-vl", "qwen2.5-vl"])
+def test_packed_vit_signals_equal_attention_computed_by_hand(families, family):
+    """On a packed ViT the strategy sees, per image and merge group (raster order): the mean query's softmax over
+    the image's keys summed over the group's 4 patches, and the group's mean value; with the q, k, v the block's
+    own attention computed (windowed block on 2.5: the image's keys, not the window's)."""
+    import sys as _sys
+    from transformers.vision_utils import get_vision_window_index
+
+    model, processor, sizes, budget = families[family]
+    x = batch(processor, sizes, [0, 1])  # 224x224 and 224x112: different token counts
+    block = model.model.visual.blocks[1]
+    captured = {}
+    hook = block.attn.register_forward_pre_hook(
+        lambda m, a, k: captured.update(hidden=a[0], pos=k["position_embeddings"]), with_kwargs=True)
+    strategy = _Signals(1)
+    try:
+        with torch.no_grad(), prunekit.attach(model, strategy):
+            model(**x)
+    finally:
+        hook.remove()
+    attn = block.attn
+    q, k, v = attn.qkv(captured["hidden"]).reshape(captured["hidden"].shape[0], 3, attn.num_heads, -1).permute(1, 0, 2, 3)
+    q, k = _sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision(q, k, *captured["pos"])
+    grid = x["image_grid_thw"]
+    rows = torch.arange(int(grid.prod(-1).sum()))
+    if family == "qwen2.5-vl":
+        tower = model.model.visual
+        window_index, _ = get_vision_window_index(grid, tower.spatial_merge_size, tower.window_size, tower.patch_size)
+        group = window_index[rows // 4]
+    else:
+        group = rows // 4
+    start = 0
+    for u, n in enumerate(grid.prod(-1).tolist()):
+        sl = slice(start, start + n)
+        qm = q[sl].mean(0)  # (H, d): the mean query of the image
+        probs = torch.softmax(torch.einsum("hd,nhd->hn", qm, k[sl]) * attn.scaling, -1).mean(0)  # (n,)
+        local = group[sl] - group[sl].min()
+        want = torch.zeros(n // 4).index_add_(0, local, probs)
+        value = torch.zeros(n // 4, *v.shape[1:]).index_add_(0, local, v[sl]) / 4
+        torch.testing.assert_close(strategy.seen["attention"][u, : n // 4], want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(strategy.seen["values"][u, :, : n // 4], value.transpose(0, 1), rtol=1e-5, atol=1e-6)
+        start += n

@@ -14,7 +14,6 @@ What the runtime needs to know, and nothing else, lives here:
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -109,13 +108,6 @@ class Qwen2VLAdapter(ModelAdapter):
     def block_windowed(self, layer: int) -> bool:
         """Whether vision block ``layer`` attends within windows (``cu_window_seqlens``) rather than images."""
         return False
-
-    def vision_qkv(self, module: nn.Module, hidden: Tensor, position_embeddings) -> tuple[Tensor, Tensor, Tensor]:
-        """(rows, H, d) q, k (rotated) and v of vision attention ``module`` on its input ``hidden`` (rows, D)."""
-        q, k, v = module.qkv(hidden).reshape(hidden.shape[0], 3, module.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-        rotate = sys.modules[type(module).__module__].apply_rotary_pos_emb_vision
-        q, k = rotate(q, k, *position_embeddings)
-        return q, k, v
 
     # --- positions: (3, B, L) M-RoPE ids ----------------------------------------------------------
     def positions_in(self, position_ids: Tensor | None, batch: int, length: int, device) -> Tensor:

@@ -14,9 +14,15 @@ import torch
 from torch import nn
 
 
-class _Clock:
+class Clock:
+    """CUDA events on a GPU, ``perf_counter`` on CPU (the speed benchmark uses it too)."""
+
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
 
     def mark(self):
         if self.cuda:
@@ -53,7 +59,7 @@ class PrefillTimer:
 
     def __enter__(self) -> "PrefillTimer":
         device = next(self.model.parameters()).device
-        self._clock = _Clock(device)
+        self._clock = Clock(device)
         self._handles = [self.model.register_forward_hook(self._after_forward)]
         if self.vision_tower is not None:
             self._handles += [

@@ -281,16 +281,11 @@ class PruningHandle:
                 layer = site.layer if site.stage is Stage.VISION_LAYER else self.adapter.vision_feature_layer
                 module, norm = self.adapter.vision_attention(layer), self.adapter.vision_input_norm(layer)
                 self._vision_modules.add(module)
-                if self.adapter.packed_vision:  # attention runs per image chunk: read q, k, v off its input
-                    if any(r.query == "mean_hidden" for r in req.rows):
-                        raise PruningError(f"{self.strategy.name!r} asks for mean_hidden rows, which need separate "
-                                           f"q/v projections; {self.adapter.describe()} has a fused qkv. Use 'mean'.")
-                    source = self._scored[site] = BlockInput(module)
-                    self._probe.request(source, req.rows, req.keys, req.values)
-                    self._handles.append(module.register_forward_pre_hook(
-                        functools.partial(self._capture_packed, source), with_kwargs=True))
-                    continue
-            self._probe.watch(module, *req.rows, keys=req.keys, values=req.values, input_norm=norm)
+                if self.adapter.packed_vision and any(r.query == "mean_hidden" for r in req.rows):
+                    raise PruningError(f"{self.strategy.name!r} asks for mean_hidden rows, which need separate "
+                                       f"q/v projections; {self.adapter.describe()} has a fused qkv. Use 'mean'.")
+            chunked = self.adapter.packed_vision and site.stage is not Stage.LLM_LAYER  # one call per image/window
+            self._probe.watch(module, *req.rows, keys=req.keys, values=req.values, input_norm=norm, chunked=chunked)
             self._scored[site] = module
         self._probe.install()
 
@@ -318,12 +313,13 @@ class PruningHandle:
         segment = prefill.segments[-1] if prefill.segments else prefill.entry
         return segment.mask, segment.types == TokenType.TEXT
 
-    def _signals(self, site: Site, batch_rows: list[int], columns: Tensor, valid: Tensor) -> SiteSignals | None:
+    def _signals(self, site: Site, batch_rows: list[int], columns: Tensor, valid: Tensor,
+                 contiguous: bool | None = None) -> SiteSignals | None:
         source = self._scored.get(site)
         if source is None:
             return None
         prefix = self.adapter.vision_prefix_tokens if site.stage is not Stage.LLM_LAYER else 0
-        return SiteSignals(self._probe, source, str(site), batch_rows, columns, valid, prefix)
+        return SiteSignals(self._probe, source, str(site), batch_rows, columns, valid, prefix, contiguous)
 
     def _capture_block_input(self, site: Site, hidden: Tensor, kwargs: dict) -> None:
         """``pre`` signals of ``site``: its block on the current sequence, with the RoPE tables and mask that
@@ -373,6 +369,8 @@ class PruningHandle:
     def _on_vision_tower(self, module, args, kwargs):
         pixels = args[0] if args else kwargs.get("pixel_values", kwargs.get("hidden_states"))
         vision = self._vision = VisionPass(pixel_values=pixels)
+        if self._probe is not None:
+            self._probe.drop_chunks()  # a new pass: calls left from an earlier one are stale
         if self.adapter.packed_vision:
             grid_thw = args[1] if len(args) > 1 else kwargs.get("grid_thw")
             packed = self.adapter.packed_images(grid_thw)
@@ -468,16 +466,12 @@ class PruningHandle:
                 "PatchMerger the runtime keeps or drops whole 2x2 patch groups. Merge at projector_output instead."
             )
 
-    def _capture_packed(self, source: BlockInput, module, args, kwargs) -> None:
-        """Signals of a packed encoder's attention: q, k, v from its own input, laid out per image."""
-        vision = self._vision
-        if vision is None or self.replaying:
-            return
-        hidden = args[0] if args else kwargs["hidden_states"]
-        q, k, v = self.adapter.vision_qkv(module, hidden, kwargs["position_embeddings"])
-        bounds = vision.packed.image_chunks()
-        (q, live), (k, _), (v, _) = (pad_images(t, bounds) for t in (q, k, v))
-        self._probe.record(source, module, q, k, v, live[:, None, None, :], module.scaling, (live, None))
+    def _flush_packed(self, site: Site, vision: VisionPass) -> None:
+        """A packed encoder's attention ran once per image (or window): join the q, k, v its calls recorded and
+        lay them out per image before the site reads its signals."""
+        module = self._scored.get(site)
+        if module is not None and not self.replaying:
+            self._probe.flush(module, lambda x: pad_images(x, vision.packed.image_chunks()))
 
     def _on_projector_input(self, module, args):
         vision = self._vision
@@ -553,7 +547,7 @@ class PruningHandle:
             tokens[u, : len(rows)] = output[rows.to(output.device)]
         site = self._site(Stage.PROJECTOR_OUTPUT)
         if site is not None:
-            keep = self._decide_all(self._image_context(site, tokens, vision, lengths, 0))
+            keep = self._decide_all(self._image_context(site, tokens, vision, lengths, 0, view))
             self._apply_to_images(vision, keep, str(site))
             tokens = _assemble(tokens, keep)
         if not vision.events:
@@ -573,12 +567,16 @@ class PruningHandle:
         grids = [d.grid if d.intact_single_image else None for d in vision.images]
         signals = None
         if site in self._scored:
+            if vision.packed is not None:
+                self._flush_packed(site, vision)
+            contiguous = None
             if view is not None:
                 columns, valid = view.columns()
             else:
                 columns = prefix + torch.arange(n_tokens).expand(n_images, n_tokens)
                 valid = torch.arange(n_tokens)[None] < lengths[:, None]
-            signals = self._signals(site, list(range(n_images)), columns, valid)
+                contiguous = n_tokens > 0 and bool((lengths == n_tokens).all())
+            signals = self._signals(site, list(range(n_images)), columns, valid, contiguous)
         return PruneContext(
             site=site, tokens=tokens, lengths=lengths, grids=grids, sample_of=list(range(n_images)),
             budget=self.strategy.budget, num_layers=len(self.adapter.vision_layers), signals=signals,

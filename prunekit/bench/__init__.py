@@ -1,0 +1,1 @@
+"""The speed benchmark (experiments/bench.py): model shapes, the oracle floor, timing, the runner."""

@@ -1,0 +1,81 @@
+"""Timing and memory primitives of the speed benchmark: CUDA events on a GPU, ``perf_counter`` with
+synchronisation on CPU; warm-up calls excluded; median and p90 over repeats; peak CUDA memory."""
+from __future__ import annotations
+
+import statistics
+from contextlib import contextmanager
+from typing import Callable
+
+import torch
+
+from ..eval.timing import Clock
+
+
+def repeat(fn: Callable[[], object], clock: Clock, repeats: int, warmup: int) -> list[float]:
+    """Milliseconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        clock.sync()
+        start = clock.mark()
+        fn()
+        times.append(clock.elapsed_ms(start, clock.mark()))
+    return times
+
+
+def summary(times: list[float]) -> dict:
+    ordered = sorted(times)
+    return {"median": statistics.median(ordered), "p90": ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]}
+
+
+@contextmanager
+def peak_memory(device: torch.device):
+    """``with peak_memory(device) as peak: ...`` then ``peak()``: peak allocated bytes (None on CPU)."""
+    if device.type != "cuda":
+        yield lambda: None
+        return
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats(device)
+    result = {}
+    yield lambda: result.get("peak")
+    torch.cuda.synchronize()
+    result["peak"] = torch.cuda.max_memory_allocated(device)
+
+
+class ScoringTimer:
+    """Time a strategy spends deciding: its ``prune`` calls plus the probe's signal computations (rows, keys,
+    values, pre-block projections), summed per forward. Wraps methods of prunekit's own objects (the strategy
+    and the handle's probe) on the instance; ``remove()`` restores them."""
+
+    PROBE_METHODS = ("_capture", "capture_input", "flush")
+
+    def __init__(self, handle, clock: Clock):
+        self.clock, self.spans, self._restore = clock, [], []
+        self._wrap(handle.strategy, "prune")
+        if handle._probe is not None:
+            for name in self.PROBE_METHODS:
+                self._wrap(handle._probe, name)
+
+    def _wrap(self, obj, name: str) -> None:
+        inner = getattr(obj, name)
+
+        def timed(*args, **kwargs):
+            start = self.clock.mark()
+            out = inner(*args, **kwargs)
+            self.spans.append((start, self.clock.mark()))
+            return out
+
+        setattr(obj, name, timed)
+        self._restore.append((obj, name))
+
+    def take_ms(self) -> float:
+        """Milliseconds recorded since the last call."""
+        total = sum(self.clock.elapsed_ms(s, e) for s, e in self.spans)
+        self.spans = []
+        return total
+
+    def remove(self) -> None:
+        for obj, name in self._restore:
+            obj.__dict__.pop(name, None)
+        self._restore = []

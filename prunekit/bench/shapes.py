@@ -1,0 +1,145 @@
+"""Model shapes for the speed benchmark: the real 7B architectures built from their configs with random
+weights (weights do not change speed), and scaled-down shapes with the same visual-token counts for CPU.
+
+Each shape gives a model and ``inputs(batch)``: a batch of identical-length prompts (no padding) with random
+pixels and the right number of image placeholders, built without a processor (none can be downloaded here).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+IMAGE_TOKEN, VISION_START, VISION_END, VIDEO_TOKEN = 32000, 32001, 32002, 32003
+PROMPT_TEXT = 40  # text tokens around the image: a short question plus the chat template
+
+
+@dataclass
+class Shape:
+    name: str
+    family: str
+    model: torch.nn.Module
+    inputs: Callable[[int], dict]  # batch size -> model inputs
+    visual_tokens: int  # per image, unpruned (LLaVA-NeXT: base + unpadded grid + newlines)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def _llama(hidden, layers, heads, kv_heads, intermediate, vocab=32064):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=4096,
+                       pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def _clip(hidden, layers, heads, intermediate, image_size=336):
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                            num_attention_heads=heads, image_size=image_size, patch_size=14, projection_dim=768)
+
+
+# name -> (family, vision config, text config): 7B = the published checkpoints' shapes; cpu = same token counts
+SIZES = {
+    "7b": dict(clip=(1024, 24, 16, 4096), llama=(4096, 32, 32, 32, 11008),
+               qwen_vision=(1280, 32, 16), qwen_text=(3584, 28, 28, 4, 18944, 152064)),
+    "cpu": dict(clip=(128, 24, 4, 256), llama=(256, 32, 4, 4, 688),
+                qwen_vision=(128, 32, 4), qwen_text=(224, 28, 4, 2, 608, 32064)),
+    "tiny": dict(clip=(64, 6, 4, 128), llama=(128, 4, 4, 2, 256),
+                 qwen_vision=(64, 6, 4), qwen_text=(128, 4, 4, 2, 256, 32064)),
+}
+NEXT_IMAGE = (672, 672)  # 2x2 grid + base: 5 crops, the most LLaVA-NeXT's default pinpoints give
+QWEN_IMAGE = (672, 672)  # 48x48 patches -> 576 merged tokens, LLaVA-1.5's count
+
+
+def build(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32, attn: str = "sdpa") -> Shape:
+    """``<family>_<size>``: family llava15 | llava_next | qwen2_vl, size 7b | cpu | tiny."""
+    family, _, size = name.rpartition("_")
+    if size not in SIZES or family not in ("llava15", "llava_next", "qwen2_vl"):
+        raise ValueError(f"unknown shape {name!r}: use <llava15|llava_next|qwen2_vl>_<{'|'.join(SIZES)}>")
+    s = SIZES[size]
+    torch.manual_seed(0)
+    with torch.device(device):
+        if family == "qwen2_vl":
+            return _qwen(name, s, dtype, attn)
+        return _llava(name, family, s, dtype, attn, image_size=336 if size != "tiny" else 112)
+
+
+def _llava(name, family, s, dtype, attn, image_size) -> Shape:
+    from transformers import (LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig,
+                              LlavaNextForConditionalGeneration)
+
+    vision, text = _clip(*s["clip"], image_size=image_size), _llama(*s["llama"])
+    common = dict(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN, vision_feature_layer=-2,
+                  vision_feature_select_strategy="default")
+    side = image_size
+    if family == "llava15":
+        cfg, cls = LlavaConfig(**common, image_seq_length=(side // 14) ** 2), LlavaForConditionalGeneration
+    else:
+        pinpoints = [[side, 2 * side], [2 * side, side], [2 * side, 2 * side], [3 * side, side], [side, 3 * side]]
+        cfg, cls = LlavaNextConfig(**common, image_grid_pinpoints=pinpoints), LlavaNextForConditionalGeneration
+    model = cls._from_config(cfg, attn_implementation=attn, dtype=dtype).eval()
+    device = next(model.parameters()).device
+    if family == "llava15":
+        tokens = (side // 14) ** 2
+
+        def inputs(batch: int) -> dict:
+            pixels = torch.randn(batch, 3, side, side, device=device, dtype=dtype)
+            return {**_prompt(batch, tokens, device), "pixel_values": pixels}
+    else:
+        from ..adapters import adapter_for
+
+        size = (2 * side, 2 * side)
+        layout = adapter_for(model)._layout(size)
+        tokens = layout.span_length
+
+        def inputs(batch: int) -> dict:
+            pixels = torch.randn(batch, layout.units, 3, side, side, device=device, dtype=dtype)
+            sizes = torch.tensor([size] * batch, device=device)
+            return {**_prompt(batch, tokens, device), "pixel_values": pixels, "image_sizes": sizes}
+    return Shape(name, family, model, inputs, tokens)
+
+
+def _qwen(name, s, dtype, attn) -> Shape:
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    v_dim, v_depth, v_heads = s["qwen_vision"]
+    hidden, layers, heads, kv, inter, vocab = s["qwen_text"]
+    head_dim = hidden // heads
+    section = [head_dim // 8, head_dim * 3 // 16, head_dim // 2 - head_dim // 8 - head_dim * 3 // 16]
+    text = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=32768,
+                bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": section})
+    vision = dict(depth=v_depth, embed_dim=v_dim, hidden_size=hidden, num_heads=v_heads, mlp_ratio=4, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2)
+    cfg = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN,
+                        vision_start_token_id=VISION_START, vision_end_token_id=VISION_END, video_token_id=VIDEO_TOKEN)
+    model = Qwen2VLForConditionalGeneration._from_config(cfg, attn_implementation=attn, dtype=dtype).eval()
+    device = next(model.parameters()).device
+    side = QWEN_IMAGE[0] if not name.endswith("tiny") else 224
+    grid = side // 14
+    tokens = grid * grid // 4
+
+    def inputs(batch: int) -> dict:
+        x = _prompt(batch, tokens, device, start=VISION_START, end=VISION_END)
+        pixels = torch.randn(batch * grid * grid, 3 * 2 * 14 * 14, device=device, dtype=dtype)
+        thw = torch.tensor([[1, grid, grid]] * batch, device=device)
+        return {**x, "pixel_values": pixels, "image_grid_thw": thw,
+                "mm_token_type_ids": (x["input_ids"] == IMAGE_TOKEN).int()}
+    return Shape(name, "qwen2_vl", model, inputs, tokens)
+
+
+def _prompt(batch: int, image_tokens: int, device, start: int | None = None, end: int | None = None) -> dict:
+    """[BOS] system text, the image placeholders, the question: the same length for every sample (no padding)."""
+    g = torch.Generator().manual_seed(0)
+    before, after = torch.randint(3, 31000, (12,), generator=g), torch.randint(3, 31000, (PROMPT_TEXT - 12,), generator=g)
+    image = torch.full((image_tokens,), IMAGE_TOKEN)
+    parts = [torch.tensor([1]), before] + ([torch.tensor([start])] if start else []) + [image] \
+        + ([torch.tensor([end])] if end else []) + [after]
+    ids = torch.cat(parts).expand(batch, -1).to(device)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}

@@ -1,0 +1,102 @@
+"""The speed benchmark's machinery (experiments/bench.py): shapes, the oracle floor, timing, the runner.
+Numbers are not asserted (timed unit tests would be flaky); what each measurement runs is."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import prunekit
+from prunekit.bench.measure import Clock, ScoringTimer
+from prunekit.bench.oracle import oracle_prefill, schedule
+from prunekit.bench.runner import markdown, run
+from prunekit.bench.shapes import build
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def llava():
+    return build("llava15_tiny")
+
+
+def test_oracle_with_every_token_is_the_model_itself(llava):
+    x = llava.inputs(2)
+    with torch.no_grad():
+        torch.testing.assert_close(oracle_prefill(llava.model, x, None), llava.model(**x).logits[:, -1],
+                                   rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("spec", [dict(name="flowcut", budget=16), dict(name="fastv", budget=16, layer=2),
+                                  dict(name="pdrop", budget=16, convention="n_final", layer_list=[1, 2, 3])])
+def test_oracle_runs_the_recorded_schedule(llava, spec):
+    """Every encoder and decoder layer of the oracle sees the token count the pruned prefill gave it."""
+    x = llava.inputs(2)
+    with torch.no_grad(), prunekit.attach(llava.model, spec) as h:
+        llava.model(**x)
+    t, adapter = h.trace, h.adapter
+    plan = schedule(t)
+    seen = {"vision": [], "llm": []}
+    hooks = [layer.register_forward_pre_hook(lambda m, a, k, key=key: seen[key].append(a[0].shape[1]), with_kwargs=True)
+             for key, layers in (("vision", adapter.vision_layers), ("llm", adapter.decoder_layers)) for layer in layers]
+    try:
+        oracle_prefill(llava.model, x, plan)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    text = x["input_ids"].shape[1] - t.n_vanilla[0]
+    assert seen["llm"] == [text + int(c) for c in t.llm_layer_counts[0]]
+    assert seen["vision"] == [1 + int(c) for c in t.vision_layer_counts[0]]  # [CLS] + the patches
+
+
+def test_scoring_timer_times_the_strategy_and_restores_it(llava):
+    x = llava.inputs(1)
+    with torch.no_grad(), prunekit.attach(llava.model, "fastv", budget=16, layer=2) as h:
+        prune = h.strategy.prune
+        timer = ScoringTimer(h, Clock(torch.device("cpu")))
+        llava.model(**x)
+        assert timer.take_ms() > 0 and timer.take_ms() == 0
+        timer.remove()
+        assert h.strategy.prune == prune and "prune" not in vars(h.strategy)
+        assert "_capture" not in vars(h._probe)
+
+
+def test_runner_rows_oracle_reference_style_and_refusals(tmp_path):
+    rows = run(["llava15_tiny", "qwen2_vl_tiny"], [2], ["flowcut", "fastv", "visionzip"],
+               {"llava15": [16], "qwen2_vl": [16]}, "cpu", torch.float32, repeats=1, warmup=0, new_tokens=2, out=tmp_path)
+    by = {(r["shape"], r["strategy"]): r for r in rows}
+    assert set(by) == {(s, k) for s in ("llava15_tiny", "qwen2_vl_tiny") for k in ("vanilla", "flowcut", "fastv", "visionzip")}
+    assert "[CLS]" in by["qwen2_vl_tiny", "visionzip"]["refused"]
+    flowcut = by["llava15_tiny", "flowcut"]
+    assert flowcut["n_final"] == 16 and flowcut["flops_ratio"] > 1
+    for key in ("prefill_ms", "oracle_ms", "pruned_over_oracle", "scoring_share", "speedup", "generate_ms",
+                "decode_tokens_per_s", "reference_ms", "reference_over_prunekit"):
+        assert flowcut[key] is not None and flowcut[key] > 0, key
+    assert "reference_ms" not in by["llava15_tiny", "visionzip"] or by["llava15_tiny", "visionzip"]["reference_ms"] > 0
+    assert by["llava15_tiny", "vanilla"]["speedup"] == 1.0
+    lines = (tmp_path / "results.jsonl").read_text().splitlines()
+    assert [json.loads(line)["strategy"] for line in lines] == [r["strategy"] for r in rows]
+    table = markdown(rows)
+    assert table.count("\n| llava15_tiny |") == 4 and "qwen2_vl_tiny b2 visionzip@16" in table
+
+
+def test_reference_style_restores_the_attention_implementation(llava):
+    from prunekit.bench.runner import _reference_style
+
+    adapter = prunekit.adapter_for(llava.model)
+    with _reference_style(llava.model, adapter, "vision"):
+        assert llava.model.config.vision_config._attn_implementation == "eager"
+    assert llava.model.config.vision_config._attn_implementation == "sdpa"
+    assert not adapter.vision_tower._forward_pre_hooks
+
+
+def test_cli_writes_results(tmp_path):
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / "bench.py"), "shapes=[llava15_tiny]", "batch_sizes=[1]",
+         "strategies=[random]", "budgets.llava15=[16]", "repeats=1", "warmup=0", "new_tokens=2",
+         f"output_dir={tmp_path}"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (tmp_path / "results.md").read_text().count("| llava15_tiny |") == 2
+    assert "torch" in (tmp_path / "config.yaml").read_text()
