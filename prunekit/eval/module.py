@@ -1,7 +1,8 @@
 """PruningEvalModule: a LightningModule whose ``test_step`` answers benchmark questions with a strategy attached.
 
 Per sample it records the prediction, the reference and its score, the visual-token counts under the
-three conventions, the batch's prefill latency and the sample's analytic FLOPs (pruned and unpruned).
+three conventions, the batch's prefill latency, the sample's analytic FLOPs (pruned and unpruned) and
+which patches survived (``kept``, and ``kept_after`` each cut: hex bitmasks over the sample's visual span).
 With ``fidelity=True`` it also generates without the strategy and records agreement with that answer
 and the KL divergence of the first-token distributions (what a random-weight model can be judged on).
 At epoch end the records of all ranks are gathered and de-duplicated by row id, so ``trainer=ddp``
@@ -23,7 +24,7 @@ from ..runtime import attach
 from .benchmarks import get_benchmark
 from .data import Sample
 from .loading import load_model
-from .records import gather_records, summarise
+from .records import encode_positions, gather_records, summarise
 from .timing import PrefillTimer
 
 
@@ -85,6 +86,10 @@ class PruningEvalModule(L.LightningModule):
                 "new_tokens": pruned["steps"],
                 "tflops_fastv": flops["fastv"] / 1e12, "tflops": flops["exact"] / 1e12,
                 "tflops_fastv_vanilla": full["fastv"] / 1e12, "tflops_vanilla": full["exact"] / 1e12,
+                # which patches survived (span positions, hex bitmasks): at the end, and after each cut (overlays)
+                "kept": encode_positions(trace.kept_positions(b).tolist()),
+                "kept_after": {ev.site: encode_positions(ev.kept[b].tolist())
+                               for ev in trace.events if ev.kept is not None},
             }
             if vanilla is not None:
                 kl = F.kl_div(pruned["first_logits"][b].log_softmax(-1), vanilla["first_logits"][b].log_softmax(-1),

@@ -8,6 +8,21 @@ from .benchmarks import Benchmark
 from .metrics import mean
 
 
+def encode_positions(positions) -> str:
+    """Span positions as a hex bitmask (bit i set: position i survived): LLaVA-1.5's 576 in at most 144 characters.
+    The order of the positions and merges' members are not kept (``PruneTrace`` has them)."""
+    mask = 0
+    for i in positions:
+        mask |= 1 << int(i)
+    return format(mask, "x")
+
+
+def decode_positions(mask: str) -> list[int]:
+    """The positions of an ``encode_positions`` mask, ascending."""
+    value = int(mask, 16)
+    return [i for i in range(value.bit_length()) if value >> i & 1]
+
+
 def gather_records(records: list[dict], dedupe: bool = True) -> list[dict]:
     """All ranks' records on every rank, in row order. ``DistributedSampler`` pads the last batch by repeating
     rows, so rows are keyed by their own ``uid`` (not ``question_id``: MME shares one per image) and kept once."""
