@@ -100,3 +100,13 @@ def test_cli_writes_results(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert (tmp_path / "results.md").read_text().count("| llava15_tiny |") == 2
     assert "torch" in (tmp_path / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("name,params,tokens", [("llava15_7b", 7.06e9, 576), ("llava_next_7b", 7.06e9, 2928),
+                                                ("qwen2_vl_7b", 8.29e9, 576)])
+def test_7b_shapes_are_the_published_architectures(name, params, tokens):
+    """Built on the meta device (no memory): the parameter counts of LLaVA-1.5-7B, LLaVA-NeXT-7B, Qwen2-VL-7B."""
+    shape = build(name, device="meta", dtype=torch.bfloat16)
+    assert sum(p.numel() for p in shape.model.parameters()) == pytest.approx(params, rel=2e-3)
+    assert shape.visual_tokens == tokens
+    assert shape.inputs(2)["input_ids"].shape == (2, tokens + 40 + (2 if name.startswith("qwen") else 0) + 1)

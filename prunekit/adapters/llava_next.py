@@ -55,9 +55,10 @@ class LlavaNextAdapter(LlavaAdapter):
             cfg = self.model.config
             crops = image_size_to_num_patches(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
             n = self.tokens_per_crop()
-            index = torch.arange(crops * n, dtype=torch.float64).view(crops, n, 1)
+            cpu = torch.device("cpu")  # bookkeeping: on the CPU whatever the model's device
+            index = torch.arange(crops * n, dtype=torch.float64, device=cpu).view(crops, n, 1)
             (packed,), _ = self.model.model.pack_image_features(
-                [index], torch.tensor([size]), cfg.vision_feature_select_strategy,
-                image_newline=torch.tensor([-1.0], dtype=torch.float64))
+                [index], torch.tensor([size], device=cpu), cfg.vision_feature_select_strategy,
+                image_newline=torch.tensor([-1.0], dtype=torch.float64, device=cpu))
             self._layouts[size] = ImageLayout(crops, n, packed[:, 0].round().long(), None)
         return self._layouts[size]
