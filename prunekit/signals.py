@@ -394,7 +394,8 @@ class SiteSignals:
             first = columns[:, :1] if n > 0 else None
             contiguous = (first is not None and bool((first == first[:1]).all()) and bool(valid.all())
                           and bool((columns == first + torch.arange(n)).all()))
-        self._run = contiguous
+        start = int(columns[0, 0]) if contiguous else 0
+        self._run = slice(start, start + columns.shape[1]) if contiguous else None
 
     def _recorded(self, store: dict, key, what: str) -> Tensor:
         if key not in store:
@@ -413,9 +414,8 @@ class SiteSignals:
         ``values``, the result may be a view of what the probe recorded: read it, do not write into it."""
         which = AttentionRows(query, heads)
         rows = self._recorded(self.probe.rows, (self.source, which), f"attention rows {which}")
-        if self._run:
-            start = int(self.columns[0, 0])
-            return rows[..., start : start + self.columns.shape[1]]
+        if self._run is not None:
+            return rows[..., self._run]
         cols = self.columns.to(rows.device)
         n, group = cols.shape[1], (cols.shape[2] if cols.dim() == 3 else 1)
         cols = cols.reshape(cols.shape[0], n * group)
@@ -475,9 +475,8 @@ class SiteSignals:
 
     def _gather_tokens(self, x: Tensor) -> Tensor:
         """Per-token rows of x (U, H, kv, d); a merge group's rows are averaged."""
-        if self._run:
-            start = int(self.columns[0, 0])
-            return x[:, :, start : start + self.columns.shape[1]]
+        if self._run is not None:
+            return x[:, :, self._run]
         cols = self.columns.to(x.device)
         n, group = cols.shape[1], (cols.shape[2] if cols.dim() == 3 else 1)
         index = cols.reshape(cols.shape[0], n * group)[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3])

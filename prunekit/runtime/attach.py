@@ -444,14 +444,9 @@ class PruningHandle:
         if site is not None:
             if vision.layer_counts is None:
                 vision.layer_counts = vision.lengths()[:, None].repeat(1, len(self.adapter.vision_layers))
-            view = packed.view()
-            tokens, lengths = view.tokens(hidden)
-            keep = self._decide(self._image_context(site, tokens, vision, lengths, 0, view))
-            if keep is not None:
-                self._refuse_packed_merge(keep, site)
-                self._apply_to_images(vision, keep, str(site))
+            mask = self._cut_packed(site, vision, hidden, self._decide)
+            if mask is not None:
                 vision.layer_counts[:, site.layer + 1 :] = vision.lengths()[:, None]
-                mask = packed.keep_groups(view, keep.indices)
                 hidden = hidden[mask.to(hidden.device)]
                 packed.rebuild(kwargs["position_embeddings"], mask, kwargs.get("max_seqlen"))
         if packed.block_kwargs is None:
@@ -459,12 +454,21 @@ class PruningHandle:
         kwargs.update(packed.kwargs_for(self.adapter.block_windowed(index)))
         return (hidden,) + tuple(args[1:]), kwargs
 
-    def _refuse_packed_merge(self, keep: Keep, site: Site) -> None:
+    def _cut_packed(self, site: Site, vision: VisionPass, hidden: Tensor, decide) -> Tensor | None:
+        """The strategy's decision over the live merge groups of ``hidden`` (rows, D) before the PatchMerger,
+        applied to the trace and the live rows; returns the (rows,) mask of surviving rows (None: no change)."""
+        view = vision.packed.view()
+        tokens, lengths = view.tokens(hidden)
+        keep = decide(self._image_context(site, tokens, vision, lengths, 0, view))
+        if keep is None:
+            return None
         if keep.features is not None or keep.order is not None:
             raise PruningError(
                 f"{self.strategy.name} merged or reordered tokens at {site} on {self.adapter.describe()}; before the "
                 "PatchMerger the runtime keeps or drops whole 2x2 patch groups. Merge at projector_output instead."
             )
+        self._apply_to_images(vision, keep, str(site))
+        return vision.packed.keep_groups(view, keep.indices)
 
     def _flush_packed(self, site: Site, vision: VisionPass) -> None:
         """A packed encoder's attention ran once per image (or window): join the q, k, v its calls recorded and
@@ -503,13 +507,8 @@ class PruningHandle:
         vision.projector_counts = vision.lengths()
         if site is None:
             return None
-        packed, hidden = vision.packed, args[0]
-        view = packed.view()
-        tokens, lengths = view.tokens(hidden)
-        keep = self._decide_all(self._image_context(site, tokens, vision, lengths, 0, view))
-        self._refuse_packed_merge(keep, site)
-        self._apply_to_images(vision, keep, str(site))
-        mask = packed.keep_groups(view, keep.indices)
+        hidden = args[0]
+        mask = self._cut_packed(site, vision, hidden, self._decide_all)
         vision.projector_counts = vision.lengths()
         return (hidden[mask.to(hidden.device)],) + tuple(args[1:])
 
@@ -538,9 +537,7 @@ class PruningHandle:
         site, then scattered back into every group's slot of the merger's unpruned output."""
         packed = vision.packed
         view = packed.view()
-        position = torch.zeros(len(packed.rows), dtype=torch.long)
-        position[:: packed.size] = torch.arange(len(packed.rows) // packed.size)  # merger output row of a group
-        per_image = [position[first] for first in view.first]
+        per_image = [first // packed.size for first in view.first]  # groups are whole: merger output rows
         lengths = torch.tensor([len(p) for p in per_image])
         tokens = output.new_zeros(len(per_image), int(lengths.max()), output.shape[-1])
         for u, rows in enumerate(per_image):

@@ -95,8 +95,7 @@ class PackedState:
         """The blocks' kwargs for the current rows: sliced rotary tables and new sequence boundaries."""
         device = position_embeddings[0].device
         cos, sin = (t[mask.to(t.device)] for t in position_embeddings)
-        image = self.image_of_row[self.rows]
-        full = _cumulative(torch.bincount(image, minlength=len(self.images.patches)))
+        full = self.image_chunks()
         window = None
         if self.images.row_window is not None:
             _, counts = torch.unique_consecutive(self.images.row_window[self.rows], return_counts=True)
