@@ -29,6 +29,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from . import compat
 from .runtime.sequence import pack
 
 QUERIES = ("first", "last", "mean", "mean_hidden", "all", "text")
@@ -253,10 +254,10 @@ class AttentionProbe:
         for module in self._watched():
             _PROBES[module] = self
             config = module.config
-            impl = config._attn_implementation
+            impl = compat.attn_implementation(config)
             if not impl.startswith("prunekit_"):
                 self._restore.append((config, impl))
-                config._attn_implementation_internal = _wrapping(impl)
+                compat.set_attn_implementation(config, _wrapping(impl))
         return self
 
     def remove(self) -> None:
@@ -264,7 +265,7 @@ class AttentionProbe:
             hook.remove()
         self._hooks = []
         for config, impl in self._restore:
-            config._attn_implementation_internal = impl
+            compat.set_attn_implementation(config, impl)
         for module in self._watched():
             if _PROBES.get(module) is self:
                 del _PROBES[module]
@@ -280,8 +281,9 @@ class AttentionProbe:
             calls.clear()
 
     # --- capture ------------------------------------------------------------------------------------
-    def _capture(self, module, query, key, value, mask, scaling) -> None:
-        """Inside a watched module's attention call (q, k after RoPE)."""
+    def _capture(self, module, query, key, value, mask, scaling, causal: bool) -> None:
+        """Inside a watched module's attention call (q, k after RoPE); ``causal``: whether the backend applies
+        causality itself when the call has no mask."""
         if module in self.chunked:
             self.chunked[module].append((query, key, value, scaling))
             return
@@ -289,7 +291,7 @@ class AttentionProbe:
         if masks is None:
             return
         synthetic = self._global_token(module, masks[0], query.shape[-1]) if module in self.input_norms else None
-        self._record(module, module, query, key, value, mask, scaling, masks, synthetic)
+        self._record(module, module, query, key, value, mask, scaling, masks, causal, synthetic)
 
     def capture_input(self, source: BlockInput, hidden: Tensor, position_embeddings: tuple[Tensor, Tensor],
                       mask: Tensor | None) -> None:
@@ -313,7 +315,7 @@ class AttentionProbe:
                               "apply_rotary_pos_emb (1-D RoPE); this family is not supported yet")
         query, key = rotate(query, key, *position_embeddings)
         value = heads(module.v_proj) if source in self.keep_values else None
-        self._record(source, module, query, key, value, mask, module.scaling, masks)
+        self._record(source, module, query, key, value, mask, module.scaling, masks, _module_causal(module))
 
     def flush(self, module: nn.Module, layout: Callable[[Tensor], "tuple[Tensor, Tensor]"]) -> None:
         """Join a chunked module's calls into its flat sequence (rows, H, d), lay it out per unit with ``layout``
@@ -323,11 +325,10 @@ class AttentionProbe:
             return
         flat = [torch.cat([c[i] for c in calls], dim=2)[0].transpose(0, 1) for i in range(3)]  # (rows, H, d)
         (query, live), (key, _), (value, _) = (layout(x) for x in flat)
-        self._record(module, module, query, key, value, live[:, None, None, :], calls[0][3], (live, None))
+        self._record(module, module, query, key, value, live[:, None, None, :], calls[0][3], (live, None), False)
 
-    def _record(self, source, module, query, key, value, mask, scaling, masks, synthetic=None) -> None:
+    def _record(self, source, module, query, key, value, mask, scaling, masks, causal: bool, synthetic=None) -> None:
         live, text = masks
-        causal = bool(getattr(module, "is_causal", False))
         for which in self.requests.get(source, ()):
             self.rows[(source, which)] = attention_rows(query, key, mask, scaling, causal, which, live, text, synthetic)
         if source in self.keep_keys:
@@ -350,6 +351,18 @@ class AttentionProbe:
         return heads(module.q_proj)
 
 
+def _module_causal(module: nn.Module) -> bool:
+    return bool(getattr(module, "is_causal", True))
+
+
+def _backend_causal(impl: str, module: nn.Module, is_causal: bool | None) -> bool:
+    """Whether ``impl`` applies causality to a call that has no mask. sdpa's rule (and flash's): the call's
+    ``is_causal``, else the module's attribute, else causal. eager applies only the mask it is given."""
+    if impl == "eager":
+        return False
+    return bool(is_causal) if is_causal is not None else _module_causal(module)
+
+
 def _wrapping(impl: str) -> str:
     """Register (once) an implementation that records probes and then calls ``impl``."""
     name = f"prunekit_{impl}"
@@ -357,9 +370,10 @@ def _wrapping(impl: str) -> str:
         def forward(module, query, key, value, attention_mask, **kwargs):
             probe = _PROBES.get(module)
             if probe is not None:
-                scaling = kwargs.get("scaling")
+                call = compat.AttentionCall.read(kwargs)
                 probe._capture(module, query, key, value, attention_mask,
-                               query.shape[-1] ** -0.5 if scaling is None else scaling)
+                               query.shape[-1] ** -0.5 if call.scaling is None else call.scaling,
+                               _backend_causal(impl, module, call.is_causal))
             if impl == "eager":  # each modeling file has its own eager function
                 inner = sys.modules[type(module).__module__].eager_attention_forward
             else:

@@ -13,6 +13,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from .. import compat
+
 _ADAPTERS: list[type["ModelAdapter"]] = []
 
 
@@ -153,6 +155,33 @@ class ModelAdapter(ABC):
     @property
     def num_llm_layers(self) -> int:
         return len(self.decoder_layers)
+
+    # --- calls: what the runtime reads and rewrites of each hooked forward (names: here and in compat) ---
+    def read_lm_call(self, kwargs: dict) -> compat.LMCall:
+        return compat.LMCall.read(self.language_model, kwargs)
+
+    def write_lm_call(self, call: compat.LMCall, kwargs: dict) -> None:
+        call.write(self.language_model, kwargs)
+
+    def read_layer_call(self, layer: int, kwargs: dict) -> compat.LayerCall:
+        return compat.LayerCall.read(self.decoder_layers[layer], kwargs)
+
+    def read_multimodal_call(self, args: tuple, kwargs: dict) -> Tensor:
+        """(B, L) image-token mask of a multimodal-model forward."""
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        return self.image_token_mask(input_ids, kwargs.get("inputs_embeds"))
+
+    def read_vision_call(self, args: tuple, kwargs: dict) -> tuple[Tensor | None, Tensor | None]:
+        """(pixel values, grid_thw or None) of a vision-tower forward."""
+        pixels = args[0] if args else kwargs.get("pixel_values", kwargs.get("hidden_states"))
+        return pixels, None
+
+    def with_vision_key_mask(self, args: tuple, kwargs: dict, hidden: Tensor, key_mask: Tensor | None):
+        """A vision layer's (args, kwargs) with ``hidden`` as its input and ``key_mask`` as its attention mask."""
+        if len(args) > 1:
+            return (hidden, key_mask) + tuple(args[2:]), kwargs
+        kwargs["attention_mask"] = key_mask
+        return (hidden,), kwargs
 
     # --- sequence facts ---------------------------------------------------------------------------
     @abstractmethod

@@ -43,7 +43,7 @@ class LlavaNextAdapter(LlavaAdapter):
     def image_layouts(self, unit_tokens: list[int], inputs: dict) -> list[ImageLayout]:
         sizes = inputs.get("image_sizes")
         if sizes is None:
-            from ..runtime.attach import PruningError
+            from ..errors import PruningError
 
             raise PruningError("LLaVA-NeXT lays images out from image_sizes, and this call passed none")
         return [self._layout(tuple(int(v) for v in size)) for size in sizes]

@@ -90,10 +90,26 @@ class Qwen2VLAdapter(ModelAdapter):
         return None  # not square in general: grids come from image_grid_thw (unit_grid)
 
     # --- the packed encoder -----------------------------------------------------------------------
+    def read_vision_call(self, args: tuple, kwargs: dict) -> tuple[Tensor | None, Tensor | None]:
+        pixels = args[0] if args else kwargs.get("hidden_states", kwargs.get("pixel_values"))
+        return pixels, args[1] if len(args) > 1 else kwargs.get("grid_thw")
+
+    @staticmethod
+    def read_packed_block_call(kwargs: dict) -> tuple[tuple[Tensor, Tensor], int | None]:
+        """(rotary tables, max_seqlen or None) a vision block receives."""
+        return kwargs["position_embeddings"], kwargs.get("max_seqlen")
+
+    @staticmethod
+    def write_packed_block_call(call, kwargs: dict) -> None:
+        """A vision block's kwargs from a ``runtime.packed.BlockCall``."""
+        kwargs.update(cu_seqlens=call.cu_seqlens, position_embeddings=call.rotary)
+        if call.max_seqlen is not None:
+            kwargs["max_seqlen"] = call.max_seqlen
+
     def packed_images(self, grid_thw: Tensor) -> PackedImages:
         thw = grid_thw.tolist()
         if any(t != 1 for t, _, _ in thw):
-            from ..runtime.attach import PruningError
+            from ..errors import PruningError
 
             raise PruningError("prunekit prunes images on Qwen2-VL; this vision pass has a video (grid t > 1)")
         patches = [h * w for _, h, w in thw]

@@ -99,8 +99,7 @@ def _language_model(model, adapter, inputs, visual: Tensor, plan) -> Tensor:
         if counts[i] < n:
             hidden = torch.cat([hidden[:, : start + counts[i]], hidden[:, start + n :]], 1)
             n, table = counts[i], _rope(adapter, hidden)
-        hidden = layer(hidden, attention_mask=None, position_embeddings=table, position_ids=None,
-                       past_key_values=None, use_cache=False)
+        hidden = layer(hidden, attention_mask=None, position_embeddings=table, position_ids=None, use_cache=False)
         hidden = hidden[0] if isinstance(hidden, tuple) else hidden
     return model.lm_head(lm.norm(hidden[:, -1:]))[:, 0]
 

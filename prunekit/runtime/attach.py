@@ -31,9 +31,8 @@ from typing import Any, Mapping
 
 import torch
 from torch import Tensor, nn
-from transformers import DynamicCache
-from transformers.masking_utils import create_causal_mask
-
+from .. import compat
+from ..errors import BudgetError, PruningError, SeamError
 from ..adapters import ImageLayout, ModelAdapter, adapter_for
 from ..pruner import (Keep, PromptEmbeddings, PruneContext, Site, Stage, TokenPruner, TokenType, combine_seeds,
                       content_seed)
@@ -45,10 +44,6 @@ from .sequence import Segment, pack, take
 
 _ATTACHED: "weakref.WeakKeyDictionary[nn.Module, PruningHandle]" = weakref.WeakKeyDictionary()
 _RUNTIME_STAGES = tuple(Stage)
-
-
-class PruningError(RuntimeError):
-    """A use of an attached model that prunekit cannot serve correctly (yet)."""
 
 
 @dataclass
@@ -129,7 +124,16 @@ class PruningHandle:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._had_generate = "generate" in model.__dict__
         self._old_generate = model.__dict__.get("generate")
-        self._install()
+        self._probe = None
+        self._pixels_pending = False  # a call carried pixel values that no vision pass has consumed yet
+        self._generate_prefills: int | None = None  # prefills seen inside the current generate() call
+        self._created_cache = None  # the cache this handle created for the current prefill
+        compat.warn_if_untested()
+        try:
+            self._install()
+        except BaseException:
+            self.detach()  # a failed attach leaves no hook, wrapper or backend switch behind
+            raise
         _ATTACHED[model] = self
 
     # --- public -----------------------------------------------------------------------------------
@@ -142,7 +146,7 @@ class PruningHandle:
             self._probe.remove()
             self._probe = None
         if self._had_generate:
-            self.model.generate = self._old_generate
+            self.model.__dict__["generate"] = self._old_generate
         else:
             self.model.__dict__.pop("generate", None)
         if _ATTACHED.get(self.model) is self:
@@ -241,6 +245,7 @@ class PruningHandle:
         hook(a.projector.register_forward_hook(self._on_projector_output))
         hook(a.multimodal_model.register_forward_pre_hook(self._on_multimodal, with_kwargs=True))
         hook(a.language_model.register_forward_pre_hook(self._on_llm_entry, with_kwargs=True))
+        hook(a.language_model.register_forward_hook(self._after_llm, with_kwargs=True))
         vision_layers = sorted(s.layer for s in self.sites if s.stage is Stage.VISION_LAYER)
         if vision_layers:
             for i, layer in enumerate(a.vision_layers):
@@ -321,15 +326,15 @@ class PruningHandle:
         prefix = self.adapter.vision_prefix_tokens if site.stage is not Stage.LLM_LAYER else 0
         return SiteSignals(self._probe, source, str(site), batch_rows, columns, valid, prefix, contiguous)
 
-    def _capture_block_input(self, site: Site, hidden: Tensor, kwargs: dict) -> None:
+    def _capture_block_input(self, site: Site, hidden: Tensor, call: compat.LayerCall) -> None:
         """``pre`` signals of ``site``: its block on the current sequence, with the RoPE tables and mask that
         the block would get without this cut (the current segment's, or the language model's own)."""
         source = self._scored.get(site)
         if not isinstance(source, BlockInput) or self.replaying:
             return
         segment = self._prefill.segments[-1] if self._prefill.segments else None
-        current = segment.layer_kwargs if segment is not None else kwargs
-        self._probe.capture_input(source, hidden, current["position_embeddings"], current.get("attention_mask"))
+        current = segment.layer_call if segment is not None else call
+        self._probe.capture_input(source, hidden, current.position_embeddings, current.attention_mask)
 
     # --- decisions --------------------------------------------------------------------------------
     def _decide(self, ctx: PruneContext) -> Keep | None:
@@ -367,12 +372,11 @@ class PruningHandle:
     # A vision pass has units: the encoder's batch rows (LLaVA: images; LLaVA-NeXT: crops) or the packed
     # images of a flat encoder (Qwen2-VL). ``VisionPass.images`` holds one SampleTrack per unit.
     def _on_vision_tower(self, module, args, kwargs):
-        pixels = args[0] if args else kwargs.get("pixel_values", kwargs.get("hidden_states"))
+        pixels, grid_thw = self.adapter.read_vision_call(args, kwargs)
         vision = self._vision = VisionPass(pixel_values=pixels)
         if self._probe is not None:
             self._probe.drop_chunks()  # a new pass: calls left from an earlier one are stale
         if self.adapter.packed_vision:
-            grid_thw = args[1] if len(args) > 1 else kwargs.get("grid_thw")
             packed = self.adapter.packed_images(grid_thw)
             vision.packed = PackedState(packed, self.adapter.merge_size)
             vision.images = [SampleTrack.full([g], [grid]) for g, grid in zip(packed.groups, packed.grids)]
@@ -390,12 +394,7 @@ class PruningHandle:
             hidden = self._prune_vision(site, hidden, vision)
         if vision.key_mask is None and site is None:
             return None
-        if len(args) > 1:
-            args = (hidden, vision.key_mask) + tuple(args[2:])
-        else:
-            args = (hidden,)
-            kwargs["attention_mask"] = vision.key_mask
-        return args, kwargs
+        return self.adapter.with_vision_key_mask(args, kwargs, hidden, vision.key_mask)
 
     def _new_units(self, vision: VisionPass, n_units: int, n_tokens: int) -> None:
         vision.images = [SampleTrack.full([n_tokens], [self.adapter.unit_grid(u, n_tokens)]) for u in range(n_units)]
@@ -448,10 +447,10 @@ class PruningHandle:
             if mask is not None:
                 vision.layer_counts[:, site.layer + 1 :] = vision.lengths()[:, None]
                 hidden = hidden[mask.to(hidden.device)]
-                packed.rebuild(kwargs["position_embeddings"], mask, kwargs.get("max_seqlen"))
+                packed.rebuild(*self.adapter.read_packed_block_call(kwargs), mask)
         if packed.block_kwargs is None:
             return None
-        kwargs.update(packed.kwargs_for(self.adapter.block_windowed(index)))
+        self.adapter.write_packed_block_call(packed.call_for(self.adapter.block_windowed(index)), kwargs)
         return (hidden,) + tuple(args[1:]), kwargs
 
     def _cut_packed(self, site: Site, vision: VisionPass, hidden: Tensor, decide) -> Tensor | None:
@@ -592,35 +591,38 @@ class PruningHandle:
     # --- multimodal model and LLM entry -----------------------------------------------------------
     def _on_multimodal(self, module, args, kwargs):
         self._capture_inputs(kwargs)
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        self._span = self.adapter.image_token_mask(input_ids, kwargs.get("inputs_embeds"))
+        self._span = self.adapter.read_multimodal_call(args, kwargs)
 
     def _capture_inputs(self, kwargs: dict) -> None:
         """Remember what the adapter needs to lay images out (LLaVA-NeXT's image_sizes), from whichever call
         carries the pixels first (generate, the top model, the multimodal model)."""
-        if kwargs.get("pixel_values_videos") is not None:
+        facts = compat.CallFacts.read(kwargs)
+        if facts.video:
             raise PruningError("prunekit prunes image tokens; video inputs (pixel_values_videos) are not supported")
-        if kwargs.get("pixel_values") is not None:
+        if facts.pixels:
             self._inputs = self.adapter.capture_vision_inputs(kwargs)
+            self._pixels_pending = True
+        return facts
 
     def _on_llm_entry(self, module, args, kwargs):
-        embeds = kwargs.get("inputs_embeds")
-        if embeds is None:
+        self._created_cache = None
+        call = self.adapter.read_lm_call(kwargs)
+        if call.inputs_embeds is None:
             raise PruningError("prunekit expects the language model to receive inputs_embeds from the multimodal model")
-        cache = kwargs.get("past_key_values")
-        use_cache = kwargs.get("use_cache")
-        if use_cache is None:
-            use_cache = getattr(module.config, "use_cache", False)
-        past = cache.get_seq_length() if cache is not None else 0
-        if past == 0:
-            if use_cache and cache is None:  # create it here (as the LM would) so decode steps can be matched to it
-                cache = kwargs["past_key_values"] = DynamicCache(config=module.config)
-            self._start_prefill(embeds, kwargs, cache)
+        stray = compat.unread_cache(module, kwargs)
+        if stray is not None:
+            raise SeamError(f"the language model received its KV cache as {stray!r}, a name prunekit does not read")
+        if compat.cache_length(call.cache) == 0:
+            if call.use_cache and call.cache is None:  # create it here (as the LM would) so decode steps can be matched to it
+                call.cache = self._created_cache = compat.new_cache(module.config)
+            self._start_prefill(call)
         else:
-            self._start_decode(embeds, kwargs, cache)
+            self._start_decode(call)
+        self.adapter.write_lm_call(call, kwargs)
         return args, kwargs
 
-    def _start_prefill(self, embeds: Tensor, kwargs: dict, cache) -> None:
+    def _start_prefill(self, call: compat.LMCall) -> None:
+        embeds, cache = call.inputs_embeds, call.cache
         batch, length = embeds.shape[:2]
         span = self._span
         self._span = None
@@ -628,11 +630,11 @@ class PruningHandle:
             raise PruningError("the language model was called without going through the multimodal model")
         device = embeds.device
         span = span.to(device)
-        mask = kwargs.get("attention_mask")
+        mask = call.attention_mask
         mask = torch.ones(batch, length, dtype=torch.bool, device=device) if mask is None else mask.to(torch.bool)
         if mask.dim() != 2:
             raise PruningError("prunekit needs a 2-D attention_mask (batch, length); got a prepared 4-D mask")
-        positions = self.adapter.positions_in(kwargs.get("position_ids"), batch, length, device)
+        positions = self.adapter.positions_in(call.position_ids, batch, length, device)
         entry = Segment(0, mask, positions, span & mask, torch.zeros(batch, dtype=torch.long, device=device),
                         types=_token_types(span, mask))
 
@@ -644,17 +646,19 @@ class PruningHandle:
             trace.notes.append(f"{self.adapter.family} uses 3-D M-RoPE positions: kept tokens keep their original "
                                f"positions (the strategy's policy is {self.strategy.position_policy!r})")
         vision, self._vision = self._vision, None
+        self._check_prefill_seen(span, vision)
         trace.samples, sample_images = self._sample_tracks(span, vision, trace)
         keep = ~entry.visual
         for b, track in enumerate(trace.samples):
             slots = entry.visual[b].nonzero().squeeze(1)
             keep[b, slots[track.kept.to(device)]] = True
         index, entry = entry.select(keep, self.policy, start_layer=0)
-        kwargs["inputs_embeds"] = take(embeds, index)
-        kwargs["attention_mask"] = entry.mask.long()
-        kwargs["position_ids"] = self.adapter.positions_out(entry.positions)
+        call.inputs_embeds = take(embeds, index)
+        call.attention_mask = entry.mask.long()
+        call.position_ids = self.adapter.positions_out(entry.positions)
         counts = entry.visual_counts().cpu()
         trace.llm_layer_counts = counts.unsqueeze(1).repeat(1, self.adapter.num_llm_layers)
+        self._check_counts(span.any(1).cpu(), trace)
         active = bool(span.any())
         if not active:
             trace.notes.append("no image tokens in this prefill: nothing pruned")
@@ -662,7 +666,7 @@ class PruningHandle:
         self._prefill = Prefill(
             cache=weakref.ref(cache) if cache is not None else None,
             length_orig=length, entry=entry, segments=[], active=active, vision=vision,
-            sample_images=sample_images, embeds=kwargs["inputs_embeds"] if self._prompt_sites else None,
+            sample_images=sample_images, embeds=call.inputs_embeds if self._prompt_sites else None,
         )
 
     def _sample_tracks(self, span: Tensor, vision: VisionPass | None, trace: PruneTrace):
@@ -695,6 +699,10 @@ class PruningHandle:
             tracks.append(SampleTrack.from_images([images[i].track for i in mine]))
             sample_images.append(mine)
             sample_units.append([u for i in mine for u in images[i].units])
+        if remaining:
+            raise SeamError(f"the vision tower encoded {len(images)} images but the language model's input has "
+                            f"image-token spans for {len(images) - len(remaining)}: no visual span was found for the "
+                            "rest")
         trace.vision_units = [len(units) for units in sample_units]
         trace.vision_tokens = [sum(vision.images[u].span_length for u in units) for units in sample_units]
         trace.merge_size = self.adapter.merge_size
@@ -736,8 +744,8 @@ class PruningHandle:
             images.append(_Image(lay, units, [vision.images[u] for u in units], newlines))
         return images
 
-    def _start_decode(self, embeds: Tensor, kwargs: dict, cache) -> None:
-        prefill = self._prefill
+    def _start_decode(self, call: compat.LMCall) -> None:
+        embeds, cache, prefill = call.inputs_embeds, call.cache, self._prefill
         if prefill is None or prefill.cache is None or prefill.cache() is not cache:
             raise PruningError(
                 "this KV cache was not filled by a prefill under this attachment; prunekit cannot continue it "
@@ -752,8 +760,8 @@ class PruningHandle:
                 "decoding) is not supported yet; generate one token per step or re-run the prompt"
             )
         entry = prefill.entry
-        generated = cache.get_seq_length() - entry.length  # tokens already appended after the prefill
-        mask = kwargs.get("attention_mask")
+        generated = compat.cache_length(cache) - entry.length  # tokens already appended after the prefill
+        mask = call.attention_mask
         if mask is None:
             tail = torch.ones(batch, generated + q, dtype=torch.bool, device=embeds.device)
         else:
@@ -763,14 +771,14 @@ class PruningHandle:
                     f"{prefill.length_orig} plus {generated + q} generated"
                 )
             tail = mask[:, prefill.length_orig :].to(torch.bool)
-        positions = kwargs.get("position_ids")
+        positions = call.position_ids
         if positions is None:
             positions = torch.arange(q, device=embeds.device) + prefill.length_orig + generated
         positions = self.adapter.positions_in(positions, batch, q, embeds.device)
         prefill.step += 1
         prefill.step_positions, prefill.step_tail = positions, tail
-        kwargs["attention_mask"] = torch.cat([entry.mask, tail], dim=1).long()
-        kwargs["position_ids"] = self.adapter.positions_out(positions - entry.shift[:, None, None])
+        call.attention_mask = torch.cat([entry.mask, tail], dim=1).long()
+        call.position_ids = self.adapter.positions_out(positions - entry.shift[:, None, None])
 
     # --- decoder layers (llm_layer sites) ---------------------------------------------------------
     def _on_decoder_layer(self, index: int, module, args, kwargs):
@@ -778,22 +786,23 @@ class PruningHandle:
         if prefill is None or not prefill.active:
             return None
         hidden = args[0]
+        call = self.adapter.read_layer_call(index, kwargs)
         is_prefill = prefill.step == 0
         site = self._site(Stage.LLM_LAYER, index)
         if is_prefill and site is not None:
-            self._capture_block_input(site, hidden, kwargs)
-            hidden = self._prune_llm(site, hidden, kwargs)
+            self._capture_block_input(site, hidden, call)
+            hidden = self._prune_llm(site, hidden)
         # the segment this layer belongs to (decode steps: all of them exist already)
         segment = next((s for s in reversed(prefill.segments) if s.start_layer <= index), None)
         if segment is None:
             return None
         if segment.step != prefill.step:
             segment.step = prefill.step
-            segment.layer_kwargs = self._segment_kwargs(segment, hidden, kwargs, is_prefill)
-        kwargs.update(segment.layer_kwargs)
+            segment.layer_call = self._segment_call(segment, hidden, call, is_prefill)
+        segment.layer_call.write(kwargs)
         return (hidden,) + tuple(args[1:]), kwargs
 
-    def _prune_llm(self, site: Site, hidden: Tensor, kwargs: dict) -> Tensor:
+    def _prune_llm(self, site: Site, hidden: Tensor) -> Tensor:
         prefill = self._prefill
         current = prefill.segments[-1] if prefill.segments else prefill.entry
         slots, valid = pack(current.visual, align="left")  # (B, n) slots of live visual tokens
@@ -873,57 +882,95 @@ class PruningHandle:
             raise PruningError("a randomised strategy needs the sample's pixel values for its seed")
         return combine_seeds([prefill.vision.seed(u) for u in prefill.sample_images[sample]])
 
-    def _segment_kwargs(self, segment: Segment, hidden: Tensor, kwargs: dict, is_prefill: bool) -> dict:
+    def _segment_call(self, segment: Segment, hidden: Tensor, call: compat.LayerCall, is_prefill: bool) -> compat.LayerCall:
+        """The loop-level inputs of every layer of ``segment`` in this step: positions under the policy, RoPE
+        tables (unless decode positions are the language model's own), and transformers' mask for the backend."""
         prefill = self._prefill
         if is_prefill:
             mask2d, positions = segment.mask, segment.positions
         else:
             mask2d = torch.cat([segment.mask, prefill.step_tail], dim=1)
             positions = prefill.step_positions - segment.shift[:, None, None]
-        out = {"position_ids": self.adapter.layer_position_ids(positions)}
+        rope = None
         if is_prefill or not torch.equal(segment.shift, prefill.entry.shift):
-            out["position_embeddings"] = self.adapter.rope(hidden, positions)
-        out["attention_mask"] = create_causal_mask(
-            config=self.adapter.text_config, inputs_embeds=hidden, attention_mask=mask2d,
-            past_key_values=kwargs.get("past_key_values"), position_ids=None, layer_idx=segment.start_layer,
-        )
-        return out
+            rope = self.adapter.rope(hidden, positions)
+        mask = compat.causal_mask(self.adapter.text_config, hidden, mask2d, call.cache, segment.start_layer)
+        return compat.LayerCall(mask, self.adapter.layer_position_ids(positions), rope, call.cache)
 
     # --- guards -----------------------------------------------------------------------------------
     def _on_top_forward(self, module, args, kwargs):
-        self._capture_inputs(kwargs)
-        if kwargs.get("labels") is not None:
+        if self._capture_inputs(kwargs).labels:
             raise PruningError(
                 "labels are not supported with pruning attached: the pruned sequence no longer lines up with "
                 "the labels (training through pruning is not implemented). Detach the strategy for a loss."
             )
 
     def _guarded_generate(self, generate):
-        model = self.model
-
         @functools.wraps(generate)
         def guarded(*args, **kwargs):
-            gen_cfg = kwargs.get("generation_config") or model.generation_config
-
-            def setting(name):
-                return kwargs.get(name, getattr(gen_cfg, name, None))
-
-            if (setting("num_beams") or 1) > 1:
+            request = compat.GenerateRequest.read(self.model, args, kwargs)
+            if request.num_beams > 1:
                 raise PruningError("beam search is not supported with pruning attached (beams reorder the "
                                    "per-sample pruned caches); use greedy or sampling (num_beams=1)")
-            if kwargs.get("assistant_model") is not None or setting("prompt_lookup_num_tokens"):
+            if request.assisted:
                 raise PruningError("assisted / speculative decoding is not supported with pruning attached")
-            if setting("prefill_chunk_size"):
+            if request.prefill_chunk_size:
                 raise PruningError("chunked prefill is not supported with pruning attached")
-            if setting("cache_implementation") not in (None, "dynamic"):
+            if request.cache_implementation not in (None, "dynamic"):
                 raise PruningError(
-                    f"cache_implementation={setting('cache_implementation')!r} is not supported: pruning gives "
+                    f"cache_implementation={request.cache_implementation!r} is not supported: pruning gives "
                     "layers KV caches of different lengths, which needs the dynamic cache"
                 )
             self._capture_inputs(kwargs)
-            return generate(*args, **kwargs)
+            self._generate_prefills = 0
+            try:
+                out = generate(*args, **kwargs)
+                self._check_generate(request)
+            finally:
+                self._generate_prefills = None
+            return out
 
         return guarded
+
+    # --- runtime guards: never a result built on hooks that did not see what they assume ------------
+    def _check_generate(self, request: compat.GenerateRequest) -> None:
+        if request.input_ids is None:
+            return
+        with_images = self.adapter.image_token_mask(request.input_ids, None).any(1)
+        if not bool(with_images.any()):
+            return
+        if self._generate_prefills == 0 or self.trace is None:
+            raise SeamError("generate() ran with image tokens in the prompt, but no prefill of the language model "
+                            "was seen by prunekit's hooks")
+        self._check_counts(with_images.cpu(), self.trace)
+
+    def _check_counts(self, with_images: Tensor, trace: PruneTrace) -> None:
+        """n_in > 0 for every sample that has image tokens."""
+        n_in = trace.llm_layer_counts[:, 0] if trace.llm_layer_counts is not None else None
+        if n_in is None or len(n_in) != len(with_images):
+            raise SeamError(f"the trace counts {0 if n_in is None else len(n_in)} samples for a batch of "
+                            f"{len(with_images)}")
+        empty = (with_images & (n_in == 0)).nonzero().squeeze(1).tolist()
+        if empty:
+            raise SeamError(f"samples {empty} have image tokens but prunekit saw n_in = 0 visual tokens entering "
+                            "the language model")
+
+    def _check_prefill_seen(self, span: Tensor, vision: "VisionPass | None") -> None:
+        if self._generate_prefills is not None:
+            self._generate_prefills += 1
+            if self._generate_prefills > 1:
+                raise SeamError("a second prefill started inside one generate() call: a decode step looked like a "
+                                "prefill (the language model's KV cache was not seen under the name prunekit reads)")
+        pending, self._pixels_pending = self._pixels_pending, False
+        if pending and vision is None and bool(span.any()):
+            raise SeamError("pixel values were passed, but the image features reached the language model without "
+                            "going through the vision tower prunekit hooks (a path the adapter does not know)")
+
+    def _after_llm(self, module, args, kwargs, output):
+        created, self._created_cache = self._created_cache, None
+        if created is not None and compat.cache_length(created) == 0:
+            raise SeamError("the KV cache prunekit passed to the language model was left empty: the model did not "
+                            "take it under the name prunekit passes it")
 
 
 def _sample_grid(track: SampleTrack, adapter: ModelAdapter) -> tuple[int, int] | None:

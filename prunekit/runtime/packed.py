@@ -91,7 +91,7 @@ class PackedState:
         self.rows = self.rows[mask]
         return mask
 
-    def rebuild(self, position_embeddings: tuple[Tensor, Tensor], mask: Tensor, max_seqlen) -> None:
+    def rebuild(self, position_embeddings: tuple[Tensor, Tensor], max_seqlen, mask: Tensor) -> None:
         """The blocks' kwargs for the current rows: sliced rotary tables and new sequence boundaries."""
         device = position_embeddings[0].device
         cos, sin = (t[mask.to(t.device)] for t in position_embeddings)
@@ -106,13 +106,10 @@ class PackedState:
             "max_window": None if max_seqlen is None or window is None else _longest(window),
         }
 
-    def kwargs_for(self, windowed: bool) -> dict:
+    def call_for(self, windowed: bool) -> "BlockCall":
         kw = self.block_kwargs
         which = "window" if windowed and kw["window"] is not None else "full"
-        out = {"cu_seqlens": kw[which], "position_embeddings": kw["pos"]}
-        if kw["max_" + which] is not None:
-            out["max_seqlen"] = kw["max_" + which]
-        return out
+        return BlockCall(kw[which], kw["pos"], kw["max_" + which])
 
     def image_chunks(self) -> Tensor:
         """(images + 1,) boundaries of each image's rows in the current flat sequence."""
@@ -122,6 +119,15 @@ class PackedState:
     def encoder_slot_of_group(self) -> Tensor:
         """(groups,) where each group (global raster id) sits in the merger's unpruned output (window order on 2.5)."""
         return torch.argsort(self.images.row_group[:: self.size])
+
+
+@dataclass
+class BlockCall:
+    """A packed encoder block's sequence boundaries, rotary tables and longest chunk (None: not passed)."""
+
+    cu_seqlens: Tensor
+    rotary: tuple[Tensor, Tensor]
+    max_seqlen: int | None
 
 
 def _cumulative(counts: Tensor) -> Tensor:

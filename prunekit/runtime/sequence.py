@@ -11,6 +11,7 @@ sequence as padding, so they are still computed but no later query attends to th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -50,7 +51,7 @@ class Segment:
     types: Tensor | None = None  # (B, L) TokenType codes of the slots (pad / system / image / text)
     # kwargs computed once per forward step and reused by every layer of the segment
     step: int = -1
-    layer_kwargs: dict = field(default_factory=dict)
+    layer_call: Any = None  # compat.LayerCall
 
     @property
     def length(self) -> int:

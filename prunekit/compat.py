@@ -1,0 +1,220 @@
+"""The transformers seam: every transformers name prunekit relies on outside a family's module layout.
+
+Forward kwargs, output fields, config attributes and private fields are spelled here (and in the family
+adapters), nowhere else: the runtime and the signals exchange small typed values with this module
+(``LMCall``, ``LayerCall``, ``GenerateRequest``, ...). Changes between minors are found by feature detection
+(signatures, attributes, the output fields themselves); a version is read only to warn outside the tested
+range. docs/support.md ("transformers versions") gives the policy for admitting a new minor.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import transformers
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+from torch import Tensor, nn
+
+# The minors the CI matrix has passed on; pyproject's transformers requirement says the same (a test keeps
+# them equal). The upper bound is the first minor not yet tested.
+TESTED_RANGE = ">=5.17,<5.25"
+
+# transformers 5.24 renamed the cache kwarg of model forwards, decoder layers, attention and the mask
+# functions from ``past_key_values`` to ``cache`` (the old name is a deprecated alias until 5.40).
+_OLD_CACHE, _NEW_CACHE = "past_key_values", "cache"
+
+
+def transformers_version() -> str:
+    return transformers.__version__
+
+
+def in_tested_range(version: str | None = None) -> bool:
+    v = Version(version or transformers_version())
+    return SpecifierSet(TESTED_RANGE).contains(Version(v.base_version), prereleases=True)
+
+
+def version_note() -> str:
+    """'transformers X (tested: R)', for error messages."""
+    return f"transformers {transformers_version()} (prunekit is tested on transformers{TESTED_RANGE})"
+
+
+@functools.cache
+def warn_if_untested() -> bool:
+    """Warn once per process on a transformers outside the tested range; the runtime guards catch real breakage."""
+    if in_tested_range():
+        return False
+    warnings.warn(
+        f"prunekit runs on transformers {transformers_version()}, outside its tested range "
+        f"transformers{TESTED_RANGE}. It will raise PruningError if it does not see what it expects; "
+        "`python -m prunekit.doctor` checks this install.", stacklevel=3)
+    return True
+
+
+# --- loading --------------------------------------------------------------------------------------------
+LOAD_KWARGS = {"use_kernels": False}  # 5.25 enables hub kernels by default: a download, and other RoPE numerics
+
+
+# --- the cache kwarg --------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _takes(cls: type, name: str) -> bool:
+    return name in inspect.signature(cls.forward).parameters  # follows the deprecation wrapper's __wrapped__
+
+
+def cache_kwarg(module: nn.Module) -> str:
+    """The name under which ``module``'s forward takes the KV cache. Read from the signature: 5.25's mask
+    functions list both names, and up to 5.23 a ``cache`` kwarg may be something else (continuous batching)."""
+    return _NEW_CACHE if _takes(type(module), _NEW_CACHE) else _OLD_CACHE
+
+
+def _read_cache(module: nn.Module, kwargs: dict) -> Any:
+    name = cache_kwarg(module)
+    cache = kwargs.get(name)
+    if cache is None and name == _NEW_CACHE:  # the deprecated alias, renamed by transformers' own decorator
+        cache = kwargs.get(_OLD_CACHE)
+    return cache
+
+
+def unread_cache(module: nn.Module, kwargs: dict) -> str | None:
+    """The name of a kwarg that holds a KV cache under a name ``module``'s forward does not take, if any."""
+    expected = {cache_kwarg(module), _OLD_CACHE}
+    for name, value in kwargs.items():
+        if name not in expected and isinstance(value, transformers.Cache):
+            return name
+    return None
+
+
+def output_cache(output) -> Any:
+    """The KV cache a model output carries (``.cache`` from 5.24, ``.past_key_values`` before)."""
+    for name in (_NEW_CACHE, _OLD_CACHE):
+        if name in getattr(output, "keys", lambda: ())():
+            return output[name]
+    return getattr(output, _NEW_CACHE, None) or getattr(output, _OLD_CACHE, None)
+
+
+def cache_length(cache) -> int:
+    return cache.get_seq_length() if cache is not None else 0
+
+
+def new_cache(config):
+    """The cache a language model creates for itself when asked for one."""
+    return transformers.DynamicCache(config=config)
+
+
+# --- the language model's call ----------------------------------------------------------------------------
+@dataclass
+class LMCall:
+    """What the runtime reads and rewrites of one language-model forward."""
+
+    inputs_embeds: Tensor | None
+    attention_mask: Tensor | None
+    position_ids: Tensor | None
+    cache: Any
+    use_cache: bool
+
+    @classmethod
+    def read(cls, module: nn.Module, kwargs: dict) -> "LMCall":
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:
+            use_cache = bool(getattr(module.config, "use_cache", False))
+        return cls(kwargs.get("inputs_embeds"), kwargs.get("attention_mask"), kwargs.get("position_ids"),
+                   _read_cache(module, kwargs), bool(use_cache))
+
+    def write(self, module: nn.Module, kwargs: dict) -> None:
+        kwargs.update(inputs_embeds=self.inputs_embeds, attention_mask=self.attention_mask,
+                      position_ids=self.position_ids)
+        kwargs[cache_kwarg(module)] = self.cache
+
+
+@dataclass
+class LayerCall:
+    """What a decoder layer's pre-hook reads and rewrites: the loop-level kwargs the language model computed."""
+
+    attention_mask: Any
+    position_ids: Tensor | None
+    position_embeddings: tuple[Tensor, Tensor] | None
+    cache: Any
+
+    @classmethod
+    def read(cls, module: nn.Module, kwargs: dict) -> "LayerCall":
+        return cls(kwargs.get("attention_mask"), kwargs.get("position_ids"), kwargs.get("position_embeddings"),
+                   _read_cache(module, kwargs))
+
+    def write(self, kwargs: dict) -> None:
+        kwargs.update(attention_mask=self.attention_mask, position_ids=self.position_ids)
+        if self.position_embeddings is not None:
+            kwargs["position_embeddings"] = self.position_embeddings
+
+
+def causal_mask(config, inputs_embeds: Tensor, attention_mask: Tensor, cache, layer_idx: int):
+    """transformers' own 4-D mask for ``config``'s attention backend. The cache goes positionally: its
+    parameter was renamed in 5.24 and the position is the same in every version."""
+    from transformers.masking_utils import create_causal_mask
+
+    return create_causal_mask(config, inputs_embeds, attention_mask, cache, position_ids=None, layer_idx=layer_idx)
+
+
+# --- the top model's and generate's calls -----------------------------------------------------------------
+@dataclass(frozen=True)
+class CallFacts:
+    """What a top-model / multimodal-model / generate call carries that the runtime must know."""
+
+    pixels: bool
+    video: bool
+    labels: bool
+    precomputed_images: bool  # image features handed in instead of pixels (mm_encoder_outputs)
+
+    @classmethod
+    def read(cls, kwargs: dict) -> "CallFacts":
+        encoded = kwargs.get("mm_encoder_outputs") or {}
+        return cls(kwargs.get("pixel_values") is not None, kwargs.get("pixel_values_videos") is not None,
+                   kwargs.get("labels") is not None,
+                   isinstance(encoded, dict) and encoded.get("image") is not None)
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """The decoding settings of one ``generate`` call (its kwargs over the model's generation config)."""
+
+    num_beams: int
+    assisted: bool
+    prefill_chunk_size: int | None
+    cache_implementation: str | None
+    input_ids: Tensor | None
+
+    @classmethod
+    def read(cls, model: nn.Module, args: tuple, kwargs: dict) -> "GenerateRequest":
+        config = kwargs.get("generation_config") or model.generation_config
+
+        def setting(name):
+            return kwargs.get(name, getattr(config, name, None))
+
+        ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], Tensor) else None)
+        return cls(setting("num_beams") or 1,
+                   kwargs.get("assistant_model") is not None or bool(setting("prompt_lookup_num_tokens")),
+                   setting("prefill_chunk_size"), setting("cache_implementation"), ids)
+
+
+# --- attention backends -------------------------------------------------------------------------------------
+def attn_implementation(config) -> str:
+    return config._attn_implementation
+
+
+def set_attn_implementation(config, impl: str) -> None:
+    """Switch a (sub-)config's backend in place, bypassing the public setter's checks (a registered name)."""
+    config._attn_implementation_internal = impl
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """The keyword arguments an ``AttentionInterface`` function receives that the probe needs."""
+
+    scaling: float | None
+    is_causal: bool | None
+
+    @classmethod
+    def read(cls, kwargs: dict) -> "AttentionCall":
+        return cls(kwargs.get("scaling"), kwargs.get("is_causal"))
