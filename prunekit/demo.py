@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import prunekit
+from prunekit.compat import LOAD_KWARGS
 from prunekit.tiny import synthetic_image, tiny_llava_dir
 
 QUESTIONS = ["Is there a red box in the image?", "How many shapes can you see?"]
@@ -21,7 +22,7 @@ QUESTIONS = ["Is there a red box in the image?", "How many shapes can you see?"]
 def load(path: str, dtype: str):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, dtype), **LOAD_KWARGS).eval()
     return model, AutoProcessor.from_pretrained(path)
 
 

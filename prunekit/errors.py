@@ -1,6 +1,7 @@
 """prunekit's errors: one base, ``PruningError``, and the kinds a caller may want to tell apart.
 
-Kinds that are also a bad argument subclass ``ValueError`` too, so ``except ValueError`` keeps working.
+Kinds that are also a bad argument subclass ``ValueError`` (and ``TypeError`` for a knob's type) too, so
+``except ValueError`` / ``except TypeError`` code keeps working.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ class BudgetError(PruningError, ValueError):
     """A budget that this strategy cannot meet on this model (too large, not positive, unreachable)."""
 
 
-class KnobError(PruningError, ValueError):
+class KnobError(PruningError, ValueError, TypeError):
     """A strategy knob of the wrong type or out of its range."""
 
 

@@ -262,6 +262,7 @@ class TokenPruner(ABC):
     name: ClassVar[str] = "?"  # set by @register_strategy
     position_policy: str = "compact"
     image_newlines: str = "keep"
+    budget_is_target: bool = True  # False where the counts come from elsewhere (SparseVLM v1's rank, a keep_list)
 
     def __init__(self, budget: int | None = None, convention: str = "n_in"):
         self.budget = None if budget is None else Budget(budget, convention)

@@ -8,10 +8,13 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import importlib
+import types
+import typing
 from collections.abc import Mapping
 from importlib.metadata import entry_points
 from typing import Any, Iterable
 
+from .errors import KnobError
 from .pruner import TokenPruner
 
 ENTRY_POINT_GROUP = "prunekit.strategies"
@@ -84,10 +87,53 @@ def build_strategy(name_or_cfg: str | Mapping[str, Any], **params: Any) -> Token
         name = cfg.pop("name")
         params = {**cfg, **params}
     cls = get_strategy_class(name)
+    check_knobs(cls, params)
     try:
         return cls(**params)
     except TypeError as e:
         raise TypeError(f"cannot build strategy {name!r} with {params}: {e}") from e
+
+
+_SCALARS = {bool: "a boolean (true / false)", int: "an integer (a whole number)", float: "a number", str: "a string"}
+
+
+def check_knobs(cls: type[TokenPruner], params: Mapping[str, Any]) -> None:
+    """Refuse a knob whose value does not have the type its constructor annotation declares (bool, int, float,
+    str, or one of them | None): ``batch_coupled="false"`` would otherwise be stored as a truthy string."""
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # an annotation that cannot be evaluated: nothing to check against
+        return
+    for knob, value in params.items():
+        allowed = _scalar_types(hints.get(knob))
+        if allowed is None or any(_is(value, t) for t in allowed):
+            continue
+        wanted = " or ".join(_SCALARS.get(t, "none") for t in allowed)
+        raise KnobError(f"strategy {getattr(cls, 'name', cls.__name__)!r}: knob {knob}={value!r} "
+                        f"({type(value).__name__}) must be {wanted}")
+
+
+def _scalar_types(hint) -> tuple | None:
+    """The scalar types a hint admits (type(None) included), or None when it is not a plain scalar hint."""
+    if hint in _SCALARS:
+        return (hint,)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if all(a in _SCALARS or a is type(None) for a in args):
+            return args
+    return None
+
+
+def _is(value: Any, kind: type) -> bool:
+    if kind is type(None):
+        return value is None
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, kind)
 
 
 def _to_dict(cfg: Mapping[str, Any]) -> dict[str, Any]:

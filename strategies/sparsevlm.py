@@ -94,6 +94,7 @@ class SparseVLM(TokenPruner):
         if top_heads is not None and top_heads < 1:
             raise ValueError(f"top_heads must be >= 1, got {top_heads}")
         self.version, self.layers, self.keep_list = version, None if layers is None else [int(x) for x in layers], keep_list
+        self.budget_is_target = version != "v1" and keep_list is None  # else the budget only labels the run
         self.scale, self.bias = scale, bias
         self.recycle = version != "v2" if recycle is None else recycle
         self.recycle_ratio, self.tokens_per_cluster, self.merge, self.assign = recycle_ratio, tokens_per_cluster, merge, assign

@@ -7,6 +7,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
+from prunekit.compat import LOAD_KWARGS
 
 hf_logging.disable_progress_bar()
 hf_logging.set_verbosity_error()
@@ -28,7 +29,7 @@ def tiny_dir(tmp_path_factory):
 def model(tiny_dir):
     from transformers import AutoModelForImageTextToText
 
-    return AutoModelForImageTextToText.from_pretrained(tiny_dir).eval()
+    return AutoModelForImageTextToText.from_pretrained(tiny_dir, **LOAD_KWARGS).eval()
 
 
 @pytest.fixture(scope="session")

@@ -110,6 +110,36 @@ def test_sweep_rerun_skips_finished_runs_and_never_overwrites(env, tmp_path):
     assert finished.read_bytes() == before and interrupted.exists()
 
 
+def test_sweep_reruns_stale_or_truncated_runs_and_keeps_their_files(env, tmp_path):
+    args = ["-m", "strategy=random,keep_all", "model=tiny", "data=synthetic", "data.limit=2", "logger=none",
+            f"output_root={tmp_path}"]
+    assert ablate(env, *args).returncode == 0
+    other_version, truncated = sorted((tmp_path / "sweeps" / "sweep").glob("*/metrics.json"))
+    metrics = json.loads(other_version.read_text())
+    metrics["provenance"]["transformers"] = "5.0.0"  # as if made before an upgrade
+    other_version.write_text(json.dumps(metrics))
+    predictions = truncated.parent / "predictions.jsonl"
+    predictions.write_text(predictions.read_text().splitlines()[0] + "\n")  # 1 of 2 records
+    second = ablate(env, *args)
+    assert second.returncode == 0, second.stdout[-3000:]
+    assert "already holds a complete run" not in second.stdout
+    assert "made with other library versions (transformers 5.0.0 ->" in second.stdout
+    assert "predictions.jsonl holds 1 readable records of 2 samples" in second.stdout
+    for path in (other_version, truncated):
+        [old] = (path.parent / "superseded").iterdir()  # the old files are kept, never deleted
+        assert (old / "metrics.json").exists() and (old / "REASON").read_text()
+        fresh = json.loads(path.read_text())
+        assert fresh["complete"] and len((path.parent / "predictions.jsonl").read_text().splitlines()) == 2
+
+
+def test_a_run_without_visual_tokens_is_never_a_finished_run():
+    from prunekit.eval.run import no_visual_tokens
+
+    assert no_visual_tokens({"counts": {"scored": 3}, "tokens": {"n_vanilla": 64, "n_in": 0}})
+    assert not no_visual_tokens({"counts": {"scored": 3}, "tokens": {"n_vanilla": 64, "n_in": 16}})
+    assert not no_visual_tokens({"counts": {"scored": 0}, "tokens": {"n_vanilla": 64, "n_in": 0}})
+
+
 def test_unknown_strategy_or_knob_lists_what_exists(capsys):
     registered = prunekit.list_strategies()
     with pytest.raises(SystemExit) as exit:

@@ -10,13 +10,14 @@ from strategies.dart import DART
 from strategies.divprune import max_min_diverse
 from strategies.visionzip import SPLITS, contextual_groups, merge
 from helpers import batch, generate_positions
+from prunekit.compat import LOAD_KWARGS
 
 N, B = 64, 16
 
 
 @pytest.fixture(scope="module")
 def eager_model(tiny_dir):
-    return AutoModelForImageTextToText.from_pretrained(tiny_dir, attn_implementation="eager").eval()
+    return AutoModelForImageTextToText.from_pretrained(tiny_dir, **LOAD_KWARGS, attn_implementation="eager").eval()
 
 
 def cls_attention(eager_model, pixel_values):

@@ -235,6 +235,17 @@ def test_partial_sweep_shows_what_is_there_and_lists_what_is_not(sweep, tmp_path
     assert "no predictions.jsonl" in md
 
 
+def test_a_truncated_predictions_file_leaves_its_run_out_and_says_so(sweep, tmp_path, capsys):
+    copy = copy_sweep(sweep, tmp_path / "truncated")
+    path = run_dir(copy, "random", 8) / "predictions.jsonl"
+    path.write_text("".join(line + "\n" for line in path.read_text().splitlines()[:2]))  # 2 of 6 records
+    assert compare.main([str(copy), "--resamples", "50", "--no-plots", "--no-overlays", "-q"]) == 0
+    rows = table(copy / "compare")
+    assert ("random", "8") not in rows and ("random", "16") in rows
+    md = (copy / "compare" / "table.md").read_text()
+    assert "- incomplete: random" in md and "predictions.jsonl holds 2 of its 6 samples (truncated)" in md
+
+
 def test_grid_gaps_and_a_second_dataset_are_listed(sweep, tmp_path):
     copy = copy_sweep(sweep, tmp_path / "two_data")
     (copy / "multirun.yaml").unlink()  # without it, gaps are judged from the strategy x budget grid

@@ -49,7 +49,9 @@ def test_pope_full_split_limit_and_bad_split(tmp_path):
     assert len(adv) == 4 and adv[0].question_id == "q100" and adv[0].category == "adversarial"
     limited = load_benchmark("pope", tmp_path, limit=3)  # crosses the file boundary
     assert [limited[i].question_id for i in range(len(limited))] == ["q0", "q1", "q2"]
-    assert len(load_benchmark("pope", tmp_path, limit=0)) == 0
+    for bad in (0, -1, 2.5):
+        with pytest.raises(ValueError, match=f"data.limit must be a positive number of rows.*got {bad}"):
+            load_benchmark("pope", tmp_path, limit=bad)
     with pytest.raises(ValueError, match="adversarial"):
         load_benchmark("pope", tmp_path, split="nonsense")
     with pytest.raises(FileNotFoundError, match="Full/popular"):
@@ -122,6 +124,14 @@ def test_missing_column_names_file_and_columns(tmp_path):
         load_benchmark("pope", tmp_path)
     msg = str(e.value)
     assert str(path) in msg and "'answer'" in msg and "question_id" in msg  # missing and found columns
+
+
+def test_a_corrupt_parquet_file_is_named_in_the_error(tmp_path):
+    make_pope(tmp_path)
+    broken = sorted(tmp_path.rglob("*.parquet"))[-1]
+    broken.write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(ValueError, match=f"{broken}: not a readable parquet file"):
+        load_benchmark("pope", tmp_path)
 
 
 def test_corrupt_images_are_flagged_not_raised(tmp_path):

@@ -33,7 +33,7 @@ def specs(family: str, budget: int) -> dict:
         "pdrop@llm1+2+3": dict(name="pdrop", budget=budget, convention="n_final", layer_list=[1, 2, 3]),
         "sparsevlm-v1.5": dict(name="sparsevlm", budget=budget),
         "sparsevlm-v2": dict(name="sparsevlm", version="v2", budget=budget),
-        "sparsevlm-v1": dict(name="sparsevlm", version="v1", scale=1.5),
+        "sparsevlm-v1": dict(name="sparsevlm", version="v1", scale=1.5, budget=budget),  # v1: the budget is nominal
         "dart@llm2": dict(name="dart", budget=budget, layer=2),
         "divprune": dict(name="divprune", budget=budget),
         "pooling@projector_output": dict(name="pooling", budget=4, stage="projector_output"),

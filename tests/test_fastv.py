@@ -8,13 +8,14 @@ from prunekit import Keep, PruneContext, Site, TokenPruner, build_strategy
 from prunekit.budget import single_cut_keep
 from prunekit.signals import AttentionRows, Signals
 from helpers import batch, greedy
+from prunekit.compat import LOAD_KWARGS
 
 N, T = 64, 4  # the tiny model: 64 visual tokens, 4 decoder layers
 
 
 @pytest.fixture(scope="module")
 def eager_model(tiny_dir):
-    return AutoModelForImageTextToText.from_pretrained(tiny_dir, attn_implementation="eager").eval()
+    return AutoModelForImageTextToText.from_pretrained(tiny_dir, **LOAD_KWARGS, attn_implementation="eager").eval()
 
 
 # --- budgets ---------------------------------------------------------------------------------------
@@ -156,7 +157,7 @@ def test_mask_variant_equals_inplace(model, processor):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_half_precision_runs_without_nan(tiny_dir, processor, dtype):
-    half = AutoModelForImageTextToText.from_pretrained(tiny_dir, dtype=dtype).eval()
+    half = AutoModelForImageTextToText.from_pretrained(tiny_dir, **LOAD_KWARGS, dtype=dtype).eval()
     x = batch(processor, [0, 1, 2])
     x["pixel_values"] = x["pixel_values"].to(dtype)
     for knobs in (dict(), dict(query="all"), dict(variant="mask")):

@@ -6,6 +6,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import prunekit
 from prunekit.flops import FlopsModel, fastv_layer_macs, trace_flops
 from helpers import batch
+from prunekit.compat import LOAD_KWARGS
 
 
 def llava15_7b_on_meta():
@@ -54,7 +55,7 @@ def test_exact_count_equals_torch_flop_counter(tiny_dir, strategy):
     """Every matmul of an eager prefill, counted by torch, equals the analytic count from the trace."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    model = AutoModelForImageTextToText.from_pretrained(tiny_dir, attn_implementation="eager").eval()
+    model = AutoModelForImageTextToText.from_pretrained(tiny_dir, **LOAD_KWARGS, attn_implementation="eager").eval()
     processor = AutoProcessor.from_pretrained(tiny_dir)
     inputs = batch(processor, [0])
     flops = FlopsModel.from_model(model)

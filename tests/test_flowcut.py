@@ -9,6 +9,7 @@ from prunekit import PruneContext, Site, Stage, build_strategy
 from prunekit.scoring import RELAYS, SCORES, Relay, ScoreInputs, get_score, register_relay, register_score
 from strategies.flowcut import adaptive_count, select_top
 from helpers import batch, tower_reference
+from prunekit.compat import LOAD_KWARGS
 
 # --- a synthetic encoder: per-layer signals fed straight to the strategy ---------------------------
 
@@ -347,7 +348,7 @@ def sharp_model(tiny_dir):
     with different counts per image after layer 1."""
     from transformers import AutoModelForImageTextToText
 
-    m = AutoModelForImageTextToText.from_pretrained(tiny_dir).eval()
+    m = AutoModelForImageTextToText.from_pretrained(tiny_dir, **LOAD_KWARGS).eval()
     with torch.no_grad():
         for layer in m.model.vision_tower.encoder.layers:
             layer.self_attn.q_proj.weight *= 6

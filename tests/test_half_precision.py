@@ -6,6 +6,7 @@ from transformers import AutoModelForImageTextToText
 import prunekit
 from prunekit import Site
 from helpers import Recorder, batch
+from prunekit.compat import LOAD_KWARGS
 
 SPECS = [
     dict(name="keep_all"),
@@ -21,7 +22,7 @@ SPECS = [
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_all_stages_in_half_precision(tiny_dir, processor, dtype):
-    model = AutoModelForImageTextToText.from_pretrained(tiny_dir, dtype=dtype).eval()
+    model = AutoModelForImageTextToText.from_pretrained(tiny_dir, **LOAD_KWARGS, dtype=dtype).eval()
     x = batch(processor, [0, 1, 2])
     x["pixel_values"] = x["pixel_values"].to(dtype)
     for spec in SPECS:

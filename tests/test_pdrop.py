@@ -10,6 +10,7 @@ from prunekit.budget import schedule_average
 from prunekit.signals import AttentionRows, Signals
 from strategies.pdrop import lambda_for_average, pyramid
 from helpers import batch, generate_positions, ragged_keep
+from prunekit.compat import LOAD_KWARGS
 
 N, T = 64, 4  # the tiny model: 64 visual tokens, 4 decoder layers
 LAYERS = [1, 2, 3]
@@ -17,7 +18,7 @@ LAYERS = [1, 2, 3]
 
 @pytest.fixture(scope="module")
 def eager_model(tiny_dir):
-    return AutoModelForImageTextToText.from_pretrained(tiny_dir, attn_implementation="eager").eval()
+    return AutoModelForImageTextToText.from_pretrained(tiny_dir, **LOAD_KWARGS, attn_implementation="eager").eval()
 
 
 # --- schedules and budgets --------------------------------------------------------------------------
@@ -250,7 +251,7 @@ def test_compact_positions_at_every_stage_in_prefill_and_decode(model, processor
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_half_precision_runs_without_nan(tiny_dir, processor, dtype):
-    half = AutoModelForImageTextToText.from_pretrained(tiny_dir, dtype=dtype).eval()
+    half = AutoModelForImageTextToText.from_pretrained(tiny_dir, **LOAD_KWARGS, dtype=dtype).eval()
     x = batch(processor, [0, 1, 2])
     x["pixel_values"] = x["pixel_values"].to(dtype)
     with prunekit.attach(half, "pdrop") as h:

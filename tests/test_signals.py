@@ -8,11 +8,12 @@ from prunekit import Keep, Site, Stage, TokenPruner
 from prunekit.pruner import TokenType
 from prunekit.signals import AttentionProbe, AttentionRows, SignalError, Signals
 from helpers import LLM_ROWS, ROWS, Recorder, batch
+from prunekit.compat import LOAD_KWARGS
 
 
 @pytest.fixture(scope="module")
 def eager_model(tiny_dir):
-    return AutoModelForImageTextToText.from_pretrained(tiny_dir, attn_implementation="eager").eval()
+    return AutoModelForImageTextToText.from_pretrained(tiny_dir, **LOAD_KWARGS, attn_implementation="eager").eval()
 
 
 def probe_on(model, llm_layer=1, vision_layer=2):
@@ -64,7 +65,7 @@ def test_probing_keeps_the_backend_and_the_outputs(model, processor):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_rows_in_half_precision_are_finite_distributions(tiny_dir, processor, dtype):
-    half = AutoModelForImageTextToText.from_pretrained(tiny_dir, dtype=dtype).eval()
+    half = AutoModelForImageTextToText.from_pretrained(tiny_dir, **LOAD_KWARGS, dtype=dtype).eval()
     x = batch(processor, [0, 1])
     x["pixel_values"] = x["pixel_values"].to(dtype)
     probe, lm_attn, vis_attn = probe_on(half)

@@ -14,13 +14,14 @@ from prunekit.signals import AttentionRows, Signals
 from prunekit.tiny import build_tiny_llava
 from strategies.sparsevlm import choose_raters, dpc_knn, merge_clusters, simulate
 from helpers import batch, prompt
+from prunekit.compat import LOAD_KWARGS
 
 N, T = 64, 4  # the tiny model: 64 visual tokens, 4 decoder layers; default pruning layers [0, 1, 2]
 
 
 @pytest.fixture(scope="module")
 def eager_model(tiny_dir):
-    return AutoModelForImageTextToText.from_pretrained(tiny_dir, attn_implementation="eager").eval()
+    return AutoModelForImageTextToText.from_pretrained(tiny_dir, **LOAD_KWARGS, attn_implementation="eager").eval()
 
 
 # --- budget accounting (§2.5) -------------------------------------------------------------------------
@@ -302,7 +303,7 @@ def test_defaults_and_params(model):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_half_precision_runs_without_nan(tiny_dir, processor, dtype):
-    half = AutoModelForImageTextToText.from_pretrained(tiny_dir, dtype=dtype).eval()
+    half = AutoModelForImageTextToText.from_pretrained(tiny_dir, **LOAD_KWARGS, dtype=dtype).eval()
     x = batch(processor, [0, 1, 2])
     x["pixel_values"] = x["pixel_values"].to(dtype)
     for version in ("v1.5", "v2"):

@@ -135,8 +135,17 @@ def _find_files(name: str, root: Path, split: str | None) -> tuple[Path, list[li
     raise FileNotFoundError(f"{name}: no parquet files under {root}; {_layout_hint(name, root, patterns)}")
 
 
+def _parquet(path: Path, read, *args, **kwargs):
+    """``read(path, ...)`` with an unreadable file named in the error (pyarrow's own message does not name it)."""
+    try:
+        return read(path, *args, **kwargs)
+    except (pa.ArrowException, OSError) as e:
+        raise ValueError(f"{path}: not a readable parquet file ({type(e).__name__}: {e}). Re-download or remove "
+                         "it; the other files of the benchmark are fine to keep") from e
+
+
 def _check_columns(path: Path, names: list[str], what: str) -> list[str]:
-    found = pq.read_schema(path).names
+    found = _parquet(path, pq.read_schema).names
     missing = [c for c in names if c not in found]
     if missing:
         raise ValueError(f"{path}: missing required column(s) {missing} for {what}; found {found}. "
@@ -235,7 +244,7 @@ def _read_rows(name: str, files: list[Path], limit: int | None, need_image: bool
         found = _check_columns(path, list(required.values()) + (["image"] if need_image else []), name)
         present = {k: c for k, c in optional.items() if c in found}
         cols = list(dict.fromkeys([*required.values(), *present.values()]))
-        table = pq.read_table(path, columns=cols)
+        table = _parquet(path, pq.read_table, columns=cols)
         if limit is not None:
             table = table.slice(0, limit - len(rows))
         data = table.to_pydict()
@@ -263,8 +272,8 @@ def load_benchmark(name: str, root: str | os.PathLike, split: str | None = None,
     name = name.lower()
     if name not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {name!r}; choose one of {list(BENCHMARKS)}")
-    if limit is not None and limit < 0:
-        raise ValueError(f"limit must be >= 0, got {limit}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"data.limit must be a positive number of rows (or null for every row), got {limit!r}")
     root = Path(root).expanduser()
     dataset_dir, found = _find_files(name, root, split)
     if name != "gqa":
@@ -276,7 +285,7 @@ def load_benchmark(name: str, root: str | os.PathLike, split: str | None = None,
     index: dict[str, tuple[int, int]] = {}
     for fi, path in enumerate(found[1]):
         _check_columns(path, ["id", "image"], "gqa images")
-        for j, image_id in enumerate(pq.read_table(path, columns=["id"]).column(0).to_pylist()):
+        for j, image_id in enumerate(_parquet(path, pq.read_table, columns=["id"]).column(0).to_pylist()):
             index.setdefault(str(image_id), (fi, j))
     locs = [index.get(str(r["extra"]["image_id"])) for r in rows]
     return BenchmarkData(name, dataset_dir, rows, found[1], locs)

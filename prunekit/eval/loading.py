@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from ..compat import LOAD_KWARGS
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -86,7 +88,7 @@ def load_model(path: str | None, dtype: str = "float32", attn_implementation: st
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
     resolved = resolve_model_path(path)
     model = AutoModelForImageTextToText.from_pretrained(
-        resolved, dtype=DTYPES[dtype], attn_implementation=attn_implementation
+        resolved, dtype=DTYPES[dtype], attn_implementation=attn_implementation, **LOAD_KWARGS
     ).eval()
     processor = load_processor(resolved, model.config.model_type)
     processor.tokenizer.padding_side = "left"

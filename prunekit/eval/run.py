@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ..errors import SeamError
 from .cli import fingerprint
 
 log = logging.getLogger("prunekit")
@@ -26,7 +27,12 @@ RANDOM_WEIGHTS_NOTE = ("NOTE: this model has random weights, so its accuracy mea
 
 
 def finished(output_dir: Path) -> dict | None:
-    """The metrics of a complete run in ``output_dir``, if there is one."""
+    """The metrics of a complete, current run in ``output_dir``, if there is one (see ``run_problem``)."""
+    metrics = _complete_metrics(output_dir)
+    return metrics if metrics is not None and run_problem(output_dir, metrics) is None else None
+
+
+def _complete_metrics(output_dir: Path) -> dict | None:
     path = output_dir / "metrics.json"
     if path.exists():
         try:
@@ -36,6 +42,61 @@ def finished(output_dir: Path) -> dict | None:
         if metrics.get("complete"):
             return metrics
     return None
+
+
+def library_versions() -> dict[str, str]:
+    """The versions that can change a run's results besides its config."""
+    import transformers
+
+    from .. import __version__
+
+    return {"prunekit": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def run_problem(output_dir: Path, metrics: dict) -> str | None:
+    """Why a run marked complete cannot stand for its config today, or None: made with other library versions,
+    a predictions file that does not hold every sample, or no visual tokens at all on an image benchmark."""
+    made = metrics.get("provenance", {})
+    changed = [f"{k} {made.get(k, '?')} -> {v}" for k, v in library_versions().items() if made.get(k) != v]
+    if changed:
+        return "made with other library versions (" + ", ".join(changed) + ")"
+    expected = metrics.get("counts", {}).get("samples")
+    lines = _prediction_lines(output_dir / "predictions.jsonl")
+    if expected is None or lines != expected:
+        return f"predictions.jsonl holds {lines} readable records of {expected} samples (truncated or missing)"
+    if no_visual_tokens(metrics):
+        return "no visual token reached the language model in any sample (n_in = 0): pruning never ran"
+    return None
+
+
+def no_visual_tokens(results: dict) -> bool:
+    tokens = results.get("tokens")
+    return bool(results.get("counts", {}).get("scored")) and tokens is not None and tokens.get("n_vanilla", 0) > 0 \
+        and tokens.get("n_in", 0) == 0
+
+
+def _prediction_lines(path: Path) -> int:
+    if not path.exists():
+        return 0
+    count = 0
+    for line in path.read_text().splitlines():
+        try:
+            json.loads(line)
+            count += 1
+        except json.JSONDecodeError:
+            pass
+    return count
+
+
+def supersede(output_dir: Path, reason: str) -> Path:
+    """Move a run's files into ``superseded/<time>/`` (kept, never deleted) so the job can run again."""
+    target = output_dir / "superseded" / time.strftime("%Y%m%d-%H%M%S")
+    target.mkdir(parents=True, exist_ok=True)
+    for name in ("metrics.json", "predictions.jsonl", "config.yaml", "csv"):
+        if (output_dir / name).exists():
+            (output_dir / name).rename(target / name)
+    (target / "REASON").write_text(reason + "\n")
+    return target
 
 
 def strategy_config(cfg: DictConfig) -> dict:
@@ -58,10 +119,14 @@ def evaluate(cfg: DictConfig, output_dir: str | os.PathLike) -> dict:
     from .module import PruningEvalModule
 
     output_dir = Path(output_dir)
-    done = finished(output_dir)
+    done = _complete_metrics(output_dir)
     if done is not None:
-        log.info("skipping: %s already holds a complete run (delete it to re-run)", output_dir)
-        return done
+        problem = run_problem(output_dir, done)
+        if problem is None:
+            log.info("skipping: %s already holds a complete run (delete it to re-run)", output_dir)
+            return done
+        log.warning("re-running %s: its finished run was %s; the old files are kept in %s", output_dir, problem,
+                    supersede(output_dir, problem))
     output_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -91,6 +156,9 @@ def evaluate(cfg: DictConfig, output_dir: str | os.PathLike) -> dict:
     }
     if cfg.model.random_weights:
         results["note"] = RANDOM_WEIGHTS_NOTE
+    if no_visual_tokens(results):
+        raise SeamError("the run scored its samples, but no visual token reached the language model (n_in = 0); "
+                        "its results are not written as a finished run")
     if trainer.global_rank == 0:
         write_results(output_dir, cfg, module.records, results)
         finish_loggers(loggers, cfg, module.records, results)
@@ -110,14 +178,10 @@ def write_results(output_dir: Path, cfg: DictConfig, records: list[dict], result
 
 def provenance(cfg: DictConfig, module, trainer, started: float) -> dict:
     import lightning
-    import transformers
-
-    from .. import __version__
 
     device = module.device
     return {
-        "prunekit": __version__, "git_revision": git_revision(),
-        "torch": torch.__version__, "transformers": transformers.__version__, "lightning": lightning.__version__,
+        **library_versions(), "git_revision": git_revision(), "lightning": lightning.__version__,
         "python": platform.python_version(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()}, "
                                                                                    f"{torch.get_num_threads()} threads)",

@@ -127,7 +127,7 @@ class PruningHandle:
         self._probe = None
         self._pixels_pending = False  # a call carried pixel values that no vision pass has consumed yet
         self._generate_prefills: int | None = None  # prefills seen inside the current generate() call
-        self._created_cache = None  # the cache this handle created for the current prefill
+        self._passed_cache = None  # the KV cache the current prefill hands the language model
         compat.warn_if_untested()
         try:
             self._install()
@@ -229,7 +229,7 @@ class PruningHandle:
         budget, per_image = self.strategy.budget, self.adapter.tokens_per_image()
         vision_side = any(s.stage is not Stage.LLM_LAYER for s in self.sites)
         if budget is not None and vision_side and per_image is not None and budget.tokens > per_image:
-            raise ValueError(
+            raise BudgetError(
                 f"budget {budget.tokens} exceeds the {per_image} visual tokens per image of this model; "
                 f"use a budget <= {per_image} ({per_image} keeps every token)"
             )
@@ -605,7 +605,7 @@ class PruningHandle:
         return facts
 
     def _on_llm_entry(self, module, args, kwargs):
-        self._created_cache = None
+        self._passed_cache = None
         call = self.adapter.read_lm_call(kwargs)
         if call.inputs_embeds is None:
             raise PruningError("prunekit expects the language model to receive inputs_embeds from the multimodal model")
@@ -614,7 +614,8 @@ class PruningHandle:
             raise SeamError(f"the language model received its KV cache as {stray!r}, a name prunekit does not read")
         if compat.cache_length(call.cache) == 0:
             if call.use_cache and call.cache is None:  # create it here (as the LM would) so decode steps can be matched to it
-                call.cache = self._created_cache = compat.new_cache(module.config)
+                call.cache = compat.new_cache(module.config)
+            self._passed_cache = call.cache
             self._start_prefill(call)
         else:
             self._start_decode(call)
@@ -627,7 +628,8 @@ class PruningHandle:
         span = self._span
         self._span = None
         if span is None or span.shape != (batch, length):
-            raise PruningError("the language model was called without going through the multimodal model")
+            raise SeamError("the language model was called without the image-token span of the multimodal model's "
+                            "forward (its hook saw no call, or a different batch)")
         device = embeds.device
         span = span.to(device)
         mask = call.attention_mask
@@ -648,6 +650,7 @@ class PruningHandle:
         vision, self._vision = self._vision, None
         self._check_prefill_seen(span, vision)
         trace.samples, sample_images = self._sample_tracks(span, vision, trace)
+        self._check_budget(trace)
         keep = ~entry.visual
         for b, track in enumerate(trace.samples):
             slots = entry.visual[b].nonzero().squeeze(1)
@@ -668,6 +671,18 @@ class PruningHandle:
             length_orig=length, entry=entry, segments=[], active=active, vision=vision,
             sample_images=sample_images, embeds=call.inputs_embeds if self._prompt_sites else None,
         )
+
+    def _check_budget(self, trace: PruneTrace) -> None:
+        """A budget no sample with images can meet is an error, not a silent keep-all (the per-image check at
+        attach covers vision-side budgets on fixed-size images; this one every stage and family)."""
+        budget = self.strategy.budget
+        if budget is None or not self.strategy.budget_is_target:
+            return
+        for b, n in enumerate(trace.n_vanilla):
+            if 0 < n < budget.tokens:
+                raise BudgetError(
+                    f"{self.strategy.name!r}: budget {budget.tokens} exceeds the {n} visual tokens of sample {b}; "
+                    f"use a budget <= {n} (it is a count of visual tokens under the {budget.convention} convention)")
 
     def _sample_tracks(self, span: Tensor, vision: VisionPass | None, trace: PruneTrace):
         """Lay the vision pass's units out as images (adapter.image_layouts) and match images to samples (they
@@ -751,6 +766,7 @@ class PruningHandle:
                 "this KV cache was not filled by a prefill under this attachment; prunekit cannot continue it "
                 "(start generation from the prompt with the strategy attached)"
             )
+        prefill.step += 1  # counted for every decode step: the probe skips them (also when nothing was pruned)
         if not prefill.active:
             return
         batch, q = embeds.shape[:2]
@@ -775,7 +791,6 @@ class PruningHandle:
         if positions is None:
             positions = torch.arange(q, device=embeds.device) + prefill.length_orig + generated
         positions = self.adapter.positions_in(positions, batch, q, embeds.device)
-        prefill.step += 1
         prefill.step_positions, prefill.step_tail = positions, tail
         call.attention_mask = torch.cat([entry.mask, tail], dim=1).long()
         call.position_ids = self.adapter.positions_out(positions - entry.shift[:, None, None])
@@ -813,7 +828,7 @@ class PruningHandle:
         mask_only = False
         if units:
             unit_slots = slots[units]
-            tokens = take(hidden, unit_slots)
+            tokens = take(hidden[units], unit_slots)
             lengths = valid[units].sum(1).cpu()
             grids = [_sample_grid(trace.samples[b], self.adapter) for b in units]
             signals = self._signals(site, units, unit_slots, valid[units])
@@ -962,13 +977,13 @@ class PruningHandle:
                 raise SeamError("a second prefill started inside one generate() call: a decode step looked like a "
                                 "prefill (the language model's KV cache was not seen under the name prunekit reads)")
         pending, self._pixels_pending = self._pixels_pending, False
-        if pending and vision is None and bool(span.any()):
+        if pending and bool(span.any()) and (vision is None or vision.pixel_values is None):
             raise SeamError("pixel values were passed, but the image features reached the language model without "
                             "going through the vision tower prunekit hooks (a path the adapter does not know)")
 
     def _after_llm(self, module, args, kwargs, output):
-        created, self._created_cache = self._created_cache, None
-        if created is not None and compat.cache_length(created) == 0:
+        passed, self._passed_cache = self._passed_cache, None
+        if passed is not None and compat.cache_length(passed) == 0:
             raise SeamError("the KV cache prunekit passed to the language model was left empty: the model did not "
                             "take it under the name prunekit passes it")
 

@@ -128,8 +128,13 @@ def read_run(path: Path) -> Run:
     if not metrics.get("complete"):
         run.problem = "metrics.json is not marked complete"
         return run
-    run.metrics = metrics
-    run.records, run.problem = _read_records(path / "predictions.jsonl")
+    records, run.problem = _read_records(path / "predictions.jsonl")
+    expected = metrics.get("counts", {}).get("samples")
+    if records is not None and expected is not None and len(records) != expected:
+        run.problem = (f"predictions.jsonl holds {len(records)} of its {expected} samples (truncated): left out, "
+                       "so no table row, interval or paired test uses a part of it")
+        return run
+    run.metrics, run.records = metrics, records
     return run
 
 
