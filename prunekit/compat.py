@@ -28,6 +28,13 @@ TESTED_RANGE = ">=5.17,<5.25"
 _OLD_CACHE, _NEW_CACHE = "past_key_values", "cache"
 
 
+def tested_minors() -> list[str]:
+    """Every minor of the tested range, oldest first (the CI matrix)."""
+    bounds = {s.operator: Version(s.version) for s in SpecifierSet(TESTED_RANGE)}
+    low, high = bounds[">="], bounds["<"]
+    return [f"{low.major}.{m}" for m in range(low.minor, high.minor)]
+
+
 def transformers_version() -> str:
     return transformers.__version__
 

@@ -14,6 +14,7 @@ from prunekit.eval.run import strategy_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
+DEFAULT_RUN = ("model=tiny", "data=synthetic")  # named, so a later change of the default changes no test here
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +83,7 @@ def test_flowcut_experiments_sweep_the_paper_grids():
 # --- the command line ----------------------------------------------------------------------------------
 def test_single_run_writes_config_metrics_and_predictions(env, tmp_path):
     out = tmp_path / "run"
-    proc = ablate(env, "strategy=random", "data.limit=3", "logger=csv", f"hydra.run.dir={out}")
+    proc = ablate(env, "strategy=random", *DEFAULT_RUN, "data.limit=3", "logger=csv", f"hydra.run.dir={out}")
     assert proc.returncode == 0, proc.stdout[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["complete"] and metrics["counts"] == {"samples": 3, "scored": 3, "skipped": 0}
@@ -97,8 +98,21 @@ def test_single_run_writes_config_metrics_and_predictions(env, tmp_path):
     assert "answer_agreement=" in proc.stdout and "random weights" in proc.stdout
 
 
+@pytest.mark.contract
+def test_the_default_run_removes_tokens_and_keep_all_agrees_with_vanilla(env, tmp_path):
+    """The README's main job on the embedded default (FlowCut, a single pre-LLM cut) and keep_all beside it."""
+    proc = ablate(env, "-m", "strategy=flowcut,keep_all", *DEFAULT_RUN, "data.limit=8", "logger=none",
+                  f"output_root={tmp_path}")
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    runs = {json.loads(p.read_text())["strategy"]["name"]: json.loads(p.read_text())
+            for p in (tmp_path / "sweeps" / "sweep").glob("*/metrics.json")}
+    t = runs["flowcut"]["tokens"]
+    assert t["n_vanilla"] == 64 and 0 < t["n_final"] == t["n_in"] < t["n_vanilla"]  # one cut before the LLM
+    assert runs["keep_all"]["fidelity"]["answer_agreement"] == 1.0 and runs["keep_all"]["tokens"]["n_in"] == 64
+
+
 def test_sweep_rerun_skips_finished_runs_and_never_overwrites(env, tmp_path):
-    args = ["-m", "strategy=random,keep_all", "data.limit=2", "logger=none", f"output_root={tmp_path}"]
+    args = ["-m", "strategy=random,keep_all", *DEFAULT_RUN, "data.limit=2", "logger=none", f"output_root={tmp_path}"]
     first = ablate(env, *args)
     assert first.returncode == 0, first.stdout[-3000:]
     finished, interrupted = sorted((tmp_path / "sweeps" / "sweep").glob("*/metrics.json"))
@@ -111,7 +125,7 @@ def test_sweep_rerun_skips_finished_runs_and_never_overwrites(env, tmp_path):
 
 
 def test_sweep_reruns_stale_or_truncated_runs_and_keeps_their_files(env, tmp_path):
-    args = ["-m", "strategy=random,keep_all", "model=tiny", "data=synthetic", "data.limit=2", "logger=none",
+    args = ["-m", "strategy=random,keep_all", *DEFAULT_RUN, "data.limit=2", "logger=none",
             f"output_root={tmp_path}"]
     assert ablate(env, *args).returncode == 0
     other_version, truncated = sorted((tmp_path / "sweeps" / "sweep").glob("*/metrics.json"))
@@ -186,7 +200,7 @@ class FirstK(TokenPruner):
 def test_strategy_from_a_plugin_module_runs_with_its_knobs(env, tmp_path):
     (tmp_path / "my_plugin.py").write_text(PLUGIN)
     out = tmp_path / "run"
-    proc = ablate(env, "strategy=first_k", "plugins=[my_plugin]", "budget=5", "data.limit=1", "logger=none",
+    proc = ablate(env, "strategy=first_k", "plugins=[my_plugin]", *DEFAULT_RUN, "budget=5", "data.limit=1", "logger=none",
                   f"hydra.run.dir={out}", PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT}")
     assert proc.returncode == 0, proc.stdout[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
@@ -198,7 +212,7 @@ def test_wandb_offline_run_lands_in_the_run_directory(env, tmp_path):
     pytest.importorskip("wandb")
     out = tmp_path / "run"
     clean = {k: v for k, v in env.items() if k != "WANDB_MODE"}
-    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "ablate.py"), "strategy=random", "data.limit=2",
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "ablate.py"), "strategy=random", *DEFAULT_RUN, "data.limit=2",
                            f"hydra.run.dir={out}"], env=clean | {"WANDB_API_KEY": "", "NETRC": str(tmp_path / "none"),
                                                                 "HOME": str(tmp_path)},
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
@@ -211,7 +225,7 @@ def test_wandb_offline_run_lands_in_the_run_directory(env, tmp_path):
 @pytest.mark.slow
 def test_ddp_on_two_processes_gives_the_metrics_of_one(env, tmp_path):
     """2 gloo processes over 5 rows (the sampler pads one): records gathered, de-duplicated by row id."""
-    common = ["strategy=random", "data.limit=5", "logger=none"]
+    common = ["strategy=random", *DEFAULT_RUN, "data.limit=5", "logger=none"]
     ddp = ablate(env, *common, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
                  f"hydra.run.dir={tmp_path / 'ddp'}")
     assert ddp.returncode == 0, ddp.stdout[-3000:]

@@ -7,6 +7,8 @@ import prunekit
 from prunekit import PruningError
 from helpers import batch, greedy
 
+pytestmark = pytest.mark.contract  # the runtime contract: CI runs it on every transformers minor
+
 
 def test_budget_above_the_visual_tokens_is_refused(model):
     with pytest.raises(ValueError, match="exceeds the 64 visual tokens per image.*<= 64"):

@@ -49,7 +49,8 @@ def sweep(tmp_path_factory):
     cli.prepare([])
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         for strategy, budget in JOBS:
-            overrides = [f"strategy={strategy}", f"budget={budget}", "data.limit=6", "logger=none"]
+            overrides = [f"strategy={strategy}", f"budget={budget}", "model=tiny", "data=synthetic", "data.limit=6",
+                         "logger=none"]
             cfg = compose("ablate", overrides=overrides)
             evaluate(cfg, out / f"strategy={strategy},budget={budget},data.limit=6-{cli.fingerprint(cfg)}")
     (out / "multirun.yaml").write_text(MULTIRUN)

@@ -9,6 +9,8 @@ import prunekit
 from prunekit.tiny import build_tiny_llava_next, build_tiny_qwen2_5_vl, build_tiny_qwen2_vl, synthetic_image
 from helpers import QUESTIONS, generate_positions, prompt
 
+pytestmark = pytest.mark.contract  # the runtime contract: CI runs it on every transformers minor
+
 FAMILIES = {
     "llava-next": (build_tiny_llava_next, [(224, 112), (112, 112), (200, 150), (112, 224)], 40),
     "qwen2-vl": (build_tiny_qwen2_vl, [(224, 224), (224, 112), (200, 150), (112, 224)], 12),

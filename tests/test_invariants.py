@@ -7,6 +7,8 @@ import prunekit
 from prunekit import Keep, Site, TokenPruner
 from helpers import batch, generate_positions, greedy, recompute_last_logits, tower_reference, vision_features
 
+pytestmark = pytest.mark.contract  # the runtime contract: CI runs it on every transformers minor
+
 B = 16  # budget: 16 of the tiny model's 64 visual tokens
 N = 64
 L_LAYERS = 4

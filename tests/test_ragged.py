@@ -6,6 +6,8 @@ import prunekit
 from prunekit import Site, TokenPruner
 from helpers import batch, greedy, ragged_keep, recompute_last_logits
 
+pytestmark = pytest.mark.contract  # the runtime contract: CI runs it on every transformers minor
+
 
 class RaggedRandom(TokenPruner):
     """Keeps 5..16 tokens per unit, the count drawn from the unit's content seed."""

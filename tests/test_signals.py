@@ -10,6 +10,8 @@ from prunekit.signals import AttentionProbe, AttentionRows, SignalError, Signals
 from helpers import LLM_ROWS, ROWS, Recorder, batch
 from prunekit.compat import LOAD_KWARGS
 
+pytestmark = pytest.mark.contract  # the runtime contract: CI runs it on every transformers minor
+
 
 @pytest.fixture(scope="module")
 def eager_model(tiny_dir):
