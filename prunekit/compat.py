@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -213,6 +214,47 @@ def attn_implementation(config) -> str:
 def set_attn_implementation(config, impl: str) -> None:
     """Switch a (sub-)config's backend in place, bypassing the public setter's checks (a registered name)."""
     config._attn_implementation_internal = impl
+
+
+class AttentionModule:
+    """What prunekit reads of one attention module's internals (Llama / CLIP style): its causality, scaling and
+    projections, and its modeling file's RoPE and eager functions."""
+
+    PROJECTIONS = ("q_proj", "k_proj", "v_proj")
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    @property
+    def causal(self) -> bool:
+        """The module's own ``is_causal`` (sdpa's fallback when a call does not say; absent means causal)."""
+        return bool(getattr(self.module, "is_causal", True))
+
+    @property
+    def scaling(self) -> float:
+        return self.module.scaling
+
+    def missing(self, *, rope: bool) -> str | None:
+        """The first attribute projecting q / k / v needs that the module lacks, or None."""
+        needed = self.PROJECTIONS + (("head_dim", "scaling") if rope else ())
+        return next((n for n in needed if getattr(self.module, n, None) is None), None)
+
+    def heads(self, which: str, x: Tensor, head_dim: int | None = None) -> Tensor:
+        """(B, H, L, d): projection ``which`` (q / k / v) of ``x`` (B, L, D) split into heads as the module does
+        (with its q_norm / k_norm when it has them)."""
+        module = self.module
+        t = getattr(module, f"{which}_proj")(x).view(*x.shape[:2], -1, head_dim or module.head_dim)
+        norm = getattr(module, f"{which}_norm", None)
+        return (t if norm is None else norm(t)).transpose(1, 2)
+
+    def rotate(self, query: Tensor, key: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor] | None:
+        """The modeling file's ``apply_rotary_pos_emb`` (1-D RoPE) on q and k; None when it has none."""
+        rotate = getattr(sys.modules[type(self.module).__module__], "apply_rotary_pos_emb", None)
+        return None if rotate is None else rotate(query, key, cos, sin)
+
+    def eager_function(self):
+        """The modeling file's own ``eager_attention_forward`` (each family has one)."""
+        return sys.modules[type(self.module).__module__].eager_attention_forward
 
 
 @dataclass(frozen=True)

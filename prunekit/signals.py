@@ -18,7 +18,6 @@ The model keeps its attention implementation: the probe registers a wrapping imp
 """
 from __future__ import annotations
 
-import sys
 import weakref
 from dataclasses import dataclass
 from typing import Callable
@@ -214,7 +213,7 @@ class AttentionProbe:
         if chunked:
             self.chunked[module] = []
         if any(r.query == "mean_hidden" for r in rows):
-            if input_norm is None or getattr(module, "q_proj", None) is None:
+            if input_norm is None or compat.AttentionModule(module).missing(rope=False):
                 raise SignalError("mean_hidden rows are available only in a vision tower with q/v projections "
                                   "(no RoPE); use 'mean' (the mean query) elsewhere")
             self.input_norms[module] = input_norm
@@ -227,9 +226,9 @@ class AttentionProbe:
         computed by ``capture_input`` before the block runs; returns the source key."""
         if any(r.query == "mean_hidden" for r in rows):
             raise SignalError("mean_hidden rows are available only in a vision tower; use 'mean' with pre=True")
-        for name in ("q_proj", "k_proj", "v_proj", "head_dim", "scaling"):
-            if not hasattr(module, name):
-                raise SignalError(f"pre signals need an attention module with {name}; {type(module).__name__} has none")
+        missing = compat.AttentionModule(module).missing(rope=True)
+        if missing:
+            raise SignalError(f"pre signals need an attention module with {missing}; {type(module).__name__} has none")
         source = BlockInput(module)
         self.block_norms[source] = norm
         self._request(source, rows, keys, values)
@@ -302,20 +301,14 @@ class AttentionProbe:
         if masks is None:
             return
         x = self.block_norms[source](hidden)
-
-        def heads(proj, norm=None):  # as the Llama-family attention: view, (q/k norm), heads first
-            t = proj(x).view(*x.shape[:2], -1, module.head_dim)
-            return (t if norm is None else norm(t)).transpose(1, 2)
-
-        query = heads(module.q_proj, getattr(module, "q_norm", None))
-        key = heads(module.k_proj, getattr(module, "k_norm", None))
-        rotate = getattr(sys.modules[type(module).__module__], "apply_rotary_pos_emb", None)
-        if rotate is None:
+        attention = compat.AttentionModule(module)
+        rotated = attention.rotate(attention.heads("q", x), attention.heads("k", x), *position_embeddings)
+        if rotated is None:
             raise SignalError(f"pre signals need the modeling file of {type(module).__name__} to define "
                               "apply_rotary_pos_emb (1-D RoPE); this family is not supported yet")
-        query, key = rotate(query, key, *position_embeddings)
-        value = heads(module.v_proj) if source in self.keep_values else None
-        self._record(source, module, query, key, value, mask, module.scaling, masks, _module_causal(module))
+        query, key = rotated
+        value = attention.heads("v", x) if source in self.keep_values else None
+        self._record(source, module, query, key, value, mask, attention.scaling, masks, attention.causal)
 
     def flush(self, module: nn.Module, layout: Callable[[Tensor], "tuple[Tensor, Tensor]"]) -> None:
         """Join a chunked module's calls into its flat sequence (rows, H, d), lay it out per unit with ``layout``
@@ -343,16 +336,9 @@ class AttentionProbe:
         x = self._inputs[module]
         live = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if live is None else live.to(x.device)
         token = self.input_norms[module](torch.einsum("bnd,bn->bd", x, _mean_weights(live, x.dtype))[:, None])
-
-        def heads(proj):
-            return proj(token).view(x.shape[0], 1, -1, head_dim).transpose(1, 2)
-
-        self.synthetic_values[module] = heads(module.v_proj)[:, :, 0]
-        return heads(module.q_proj)
-
-
-def _module_causal(module: nn.Module) -> bool:
-    return bool(getattr(module, "is_causal", True))
+        attention = compat.AttentionModule(module)
+        self.synthetic_values[module] = attention.heads("v", token, head_dim)[:, :, 0]
+        return attention.heads("q", token, head_dim)
 
 
 def _backend_causal(impl: str, module: nn.Module, is_causal: bool | None) -> bool:
@@ -360,7 +346,7 @@ def _backend_causal(impl: str, module: nn.Module, is_causal: bool | None) -> boo
     ``is_causal``, else the module's attribute, else causal. eager applies only the mask it is given."""
     if impl == "eager":
         return False
-    return bool(is_causal) if is_causal is not None else _module_causal(module)
+    return bool(is_causal) if is_causal is not None else compat.AttentionModule(module).causal
 
 
 def _wrapping(impl: str) -> str:
@@ -375,7 +361,7 @@ def _wrapping(impl: str) -> str:
                                query.shape[-1] ** -0.5 if call.scaling is None else call.scaling,
                                _backend_causal(impl, module, call.is_causal))
             if impl == "eager":  # each modeling file has its own eager function
-                inner = sys.modules[type(module).__module__].eager_attention_forward
+                inner = compat.AttentionModule(module).eager_function()
             else:
                 inner = ALL_ATTENTION_FUNCTIONS[impl]
             return inner(module, query, key, value, attention_mask, **kwargs)

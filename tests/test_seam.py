@@ -227,3 +227,45 @@ def test_an_untested_version_warns_once_and_is_not_refused(monkeypatch):
         warnings.simplefilter("error")
         assert compat.warn_if_untested()  # once per process: the cached answer, no second warning
     compat.warn_if_untested.cache_clear()
+
+
+# --- one seam: only the adapters and prunekit/compat.py spell transformers names ---------------------------
+KWARGS = {"past_key_values", "cache", "cache_position", "attention_mask", "position_ids", "position_embeddings",
+          "inputs_embeds", "input_ids", "pixel_values", "pixel_values_videos", "image_sizes", "image_grid_thw",
+          "grid_thw", "cu_seqlens", "cu_window_seqlens", "max_seqlen", "use_cache", "labels", "num_beams",
+          "assistant_model", "prompt_lookup_num_tokens", "prefill_chunk_size", "cache_implementation",
+          "generation_config", "mm_encoder_outputs", "hidden_states", "scaling", "is_causal", "output_attentions",
+          "use_kernels", "q_proj", "k_proj", "v_proj", "q_norm", "k_norm", "head_dim"}
+ATTRIBUTES = {"_attn_implementation", "_attn_implementation_internal", "past_key_values", "get_seq_length",
+              "q_proj", "k_proj", "v_proj", "eager_attention_forward", "apply_rotary_pos_emb", "is_causal",
+              "scaling", "head_dim", "logits"}
+BEYOND_THE_SEAM = sorted([*(ROOT / "prunekit" / "runtime").glob("*.py"), ROOT / "prunekit" / "signals.py",
+                          *(ROOT / "strategies").glob("*.py")])
+
+
+def _transformers_names(path: Path) -> list[str]:
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Constant) and node.value in KWARGS:
+            found.append(f"{path.name}:{node.lineno} {node.value!r}")
+        elif isinstance(node, ast.Attribute) and node.attr in ATTRIBUTES and not (
+                isinstance(node.value, ast.Name) and node.value.id in ("call", "request", "attention", "self")):
+            found.append(f"{path.name}:{node.lineno} .{node.attr}")
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            modules = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+            if path.parent.name == "strategies" and any(m.split(".")[0] == "transformers" for m in modules):
+                found.append(f"{path.name}:{node.lineno} imports transformers")
+    return found
+
+
+@pytest.mark.parametrize("path", BEYOND_THE_SEAM, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_no_transformers_name_is_spelled_beyond_the_seam(path):
+    assert _transformers_names(path) == []
+
+
+def test_the_scan_finds_a_spelled_name(tmp_path):
+    spy = tmp_path / "spy.py"
+    spy.write_text("def f(kwargs, model):\n    return kwargs.get('past_key_values'), model.config._attn_implementation\n")
+    assert sorted(_transformers_names(spy)) == ["spy.py:2 'past_key_values'", "spy.py:2 ._attn_implementation"]

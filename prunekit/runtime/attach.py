@@ -427,7 +427,7 @@ class PruningHandle:
         return torch.cat([hidden[:, :prefix], kept.to(hidden.dtype)], 1)
 
     def _refuse_flash_padding(self, attention: nn.Module) -> None:
-        impl = attention.config._attn_implementation
+        impl = compat.attn_implementation(attention.config)
         if "flash" in impl:
             raise PruningError(
                 f"{self.strategy.name!r} keeps different token counts per image inside the vision encoder, "
@@ -889,7 +889,8 @@ class PruningHandle:
         text, _ = _text_rows(current, units)
         positions = current.positions[units]
         gravity = self.adapter.rope_gravity(hidden, take(positions, text), take(positions, unit_slots))
-        return gravity * self.adapter.llm_attention(site.layer - 1).scaling
+        attention = compat.AttentionModule(self.adapter.llm_attention(site.layer - 1))
+        return gravity * attention.scaling
 
     def _sample_seed(self, sample: int) -> int:
         prefill = self._prefill
