@@ -173,14 +173,11 @@ class CallFacts:
     pixels: bool
     video: bool
     labels: bool
-    precomputed_images: bool  # image features handed in instead of pixels (mm_encoder_outputs)
 
     @classmethod
     def read(cls, kwargs: dict) -> "CallFacts":
-        encoded = kwargs.get("mm_encoder_outputs") or {}
         return cls(kwargs.get("pixel_values") is not None, kwargs.get("pixel_values_videos") is not None,
-                   kwargs.get("labels") is not None,
-                   isinstance(encoded, dict) and encoded.get("image") is not None)
+                   kwargs.get("labels") is not None)
 
 
 @dataclass(frozen=True)
