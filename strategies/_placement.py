@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 from prunekit import Site, Stage
+from prunekit.pruner import POSITION_POLICIES
 
 
 def single_site(stage: str, layer: int | None, allowed: tuple[Stage, ...], strategy: str) -> Site:
     """The site for ``stage``; ``layer`` defaults to 2 inside the LLM and must be given inside the encoder."""
+    if stage not in {s.value for s in Stage}:
+        raise ValueError(f"{strategy}: unknown stage={stage!r}; the stages are {', '.join(s.value for s in Stage)}")
     stage = Stage(stage)
     if stage not in allowed:
         raise ValueError(f"{strategy} acts at {', '.join(map(str, allowed))}; got stage={stage}")
@@ -19,6 +22,8 @@ def single_site(stage: str, layer: int | None, allowed: tuple[Stage, ...], strat
 def default_policy(site: Site, positions: str | None) -> str:
     """Pre-LLM pruning rebuilds a short prompt (compact); in-LLM pruning keeps original positions (FastV-style)."""
     if positions is not None:
+        if positions not in POSITION_POLICIES:
+            raise ValueError(f"unknown positions={positions!r}; choose one of {POSITION_POLICIES}")
         return positions
     return "original" if site.stage is Stage.LLM_LAYER else "compact"
 

@@ -43,6 +43,16 @@ class FakeAdapter:
         return 1
 
 
+def score_by_hand(a, v, cls_v):
+    """FlowCut's score of every live patch, written out from docs/strategies/flowcut.md: S = (a / sum a +
+    s / sum s) * nu, s_j = head mean of softmax over [CLS, patches] of v_cls . v_j (unscaled), nu_j = sum_d
+    |mean_h v_j| (one unit, every patch live)."""
+    logits = torch.cat([(cls_v * cls_v).sum(-1, keepdim=True), torch.einsum("uhnd,uhd->uhn", v, cls_v)], -1)
+    s = logits.softmax(-1)[..., 1:].mean(1)
+    nu = v.mean(1).abs().sum(-1)
+    return (a / a.sum(-1, keepdim=True) + s / s.sum(-1, keepdim=True)) * nu
+
+
 def signals_for(lengths, kind, generator, heads=2, dim=4, dtype=torch.float32):
     """One layer's signals for units with ``lengths`` live patches (zero padded)."""
     n = int(lengths.max())
@@ -178,13 +188,13 @@ def test_ema_with_constant_scores_equals_the_score():
         ctx = PruneContext(site=Site(Stage.VISION_LAYER, layer), tokens=torch.zeros(1, 16, 1), lengths=lengths,
                            grids=[None], sample_of=[0], budget=strategy.budget, signals=FakeSignals(a, v, cls_v))
         assert strategy.prune(ctx) is None
-        torch.testing.assert_close(strategy._cumulative, get_score("flowcut")(strategy.criteria(ctx, live)[0]))
+        torch.testing.assert_close(strategy._cumulative, score_by_hand(a, v, cls_v))
     # and with changing scores the history weight mixes them: C = 0.5 C + 0.5 S
     previous = strategy._cumulative.clone()
     v2 = v.flip(2)
     ctx = PruneContext(site=Site(Stage.VISION_LAYER, 5), tokens=torch.zeros(1, 16, 1), lengths=lengths,
                        grids=[None], sample_of=[0], budget=strategy.budget, signals=FakeSignals(a, v2, cls_v))
-    current = get_score("flowcut")(strategy.criteria(ctx, live)[0])
+    current = score_by_hand(a, v2, cls_v)
     keep = strategy.prune(ctx)
     mixed = 0.5 * previous + 0.5 * current
     assert torch.equal(keep.indices[0], select_top(mixed, live, torch.tensor([4]))[0])

@@ -71,11 +71,13 @@ def test_fractional_budget_is_refused():
 
 
 def test_unknown_stage_or_policy_is_refused():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="random: unknown stage='decoder'; the stages are vision_layer, "
+                                         "vision_output, projector_output, llm_layer"):
         build_strategy("random", stage="decoder")
     with pytest.raises(ValueError, match="needs layer="):
         build_strategy("pooling", stage="vision_layer")
-    assert prunekit.Stage("llm_layer") is prunekit.Stage.LLM_LAYER
+    with pytest.raises(ValueError, match="unknown positions='weird'; choose one of \\('compact', 'original'\\)"):
+        build_strategy("random", budget=8, positions="weird")
 
 
 def test_every_registered_builtin_has_a_config_that_builds():

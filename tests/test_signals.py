@@ -100,6 +100,18 @@ def projections(model, layer_attn, x):
     return {p: o.view(*o.shape[:2], -1, d).transpose(1, 2) for p, o in out.items()}
 
 
+def rope_by_hand(k, config):
+    """Llama RoPE at positions 0..L-1 (a forward without position ids): k cos + rotate_half(k) sin, with
+    inv_freq_i = theta^(-2i/d), d the head dim."""
+    d = k.shape[-1]
+    theta = config.rope_parameters["rope_theta"] if getattr(config, "rope_parameters", None) else config.rope_theta
+    inv = theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    angles = torch.arange(k.shape[2], dtype=torch.float64)[:, None] * inv[None]
+    cos, sin = torch.cat([angles, angles], -1).cos().float(), torch.cat([angles, angles], -1).sin().float()
+    rotated = torch.cat([-k[..., d // 2:], k[..., : d // 2]], -1)
+    return k * cos + rotated * sin
+
+
 def test_context_signals_equal_eager_attention_at_every_stage(model, eager_model, processor):
     x = batch(processor, [0, 1, 2, 3])
     eager = eager_model(**x, output_attentions=True)
@@ -136,10 +148,12 @@ def test_context_signals_equal_eager_attention_at_every_stage(model, eager_model
         ref = lm_attn[b][:, text][:, :, cols].mean(0)
         torch.testing.assert_close(rows[:n_text], ref, rtol=0, atol=1e-6)
         assert (rows[n_text:] == 0).all()
-    lm_v = projections(model, model.model.language_model.layers[1].self_attn, x)["v_proj"]
+    lm = projections(model, model.model.language_model.layers[1].self_attn, x)
     cols = torch.stack([img[b].nonzero().squeeze(1) for b in range(4)])
-    torch.testing.assert_close(seen["values"], torch.stack([lm_v[b][:, cols[b]] for b in range(4)]), rtol=0, atol=1e-6)
-    assert seen["keys"].shape == seen["values"].shape  # keys are taken after RoPE
+    torch.testing.assert_close(seen["values"], torch.stack([lm["v_proj"][b][:, cols[b]] for b in range(4)]),
+                               rtol=0, atol=1e-6)
+    keys = rope_by_hand(lm["k_proj"], model.config.text_config)  # keys are taken after RoPE
+    torch.testing.assert_close(seen["keys"], torch.stack([keys[b][:, cols[b]] for b in range(4)]), rtol=0, atol=1e-5)
 
 
 def test_signals_after_ragged_encoder_pruning_equal_batch_of_one(model, processor):
