@@ -18,6 +18,10 @@ class KnobError(PruningError, ValueError, TypeError):
     """A strategy knob of the wrong type or out of its range."""
 
 
+class SignalError(PruningError):
+    """A signal a strategy reads that its site did not declare or cannot provide."""
+
+
 class SeamError(PruningError):
     """The runtime did not see what its hooks assume: transformers' internals differ from the tested ones.
 

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .budget import Budget
+from .errors import SignalError
 
 
 class Stage(str, Enum):
@@ -204,15 +205,11 @@ class PruneContext:
     def _need(self, source, what: str, where: str):
         """``source`` (a runtime-supplied callable), or an error naming what the site lacks."""
         if source is None:
-            from .signals import SignalError  # not at import time: signals imports the runtime package
-
             raise SignalError(f"{what} are not available at {self.site}: they need {where}")
         return source
 
     def _signals(self):
         if self.signals is None:
-            from .signals import SignalError  # not at import time: signals imports the runtime package
-
             raise SignalError(
                 f"no signals were recorded at {self.site}: declare them in the strategy's signals(site), "
                 "e.g. return Signals(rows=(AttentionRows('last'),))"

@@ -40,9 +40,12 @@ def processor(tiny_dir):
 
 
 @pytest.fixture(autouse=True)
-def _no_grad_and_clean(model):
+def _no_grad_and_clean(request):
+    """No autograd in tests; a test that used the shared tiny model must leave no strategy attached to it."""
     with torch.no_grad():
         yield
-    from prunekit.runtime.attach import _ATTACHED
+    if "model" in request.fixturenames:
+        from prunekit import PruningHandle
 
-    assert model not in _ATTACHED, "a test left a strategy attached"
+        model = request.getfixturevalue("model")
+        assert PruningHandle.of(model) is None and "generate" not in model.__dict__, "a test left a strategy attached"

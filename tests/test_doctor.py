@@ -28,7 +28,7 @@ def test_the_doctor_fails_on_a_broken_seam(monkeypatch, capsys):
             call.cache = None
             return call
 
-    monkeypatch.setattr(importlib.import_module("prunekit.runtime.attach"), "adapter_for", lambda m: NoCache(m))
+    monkeypatch.setattr(importlib.import_module("prunekit.runtime.handle"), "adapter_for", lambda m: NoCache(m))
     assert doctor.main(["--device", "cpu", "--families", "llava-1.5"]) == 1
     out = capsys.readouterr().out
     assert "SeamError: a second prefill started inside one generate() call" in out

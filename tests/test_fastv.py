@@ -95,7 +95,7 @@ def test_kept_tokens_are_the_top_k_of_layer_k_minus_1_eager_attention(model, eag
 @pytest.mark.parametrize("chunk", [7, 4096])
 def test_all_query_rows_equal_the_eager_mean_over_live_queries(model, eager_model, processor, monkeypatch, chunk):
     """The paper's φ(j) = 1/n Σ_i A(i, j) over the live (non-padding) queries, computed CHUNK_ROWS rows at a time."""
-    monkeypatch.setattr("prunekit.signals.CHUNK_ROWS", chunk)
+    monkeypatch.setattr("prunekit.runtime.probe.CHUNK_ROWS", chunk)
     rows = (AttentionRows("all", "mean"), AttentionRows("all", "all"))
 
     class Watch(TokenPruner):

@@ -15,10 +15,11 @@ import prunekit
 from prunekit import compat
 from prunekit.adapters.llava import LlavaAdapter
 from prunekit.errors import SeamError
-from prunekit.signals import AttentionProbe, AttentionRows
+from prunekit.runtime.probe import AttentionProbe
+from prunekit.signals import AttentionRows
 from helpers import batch, greedy
 
-attach_module = importlib.import_module("prunekit.runtime.attach")
+attach_module = importlib.import_module("prunekit.runtime.handle")
 pytestmark = pytest.mark.contract
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,7 +6,8 @@ from transformers import AutoModelForImageTextToText
 import prunekit
 from prunekit import Keep, Site, Stage, TokenPruner
 from prunekit.pruner import TokenType
-from prunekit.signals import AttentionProbe, AttentionRows, SignalError, Signals
+from prunekit.runtime.probe import AttentionProbe
+from prunekit.signals import AttentionRows, SignalError, Signals
 from helpers import LLM_ROWS, ROWS, Recorder, batch
 from prunekit.compat import LOAD_KWARGS
 

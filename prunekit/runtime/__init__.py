@@ -1,3 +1,5 @@
-from .attach import PruningError, PruningHandle, attach
+"""The runtime: hooks on one model instance that make a strategy prune (``attach``), one job per module."""
+from ..errors import PruningError
+from .handle import PruningHandle, attach
 
 __all__ = ["attach", "PruningHandle", "PruningError"]

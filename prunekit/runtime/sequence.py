@@ -10,7 +10,7 @@ sequence as padding, so they are still computed but no later query attends to th
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch

@@ -1,0 +1,144 @@
+"""Images into samples: a vision pass's units laid out as each image's placeholder span, per-sample tracks and
+the vision events in span positions."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..adapters import ImageLayout, ModelAdapter
+from ..errors import PruningError, SeamError
+from ..pruner import Stage
+from ..trace import PruneTrace, SampleTrack, StageEvent
+from .state import VisionPass
+
+
+class LayoutMixin:
+    def _sample_tracks(self, span: Tensor, vision: VisionPass | None, trace: PruneTrace):
+        """Lay the vision pass's units out as images (adapter.image_layouts) and match images to samples (they
+        fill the placeholders in batch order). Returns the sample tracks and each sample's vision units."""
+        counts = span.sum(1).tolist()
+        vision_sites = [s for s in self.sites if s.stage is not Stage.LLM_LAYER]
+        if vision is None or vision.images is None:
+            if vision_sites and any(counts):
+                raise PruningError(
+                    f"{self.strategy.name!r} prunes at {vision_sites[0]}, but this forward has image tokens and "
+                    "no image went through the vision tower (were precomputed inputs_embeds passed?). "
+                    "Pass pixel_values so prunekit can prune the image features."
+                )
+            return [SampleTrack.full([c] if c else []) for c in counts], [[] for _ in counts]
+        images = self._images(vision)
+        remaining = list(range(len(images)))
+        tracks, sample_units, sample_images = [], [], []
+        for b, count in enumerate(counts):
+            mine, total = [], 0
+            while total < count and remaining:
+                i = remaining.pop(0)
+                mine.append(i)
+                total += images[i].track.span_length
+            if total != count:
+                raise PruningError(
+                    f"sample {b} has {count} image tokens but its images give {total} features; "
+                    "prompt placeholders and images do not line up"
+                )
+            tracks.append(SampleTrack.from_images([images[i].track for i in mine]))
+            sample_images.append(mine)
+            sample_units.append([u for i in mine for u in images[i].units])
+        if remaining:
+            raise SeamError(f"the vision tower encoded {len(images)} images but the language model's input has "
+                            f"image-token spans for {len(images) - len(remaining)}: no visual span was found for the "
+                            "rest")
+        trace.vision_units = [len(units) for units in sample_units]
+        trace.vision_tokens = [sum(vision.images[u].span_length for u in units) for units in sample_units]
+        trace.merge_size = self.adapter.merge_size
+        if vision.projector_counts is not None:
+            trace.projector_tokens = [int(vision.projector_counts[units].sum()) for units in sample_units]
+        layers = len(self.adapter.vision_layers)
+        per_unit = vision.layer_counts
+        if per_unit is None:
+            per_unit = torch.tensor([[d.span_length] * layers for d in vision.images], dtype=torch.long).reshape(-1, layers)
+        per_unit = per_unit * self.adapter.merge_size  # encoder rows (patches), not merge groups
+        trace.vision_layer_counts = torch.stack(
+            [per_unit[units].sum(0) if units else torch.zeros(layers, dtype=torch.long) for units in sample_units]
+        )
+        for e, (site, n_in, kept) in enumerate(vision.events):  # counts per unit token, survivors as span positions
+            per_in = [sum(n_in[u] for u in units) for units in sample_units]
+            per_out = [sum(len(kept[u]) for u in units) for units in sample_units]
+            per_kept = []
+            for mine in sample_images:
+                start, parts = 0, []
+                for i in mine:
+                    parts.append(start + images[i].span_of(kept, e))
+                    start += images[i].track.span_length
+                per_kept.append(torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long))
+            trace.events.append(StageEvent(site, per_in, per_out, per_kept))
+        return tracks, sample_units
+
+    def _images(self, vision: VisionPass) -> list["_Image"]:
+        """The pass's images: each one's units and its track over its placeholder span."""
+        unit_tokens = [d.span_length for d in vision.images]
+        layouts = self.adapter.image_layouts(unit_tokens, self._inputs)
+        if sum(lay.units for lay in layouts) != len(vision.images):
+            raise PruningError(f"the vision pass has {len(vision.images)} units but the images' layout needs "
+                               f"{sum(lay.units for lay in layouts)}; inputs and images do not line up")
+        images, start = [], 0
+        newlines = self.strategy.image_newlines == "keep" or not vision.events
+        for lay in layouts:
+            units = list(range(start, start + lay.units))
+            start += lay.units
+            images.append(_Image(lay, units, [vision.images[u] for u in units], newlines))
+        return images
+
+
+def _sample_grid(track: SampleTrack, adapter: ModelAdapter) -> tuple[int, int] | None:
+    """The patch grid of a sample that is one intact image, else None."""
+    if not track.intact_single_image:
+        return None
+    return track.grid if track.grids is not None else adapter.image_grid(track.span_length)
+
+
+class _Image:
+    """One image of a vision pass: its vision units and its track over its placeholder span.
+
+    With an identity layout (one unit, tokens in span order) the unit's track is the image's track. Otherwise
+    (LLaVA-NeXT) each unit's outputs fill its surviving token slots in slot order, the model's layout moves
+    slots into the span (or drops them: unpadding), and the image's track lists the occupied span positions in
+    span order, each with the span positions of its members (members the layout dropped are left out). Tokens
+    no unit produced (row newlines) stay when ``newlines``.
+    """
+
+    def __init__(self, layout: ImageLayout, units: list[int], tracks: list[SampleTrack], newlines: bool):
+        self.layout, self.units, self.newlines = layout, units, newlines
+        if layout.is_identity:
+            self.track = tracks[0]
+            return
+        n, source = layout.tokens, layout.source
+        self._span_of = torch.full((layout.units * n,), -1, dtype=torch.long)
+        placed = (source >= 0).nonzero().squeeze(1)
+        self._span_of[source[placed]] = placed
+        occupant = {}
+        for c, d in enumerate(tracks):  # output j of a unit fills its j-th surviving slot
+            for slot, members in zip(d.kept.sort().values.tolist(), d.members):
+                occupant[c * n + slot] = c * n + members
+        kept, members = [], []
+        for p, s in enumerate(source.tolist()):
+            if s < 0 and newlines:
+                kept.append(p)
+                members.append(torch.tensor([p]))
+            elif s in occupant:
+                m = self._span_of[occupant[s]]
+                kept.append(p)
+                members.append(m[m >= 0].sort().values)
+        length = layout.span_length
+        self.track = SampleTrack(length, torch.zeros(length, dtype=torch.long), torch.tensor(kept, dtype=torch.long),
+                                 members, [layout.grid])
+
+    def span_of(self, kept: list[Tensor], event: int) -> Tensor:
+        """Span positions alive after a vision event, given each unit's kept token indices."""
+        if self.layout.is_identity:
+            return kept[self.units[0]]
+        n = self.layout.tokens
+        tokens = torch.cat([c * n + kept[u] for c, u in enumerate(self.units)])
+        span = self._span_of[tokens]
+        if self.newlines:
+            span = torch.cat([span, (self.layout.source < 0).nonzero().squeeze(1)])
+        return span[span >= 0].sort().values
