@@ -20,6 +20,8 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 from torch import Tensor, nn
 
+from .errors import SeamError
+
 # The minors the CI matrix has passed on; pyproject's transformers requirement says the same (a test keeps
 # them equal). The upper bound is the first minor not yet tested.
 TESTED_RANGE = ">=5.17,<5.25"
@@ -43,6 +45,11 @@ def transformers_version() -> str:
 def in_tested_range(version: str | None = None) -> bool:
     v = Version(version or transformers_version())
     return SpecifierSet(TESTED_RANGE).contains(Version(v.base_version), prereleases=True)
+
+
+def seam_error(what: str) -> SeamError:
+    """The SeamError for ``what`` the hooks did not see, naming this install's transformers and the tested range."""
+    return SeamError(what, transformers_version(), TESTED_RANGE)
 
 
 def version_note() -> str:

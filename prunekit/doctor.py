@@ -116,7 +116,7 @@ class _Compare:
 
 
 def check_family(family: str, device: torch.device, dtype: torch.dtype) -> list[Check]:
-    from prunekit.eval.loading import load_model
+    from prunekit.loading import load_model
     from prunekit.tiny import tiny_model_dir
 
     name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]

@@ -28,10 +28,9 @@ class SeamError(PruningError):
     Raised instead of returning a result that would look right and be wrong (e.g. nothing pruned).
     """
 
-    def __init__(self, what: str):
-        from .compat import TESTED_RANGE, version_note
-
+    def __init__(self, what: str, installed: str, tested: str):
         super().__init__(
-            f"{what}. This is {version_note()}: the installed transformers no longer calls the model the way "
-            "prunekit's hooks expect, so no result is returned. Install a tested transformers "
-            f"(pip install 'transformers{TESTED_RANGE}'), run `python -m prunekit.doctor`, and report the version.")
+            f"{what}. This is transformers {installed} (prunekit is tested on transformers{tested}): the installed "
+            "transformers no longer calls the model the way prunekit's hooks expect, so no result is returned. "
+            f"Install a tested transformers (pip install 'transformers{tested}'), run `python -m prunekit.doctor`, "
+            "and report the version.")

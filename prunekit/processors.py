@@ -4,7 +4,7 @@
 needs torchvision, which the CPU machines do not have (and must not get). For images these subclasses
 behave exactly like the originals (same placeholder expansion, ``mm_token_type_ids``, ``image_grid_thw``).
 They live in an importable module so a saved processor reloads with ``<Class>.from_pretrained(dir)``;
-``AutoProcessor`` cannot find them by name (``prunekit.eval.loading.load_processor`` picks the class).
+``AutoProcessor`` cannot find them by name (``prunekit.loading.load_processor`` picks the class).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Strategy registry, timm style: ``@register_strategy("name")``, ``build_strategy``, ``list_strategies``.
 
-Built-in strategies live in the top-level ``strategies`` package. Third-party ones are found through
+Built-in strategies live in ``prunekit.strategies`` (the repository's top-level ``strategies/`` folder). Third-party ones are found through
 the ``prunekit.strategies`` entry-point group or by importing their module (``load_plugins``).
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ import fnmatch
 import importlib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from importlib.metadata import entry_points
 from typing import Any, Iterable
 
@@ -52,7 +52,7 @@ def _discover() -> None:
     if _discovered:
         return
     _discovered = True
-    importlib.import_module("strategies")
+    importlib.import_module("prunekit.strategies")
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         ep.load()
 
@@ -137,11 +137,14 @@ def _is(value: Any, kind: type) -> bool:
 
 
 def _to_dict(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    try:
-        from omegaconf import DictConfig, OmegaConf
+    """A plain dict of a mapping (an omegaconf DictConfig included: read by duck typing, so the core needs no
+    omegaconf), nested mappings and lists made plain too."""
+    return {str(k): _plain(v) for k, v in cfg.items()}
 
-        if isinstance(cfg, DictConfig):
-            return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        pass
-    return dict(cfg)
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return _to_dict(value)
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        return [_plain(v) for v in value]
+    return value

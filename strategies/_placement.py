@@ -1,7 +1,7 @@
 """Shared knob handling for strategies that can act at more than one stage."""
 from __future__ import annotations
 
-from prunekit import Site, Stage
+from prunekit.pruner import Site, Stage
 from prunekit.pruner import POSITION_POLICIES
 
 

@@ -20,7 +20,9 @@ import torch
 from torch import Tensor
 from torch.nn.functional import normalize
 
-from prunekit import Keep, PruneContext, Signals, Site, Stage, TokenPruner, register_strategy
+from prunekit.pruner import Keep, PruneContext, Site, Stage, TokenPruner
+from prunekit.registry import register_strategy
+from prunekit.signals import Signals
 
 
 @register_strategy("dart")

@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 from torch.nn.functional import normalize
 
-from prunekit import Keep, PruneContext, Site, Stage, TokenPruner, register_strategy
+from prunekit.pruner import Keep, PruneContext, Site, Stage, TokenPruner
+from prunekit.registry import register_strategy
 
 
 @register_strategy("divprune")

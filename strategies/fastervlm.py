@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import torch
 
-from prunekit import AttentionRows, Keep, PruneContext, Signals, Site, Stage, TokenPruner, register_strategy
+from prunekit.pruner import Keep, PruneContext, Site, Stage, TokenPruner
+from prunekit.registry import register_strategy
+from prunekit.signals import AttentionRows, Signals
 
 from ._placement import needs_cls
-from .flowcut import select_top
+from prunekit.ops import select_top
 
 
 @register_strategy("fastervlm")

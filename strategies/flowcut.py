@@ -33,7 +33,11 @@ import math
 import torch
 from torch import Tensor
 
-from prunekit import AttentionRows, Budget, Keep, PruneContext, Signals, Site, Stage, TokenPruner, register_strategy
+from prunekit.budget import Budget
+from prunekit.pruner import Keep, PruneContext, Site, Stage, TokenPruner
+from prunekit.registry import register_strategy
+from prunekit.signals import AttentionRows, Signals
+from prunekit.ops import gather_rows, select_top
 from prunekit.scoring import ScoreInputs, get_relay, get_score, normalise
 
 SCHEDULES = ("adaptive", "uniform", "single_layer")
@@ -242,17 +246,3 @@ def adaptive_count(attention: Tensor, live: Tensor, excess: Tensor, rpl: int, ex
     rho = entropy / torch.log(n).clamp(min=1e-12)
     rho = torch.where(p.sum(-1) > 0, rho, torch.ones_like(rho))
     return excess / math.sqrt(rpl) * (1 - rho.clamp(0, 1) ** exponent)
-
-
-def select_top(scores: Tensor, live: Tensor, counts: Tensor) -> list[Tensor]:
-    """Per unit, the ``counts[u]`` highest live scores (ties: lower index first), in ascending order."""
-    order = torch.sort(scores.masked_fill(~live, float("-inf")), dim=-1, descending=True, stable=True).indices
-    return [order[u, : int(k)].sort().values for u, k in enumerate(counts.tolist())]
-
-
-def gather_rows(x: Tensor, indices: list[Tensor]) -> Tensor:
-    """(U, max k): x[u, indices[u]], zero right-padded."""
-    out = x.new_zeros(x.shape[0], max(len(i) for i in indices))
-    for u, idx in enumerate(indices):
-        out[u, : len(idx)] = x[u, idx]
-    return out

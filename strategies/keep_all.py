@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from prunekit import Keep, PruneContext, Stage, TokenPruner, register_strategy
+from prunekit.pruner import Keep, PruneContext, Stage, TokenPruner
+from prunekit.registry import register_strategy
 
 from ._placement import default_policy, single_site
 

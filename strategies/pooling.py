@@ -12,7 +12,8 @@ import math
 import torch
 from torch import Tensor
 
-from prunekit import Keep, PruneContext, Stage, TokenPruner, register_strategy
+from prunekit.pruner import Keep, PruneContext, Stage, TokenPruner
+from prunekit.registry import register_strategy
 
 from ._placement import convention, single_site
 

@@ -25,10 +25,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from prunekit import AttentionRows, Keep, PruneContext, Signals, Site, Stage, TokenPruner, register_strategy
+from prunekit.pruner import Keep, PruneContext, Site, Stage, TokenPruner
+from prunekit.registry import register_strategy
+from prunekit.signals import AttentionRows, Signals
 from prunekit.budget import layer_average, layer_average_out
 
-from .flowcut import select_top
+from prunekit.ops import select_top
 
 VERSIONS = ("v1", "v1.5", "v2")
 CONVENTIONS = ("n_avg_out", "n_avg", "n_final")

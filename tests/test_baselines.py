@@ -6,9 +6,9 @@ from transformers import AutoModelForImageTextToText
 
 import prunekit
 from prunekit import build_strategy
-from strategies.dart import DART
-from strategies.divprune import max_min_diverse
-from strategies.visionzip import contextual_groups, merge
+from prunekit.strategies.dart import DART
+from prunekit.strategies.divprune import max_min_diverse
+from prunekit.strategies.visionzip import contextual_groups, merge
 from helpers import batch, generate_positions
 from prunekit.compat import LOAD_KWARGS
 

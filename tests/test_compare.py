@@ -332,7 +332,7 @@ def test_overlay_boxes_follow_the_processor_geometry(name):
     """A bright spot on a wide picture lands in the token whose box the overlay draws around it."""
     from transformers import AutoConfig
 
-    from prunekit.eval.loading import load_processor, resolve_model_path
+    from prunekit.loading import load_processor, resolve_model_path
     from prunekit.study.overlays import patch_boxes
 
     path = resolve_model_path(name)

@@ -5,7 +5,7 @@ import pytest
 from helpers import png, write
 from prunekit.eval.data import write_synthetic_pope
 from prunekit.eval.datamodule import BenchmarkDataModule
-from prunekit.eval.loading import resolve_model_path
+from prunekit.loading import resolve_model_path
 from prunekit.eval.module import PruningEvalModule
 
 

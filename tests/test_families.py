@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from prunekit.eval.loading import load_model, load_processor, resolve_model_path
+from prunekit.loading import load_model, load_processor, resolve_model_path
 from prunekit.tiny import TINY_MODELS, synthetic_image, tiny_llava_dir, tiny_model_dir
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"

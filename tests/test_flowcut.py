@@ -7,7 +7,8 @@ import torch
 import prunekit
 from prunekit import PruneContext, Site, Stage, build_strategy
 from prunekit.scoring import RELAYS, SCORES, Relay, ScoreInputs, get_score, register_relay, register_score
-from strategies.flowcut import adaptive_count, select_top
+from prunekit.ops import select_top
+from prunekit.strategies.flowcut import adaptive_count
 from helpers import batch, tower_reference
 from prunekit.compat import LOAD_KWARGS
 
@@ -335,7 +336,7 @@ def test_a_registered_relay_plugs_in_by_name(model, processor):
 
 
 def test_semantic_term_and_entropy_exponent_by_hand():
-    from strategies.flowcut import semantic_attention
+    from prunekit.strategies.flowcut import semantic_attention
 
     r = torch.tensor([[[1.0, 0, 0, 0]]])  # (U=1, H=1, d=4): relay value; CLS value = r as well
     values = torch.tensor([[[[1.0, 0, 0, 0], [0, 0, 0, 0]]]])  # two patches: logits 1 and 0 (CLS: 1)

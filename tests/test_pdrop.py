@@ -8,7 +8,7 @@ import prunekit
 from prunekit import Site, TokenPruner, build_strategy
 from prunekit.budget import schedule_average
 from prunekit.signals import AttentionRows, Signals
-from strategies.pdrop import lambda_for_average, pyramid
+from prunekit.strategies.pdrop import lambda_for_average, pyramid
 from helpers import batch, generate_positions, ragged_keep
 from prunekit.compat import LOAD_KWARGS
 

@@ -13,7 +13,7 @@ from prunekit import PromptEmbeddings, Site, Stage, TokenPruner, build_strategy
 from prunekit.budget import layer_average, layer_average_out
 from prunekit.signals import AttentionRows, Signals
 from prunekit.tiny import build_tiny_llava
-from strategies.sparsevlm import choose_raters, dpc_knn, merge_clusters, simulate
+from prunekit.strategies.sparsevlm import choose_raters, dpc_knn, merge_clusters, simulate
 from helpers import batch, prompt
 from prunekit.compat import LOAD_KWARGS
 

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 import prunekit
 from prunekit import Budget, PruneContext, Site
 from helpers import batch
-from strategies.pooling import pool_grid, pool_windows
+from prunekit.strategies.pooling import pool_grid, pool_windows
 
 
 def context(tokens, budget, grid=None, seeds=None):

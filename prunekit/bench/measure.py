@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from ..eval.timing import Clock
+from ..timing import Clock
 
 
 def repeat(fn: Callable[[], object], clock: Clock, repeats: int, warmup: int) -> list[float]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..eval.timing import PrefillTimer
+from ..timing import PrefillTimer
 from ..flops import FlopsModel, trace_flops
 from ..registry import build_strategy
 from ..runtime import PruningError, attach

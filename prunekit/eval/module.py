@@ -23,9 +23,9 @@ from ..registry import build_strategy
 from ..runtime import attach
 from .benchmarks import get_benchmark
 from .data import Sample
-from .loading import load_model
+from ..loading import load_model
 from .records import encode_positions, gather_records, summarise
-from .timing import PrefillTimer
+from ..timing import PrefillTimer
 
 
 class PruningEvalModule(L.LightningModule):

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ..errors import SeamError
+from .. import compat
 from .cli import fingerprint
 
 log = logging.getLogger("prunekit")
@@ -157,7 +157,7 @@ def evaluate(cfg: DictConfig, output_dir: str | os.PathLike) -> dict:
     if cfg.model.random_weights:
         results["note"] = RANDOM_WEIGHTS_NOTE
     if no_visual_tokens(results):
-        raise SeamError("the run scored its samples, but no visual token reached the language model (n_in = 0); "
+        raise compat.seam_error("the run scored its samples, but no visual token reached the language model (n_in = 0); "
                         "its results are not written as a finished run")
     if trainer.global_rank == 0:
         write_results(output_dir, cfg, module.records, results)

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .. import compat
-from ..errors import PruningError, SeamError
+from ..errors import PruningError
 from ..pruner import PromptEmbeddings, PruneContext, Site, Stage, TokenType, combine_seeds
 from ..trace import PruneTrace, StageEvent
 from .decisions import _in_sequence_order, _sequence_order
@@ -31,7 +31,7 @@ class LanguageMixin:
             raise PruningError("prunekit expects the language model to receive inputs_embeds from the multimodal model")
         stray = compat.unread_cache(module, kwargs)
         if stray is not None:
-            raise SeamError(f"the language model received its KV cache as {stray!r}, a name prunekit does not read")
+            raise compat.seam_error(f"the language model received its KV cache as {stray!r}, a name prunekit does not read")
         if compat.cache_length(call.cache) == 0:
             if call.use_cache and call.cache is None:  # create it here (as the LM would) so decode steps can be matched to it
                 call.cache = compat.new_cache(module.config)
@@ -48,7 +48,7 @@ class LanguageMixin:
         span = self._span
         self._span = None
         if span is None or span.shape != (batch, length):
-            raise SeamError("the language model was called without the image-token span of the multimodal model's "
+            raise compat.seam_error("the language model was called without the image-token span of the multimodal model's "
                             "forward (its hook saw no call, or a different batch)")
         device = embeds.device
         span = span.to(device)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import compat
 from ..adapters import ImageLayout, ModelAdapter
-from ..errors import PruningError, SeamError
+from ..errors import PruningError
 from ..pruner import Stage
 from ..trace import PruneTrace, SampleTrack, StageEvent
 from .state import VisionPass
@@ -44,7 +45,7 @@ class LayoutMixin:
             sample_images.append(mine)
             sample_units.append([u for i in mine for u in images[i].units])
         if remaining:
-            raise SeamError(f"the vision tower encoded {len(images)} images but the language model's input has "
+            raise compat.seam_error(f"the vision tower encoded {len(images)} images but the language model's input has "
                             f"image-token spans for {len(images) - len(remaining)}: no visual span was found for the "
                             "rest")
         trace.vision_units = [len(units) for units in sample_units]

@@ -172,7 +172,7 @@ def _loader(config: dict):
     from transformers import AutoConfig
 
     from ..eval.datamodule import BenchmarkDataModule
-    from ..eval.loading import load_processor, resolve_model_path
+    from ..loading import load_processor, resolve_model_path
 
     path = resolve_model_path((config.get("model") or {}).get("path"))
     model_type = AutoConfig.from_pretrained(path).model_type

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..compat import LOAD_KWARGS
+from .compat import LOAD_KWARGS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -22,7 +22,7 @@ def resolve_model_path(path: str | None) -> str:
     ``"tiny-qwen2-vl"``, ``"tiny-qwen2.5-vl"``: an embedded tiny model, built once and cached; anything else:
     a local directory or a hub id."""
     if path in (None, "") or path in TINY:
-        from ..tiny import tiny_model_dir
+        from .tiny import tiny_model_dir
 
         return str(tiny_model_dir(path or "tiny"))
     local = Path(os.path.expanduser(path))
@@ -54,7 +54,7 @@ def load_processor(path: str, model_type: str | None = None):
     """
     from transformers import AutoConfig, AutoProcessor
 
-    from ..processors import IMAGE_ONLY_PROCESSORS
+    from .processors import IMAGE_ONLY_PROCESSORS
 
     if model_type is None:
         model_type = AutoConfig.from_pretrained(path).model_type
