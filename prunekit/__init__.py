@@ -4,14 +4,18 @@ from .budget import Budget
 from .pruner import Keep, PromptEmbeddings, PruneContext, Site, Stage, TokenPruner, TokenType
 from .registry import build_strategy, list_strategies, load_plugins, register_strategy
 from .runtime import PruningError, PruningHandle, attach
-from .signals import AttentionRows, SignalError, Signals
+from .errors import (BudgetError, KnobError, SeamError, SignalError, UnknownStrategyError, UnsupportedInputError,
+                     UnsupportedModelError)
+from .signals import AttentionRows, Signals
 from .trace import PruneTrace
 
 __all__ = [
     "TokenPruner", "Stage", "Site", "Keep", "PromptEmbeddings", "PruneContext", "TokenType", "Budget",
     "Signals", "AttentionRows", "SignalError",
     "register_strategy", "build_strategy", "list_strategies", "load_plugins",
-    "attach", "PruningHandle", "PruningError", "PruneTrace",
+    "attach", "PruningHandle", "PruneTrace",
+    "PruningError", "BudgetError", "KnobError", "SeamError", "UnknownStrategyError", "UnsupportedInputError",
+    "UnsupportedModelError",
     "adapter_for", "supported_families", "support_matrix",
 ]
 __version__ = "0.1.0"

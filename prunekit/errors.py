@@ -1,13 +1,29 @@
 """prunekit's errors: one base, ``PruningError``, and the kinds a caller may want to tell apart.
 
-Kinds that are also a bad argument subclass ``ValueError`` (and ``TypeError`` for a knob's type) too, so
-``except ValueError`` / ``except TypeError`` code keeps working.
+Every kind subclasses the builtin a caller caught before it existed (``KeyError`` for an unknown name,
+``TypeError`` for an unsupported model class or a knob's type, ``ValueError`` for a bad budget, knob or input),
+so existing ``except`` clauses keep working. ``SeamError`` is the runtime guard (docs/support.md).
 """
 from __future__ import annotations
 
 
 class PruningError(RuntimeError):
     """A use of an attached model that prunekit cannot serve correctly (yet)."""
+
+
+class UnknownStrategyError(PruningError, KeyError):
+    """A strategy name the registry does not hold (the message lists the registered ones)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class UnsupportedModelError(PruningError, TypeError):
+    """A model class prunekit has no adapter for, or a family a strategy cannot run on."""
+
+
+class UnsupportedInputError(PruningError, ValueError):
+    """An input or a decoding mode that pruning cannot serve (labels, beams, video, a foreign cache, ...)."""
 
 
 class BudgetError(PruningError, ValueError):

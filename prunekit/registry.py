@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from importlib.metadata import entry_points
 from typing import Any, Iterable
 
-from .errors import KnobError
+from .errors import KnobError, UnknownStrategyError
 from .pruner import TokenPruner
 
 ENTRY_POINT_GROUP = "prunekit.strategies"
@@ -68,7 +68,7 @@ def get_strategy_class(name: str) -> type[TokenPruner]:
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, _REGISTRY, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise KeyError(
+        raise UnknownStrategyError(
             f"unknown strategy {name!r}.{hint} Registered strategies: {', '.join(list_strategies())}. "
             "Strategies outside prunekit must be imported first (plugins=[...] or the "
             f"{ENTRY_POINT_GROUP!r} entry point)."
@@ -83,7 +83,7 @@ def build_strategy(name_or_cfg: str | Mapping[str, Any], **params: Any) -> Token
     else:
         cfg = _to_dict(name_or_cfg)
         if "name" not in cfg:
-            raise KeyError(f"strategy config needs a 'name' key; got keys {sorted(cfg)}")
+            raise UnknownStrategyError(f"strategy config needs a 'name' key; got keys {sorted(cfg)}")
         name = cfg.pop("name")
         params = {**cfg, **params}
     cls = get_strategy_class(name)
@@ -91,7 +91,7 @@ def build_strategy(name_or_cfg: str | Mapping[str, Any], **params: Any) -> Token
     try:
         return cls(**params)
     except TypeError as e:
-        raise TypeError(f"cannot build strategy {name!r} with {params}: {e}") from e
+        raise KnobError(f"cannot build strategy {name!r} with {params}: {e}") from e
 
 
 _SCALARS = {bool: "a boolean (true / false)", int: "an integer (a whole number)", float: "a number", str: "a string"}

@@ -75,3 +75,30 @@ def test_a_knob_error_is_also_a_value_error():
 def test_flowcut_without_a_budget_says_so():
     with pytest.raises(KnobError, match="flowcut.*budget=None .* must be an integer"):
         prunekit.build_strategy("flowcut", budget=None)
+
+
+def test_one_error_kind_per_kind_of_mistake_at_attach(model, processor):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from prunekit import PruningError, UnknownStrategyError, UnsupportedInputError, UnsupportedModelError
+
+    cases = [
+        (UnknownStrategyError, KeyError, lambda: prunekit.attach(model, "flowkut", budget=8), "Did you mean 'flowcut'"),
+        (KnobError, ValueError, lambda: prunekit.attach(model, "fastv", budget=8, layer=9), "fastv"),
+        (KnobError, ValueError, lambda: prunekit.attach(model, "random", budget=8, stage="llm_layer", layer=4),
+         "LLM layer 4"),
+        (BudgetError, ValueError, lambda: prunekit.attach(model, "random", budget=65), "exceeds the 64"),
+        (UnsupportedModelError, TypeError, lambda: prunekit.attach(LlamaForCausalLM(LlamaConfig(
+            vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=1)), "random", budget=4), "no adapter for LlamaForCausalLM"),
+    ]
+    for kind, builtin, call, match in cases:
+        with pytest.raises(kind, match=match) as err:
+            call()
+        assert isinstance(err.value, (PruningError, builtin)) and isinstance(err.value, builtin)
+    x = batch(processor, [0])
+    with prunekit.attach(model, "random", budget=8):
+        with pytest.raises(UnsupportedInputError, match="labels are not supported"):
+            model(**x, labels=x["input_ids"])
+        with pytest.raises(UnsupportedInputError, match="beam search"):
+            model.generate(**x, num_beams=2, max_new_tokens=2)

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import compat
+from ..errors import UnsupportedModelError
 
 _ADAPTERS: list[type["ModelAdapter"]] = []
 
@@ -29,7 +30,7 @@ def adapter_for(model: nn.Module) -> "ModelAdapter":
         if cls.matches(model):
             return cls(model)
     supported = ", ".join(f"{c.family} ({'/'.join(c.model_classes)})" for c in _ADAPTERS)
-    raise TypeError(
+    raise UnsupportedModelError(
         f"prunekit has no adapter for {type(model).__name__}. Supported model families: {supported}. "
         "Load the model with its *ForConditionalGeneration class (e.g. AutoModelForImageTextToText)."
     )

@@ -7,7 +7,7 @@ import functools
 from torch import Tensor
 
 from .. import compat
-from ..errors import BudgetError, PruningError
+from ..errors import BudgetError, PruningError, UnsupportedInputError
 from ..trace import PruneTrace
 from .state import VisionPass
 
@@ -18,7 +18,7 @@ class GuardsMixin:
         carries the pixels first (generate, the top model, the multimodal model)."""
         facts = compat.CallFacts.read(kwargs)
         if facts.video:
-            raise PruningError("prunekit prunes image tokens; video inputs (pixel_values_videos) are not supported")
+            raise UnsupportedInputError("prunekit prunes image tokens; video inputs (pixel_values_videos) are not supported")
         if facts.pixels:
             self._inputs = self.adapter.capture_vision_inputs(kwargs)
             self._pixels_pending = True
@@ -39,7 +39,7 @@ class GuardsMixin:
     # --- guards -----------------------------------------------------------------------------------
     def _on_top_forward(self, module, args, kwargs):
         if self._capture_inputs(kwargs).labels:
-            raise PruningError(
+            raise UnsupportedInputError(
                 "labels are not supported with pruning attached: the pruned sequence no longer lines up with "
                 "the labels (training through pruning is not implemented). Detach the strategy for a loss."
             )
@@ -49,14 +49,14 @@ class GuardsMixin:
         def guarded(*args, **kwargs):
             request = compat.GenerateRequest.read(self.model, args, kwargs)
             if request.num_beams > 1:
-                raise PruningError("beam search is not supported with pruning attached (beams reorder the "
+                raise UnsupportedInputError("beam search is not supported with pruning attached (beams reorder the "
                                    "per-sample pruned caches); use greedy or sampling (num_beams=1)")
             if request.assisted:
-                raise PruningError("assisted / speculative decoding is not supported with pruning attached")
+                raise UnsupportedInputError("assisted / speculative decoding is not supported with pruning attached")
             if request.prefill_chunk_size:
-                raise PruningError("chunked prefill is not supported with pruning attached")
+                raise UnsupportedInputError("chunked prefill is not supported with pruning attached")
             if request.cache_implementation not in (None, "dynamic"):
-                raise PruningError(
+                raise UnsupportedInputError(
                     f"cache_implementation={request.cache_implementation!r} is not supported: pruning gives "
                     "layers KV caches of different lengths, which needs the dynamic cache"
                 )

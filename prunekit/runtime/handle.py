@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from .. import compat
 from ..adapters import ModelAdapter, adapter_for
-from ..errors import PruningError
+from ..errors import KnobError, PruningError
 from ..pruner import Keep, Site, Stage, TokenPruner
 from ..registry import build_strategy
 from ..trace import PruneTrace
@@ -54,7 +54,7 @@ def attach(model: nn.Module, strategy: TokenPruner | str | Mapping[str, Any], **
     if not isinstance(strategy, TokenPruner):
         strategy = build_strategy(strategy, **params)
     elif params:
-        raise TypeError("pass knobs either to build_strategy or with a strategy name, not with an instance")
+        raise KnobError("pass knobs either to build_strategy or with a strategy name, not with an instance")
     return PruningHandle(model, strategy)
 class PruningHandle(ValidationMixin, ProbingMixin, DecisionsMixin, VisionMixin, LayoutMixin, LanguageMixin, GuardsMixin):
     """The attachment of one strategy to one model instance: ``trace``, ``replay()``, ``detach()``."""
@@ -68,8 +68,13 @@ class PruningHandle(ValidationMixin, ProbingMixin, DecisionsMixin, VisionMixin, 
         self.model = model
         self.strategy = strategy
         self.adapter: ModelAdapter = adapter_for(model)
-        strategy.bind(self.adapter)
-        self.sites = list(strategy.sites())
+        try:
+            strategy.bind(self.adapter)  # model-dependent knobs (depths, layers) are checked here
+            self.sites = list(strategy.sites())
+        except (ValueError, TypeError) as e:
+            if isinstance(e, PruningError):
+                raise
+            raise KnobError(f"{strategy.name}: {e}") from e
         self._validate()
         self.trace: PruneTrace | None = None
         self.replaying = False

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .. import compat
-from ..errors import PruningError
+from ..errors import PruningError, UnsupportedInputError
 from ..pruner import PromptEmbeddings, PruneContext, Site, Stage, TokenType, combine_seeds
 from ..trace import PruneTrace, StageEvent
 from .decisions import _in_sequence_order, _sequence_order
@@ -55,7 +55,7 @@ class LanguageMixin:
         mask = call.attention_mask
         mask = torch.ones(batch, length, dtype=torch.bool, device=device) if mask is None else mask.to(torch.bool)
         if mask.dim() != 2:
-            raise PruningError("prunekit needs a 2-D attention_mask (batch, length); got a prepared 4-D mask")
+            raise UnsupportedInputError("prunekit needs a 2-D attention_mask (batch, length); got a prepared 4-D mask")
         positions = self.adapter.positions_in(call.position_ids, batch, length, device)
         entry = Segment(0, mask, positions, span & mask, torch.zeros(batch, dtype=torch.long, device=device),
                         types=_token_types(span, mask))
@@ -95,7 +95,7 @@ class LanguageMixin:
     def _start_decode(self, call: compat.LMCall) -> None:
         embeds, cache, prefill = call.inputs_embeds, call.cache, self._prefill
         if prefill is None or prefill.cache is None or prefill.cache() is not cache:
-            raise PruningError(
+            raise UnsupportedInputError(
                 "this KV cache was not filled by a prefill under this attachment; prunekit cannot continue it "
                 "(start generation from the prompt with the strategy attached)"
             )
@@ -104,7 +104,7 @@ class LanguageMixin:
             return
         batch, q = embeds.shape[:2]
         if q != 1:
-            raise PruningError(
+            raise UnsupportedInputError(
                 f"continuing a pruned KV cache with {q} new tokens at once (a second turn, or chunked / assisted "
                 "decoding) is not supported yet; generate one token per step or re-run the prompt"
             )

@@ -1,7 +1,7 @@
 """Checks at attach: a strategy's sites, signals, budget and knobs against the model; refusals say why."""
 from __future__ import annotations
 
-from ..errors import BudgetError, PruningError
+from ..errors import BudgetError, KnobError, PruningError, UnsupportedModelError
 from ..pruner import Stage
 
 _RUNTIME_STAGES = tuple(Stage)
@@ -12,7 +12,7 @@ class ValidationMixin:
         name = self.strategy.name
         reason = self.strategy.supports(self.adapter)
         if reason:
-            raise PruningError(f"strategy {name!r} cannot run on {self.adapter.describe()}: {reason}")
+            raise UnsupportedModelError(f"strategy {name!r} cannot run on {self.adapter.describe()}: {reason}")
         if not self.sites:
             raise PruningError(f"strategy {name!r} declares no sites")
         for site in self.sites:
@@ -22,13 +22,13 @@ class ValidationMixin:
                     f"(served: {', '.join(map(str, _RUNTIME_STAGES))})"
                 )
             if site.stage is Stage.LLM_LAYER and site.layer >= self.adapter.num_llm_layers:
-                raise PruningError(
+                raise KnobError(
                     f"strategy {name!r} prunes before LLM layer {site.layer}, but the language model has "
                     f"{self.adapter.num_llm_layers} layers (0..{self.adapter.num_llm_layers - 1})"
                 )
             feature = self.adapter.vision_feature_layer
             if site.stage is Stage.VISION_LAYER and site.layer >= feature:
-                raise PruningError(
+                raise KnobError(
                     f"strategy {name!r} prunes after vision layer {site.layer}, but the projector reads the "
                     f"output of vision layer {feature}: vision_layer sites must be in 0..{feature - 1} "
                     "(to prune the features themselves use the vision_output stage)"
@@ -63,6 +63,6 @@ class ValidationMixin:
                 f"use a budget <= {per_image} ({per_image} keeps every token)"
             )
         if self.strategy.image_newlines not in ("keep", "drop"):
-            raise ValueError(f"strategy {name!r} has image_newlines={self.strategy.image_newlines!r}; use 'keep' or 'drop'")
+            raise KnobError(f"strategy {name!r} has image_newlines={self.strategy.image_newlines!r}; use 'keep' or 'drop'")
         if self.strategy.position_policy not in ("compact", "original"):
-            raise ValueError(f"strategy {name!r} has unknown position_policy {self.strategy.position_policy!r}")
+            raise KnobError(f"strategy {name!r} has unknown position_policy {self.strategy.position_policy!r}")
