@@ -69,10 +69,13 @@ def test_the_wheel_installs_one_top_level_package_and_lists_the_strategies(tmp_p
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
     assert top == {"prunekit"}, top
     assert "prunekit/strategies/flowcut.py" in names and not any(n.startswith("strategies/") for n in names)
+    assert "prunekit/configs/strategy/flowcut.yaml" in names and "prunekit/configs/ablate.yaml" in names
     code = ("import sys, prunekit; assert prunekit.__file__.startswith(sys.argv[1]), prunekit.__file__; "
-            "print(prunekit.list_strategies())")
+            "from prunekit.eval.cli import strategy_node; from prunekit.eval.run import git_revision; "
+            "print(prunekit.list_strategies(), strategy_node('flowcut')['budget'], git_revision())")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"PYTHONPATH": str(tmp_path / "site")}
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "site")], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "'flowcut'" in proc.stdout and "'visionzip'" in proc.stdout
+    assert proc.stdout.strip().endswith("64 prunekit 0.1.0 (installed, no checkout)")  # flowcut.yaml's budget

@@ -11,7 +11,6 @@ import difflib
 import hashlib
 import inspect
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from omegaconf import OmegaConf
 
 from ..registry import get_strategy_class, list_strategies, load_plugins
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # package data (the checkout's configs/ folder)
 # keys that do not change a run's results (they are left out of its fingerprint)
 NON_SEMANTIC = ("hydra", "logger", "output_root", "sweep_name")
 
@@ -38,21 +37,26 @@ def strategy_node(name: str) -> dict:
     return node
 
 
-def _plugins_from_argv(argv: list[str]) -> list[str]:
-    modules = []
-    for arg in argv:
-        m = re.fullmatch(r"\+{0,2}plugins=\[?([^\]]*)\]?", arg)
-        if m:
-            modules += [s.strip().strip("'\"") for s in m.group(1).split(",") if s.strip()]
-    return modules
+def parse_overrides(argv: list[str]) -> list:
+    """Hydra's own parse of the command line's overrides (flags such as ``-m`` left out)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create().parse_overrides([a for a in argv if "=" in a and not a.startswith("-")])
 
 
-def _strategy_names(value: str) -> list[str] | None:
-    """Names in ``strategy=a`` / ``a,b`` / ``choice(a,b)``; None for other sweep syntax (left to Hydra)."""
-    m = re.fullmatch(r"choice\((.*)\)", value)
-    value = m.group(1) if m else value
-    names = [v.strip() for v in value.split(",")]
-    return names if all(re.fullmatch(r"[\w.\-]+", n) for n in names) else None
+def _values(override) -> list[str] | None:
+    """The values an override names: one, or each of a sweep (``a,b``, ``choice(a,b)``); None for ranges,
+    intervals and globs (left to Hydra)."""
+    if not override.is_sweep_override():
+        value = override.value()
+        return [str(v) for v in value] if isinstance(value, list) else [str(value)]
+    if override.is_choice_sweep():
+        return list(override.sweep_string_iterator())
+    return None
+
+
+def _plugins(overrides) -> list[str]:
+    return [m for o in overrides if o.key_or_group == "plugins" for m in (_values(o) or [])]
 
 
 def prepare(argv: list[str] | None = None) -> None:
@@ -60,7 +64,8 @@ def prepare(argv: list[str] | None = None) -> None:
     from hydra.core.config_store import ConfigStore
 
     argv = sys.argv[1:] if argv is None else argv
-    load_plugins(_plugins_from_argv(argv))
+    overrides = parse_overrides(argv)
+    load_plugins(_plugins(overrides))
     registered = list_strategies()
     store = ConfigStore.instance()
     for name in registered:
@@ -68,29 +73,28 @@ def prepare(argv: list[str] | None = None) -> None:
             store.store(group="strategy", name=name, node=strategy_node(name))
     if not OmegaConf.has_resolver("prunekit_run_name"):
         OmegaConf.register_new_resolver("prunekit_run_name", run_name)
-    _check_strategies(argv, registered)
+    _check_strategies(overrides, registered)
 
 
-def _check_strategies(argv: list[str], registered: list[str]) -> None:
+def _check_strategies(overrides, registered: list[str]) -> None:
     chosen = None
-    for arg in argv:
-        m = re.fullmatch(r"strategy=(.+)", arg)
-        if m:
-            chosen = _strategy_names(m.group(1))
+    for o in overrides:
+        if o.key_or_group == "strategy":
+            chosen = _values(o)
             for name in chosen or []:
                 if name not in registered:
                     close = difflib.get_close_matches(name, registered, n=1)
                     hint = f" Did you mean {close[0]!r}?" if close else ""
                     _fail(f"unknown strategy {name!r}.{hint} Registered strategies: {', '.join(registered)}. "
                           "A strategy defined outside prunekit runs with plugins=[my_pkg.my_module].")
-    for arg in argv:
-        m = re.fullmatch(r"strategy\.(\w+)=.*", arg)
-        if not m:
+    for o in overrides:
+        key = o.key_or_group.split(".")
+        if key[0] != "strategy" or len(key) != 2:
             continue
         for name in chosen or []:
             knobs = [k for k in strategy_node(name) if k != "name"]
-            if m.group(1) not in knobs:
-                _fail(f"strategy {name!r} has no knob {m.group(1)!r}; its knobs: {', '.join(knobs)}. "
+            if key[1] not in knobs:
+                _fail(f"strategy {name!r} has no knob {key[1]!r}; its knobs: {', '.join(knobs)}. "
                       f"Registered strategies: {', '.join(registered)}.")
 
 
@@ -112,8 +116,9 @@ def run_name(*, _root_) -> str:
     Deterministic, so re-running an interrupted sweep finds the finished jobs (and skips them), while a
     changed config (an edited YAML) gets a fresh directory instead of overwriting old results.
     """
-    overrides = [o for o in _root_.hydra.overrides.task
-                 if not re.match(r"\+{0,2}(data\.root|model\.path|plugins|logger|output_root|sweep_name|experiment|hydra)", o)]
+    unnamed = {"data.root", "model.path", "plugins", "logger", "output_root", "sweep_name", "experiment"}
+    overrides = [o.input_line for o in parse_overrides(list(_root_.hydra.overrides.task))
+                 if o.key_or_group not in unnamed and not o.key_or_group.startswith(("hydra", "logger."))]
     readable = ",".join(overrides).replace("/", "_")[:120] or "default"
     return f"{readable}-{fingerprint(_root_)}"
 

@@ -196,14 +196,20 @@ def provenance(cfg: DictConfig, module, trainer, started: float) -> dict:
 
 
 def git_revision() -> str:
-    """The project's commit (``+dirty`` with uncommitted changes), or ``unknown`` outside a checkout."""
+    """Where the code came from: the checkout's commit (``+dirty`` with uncommitted changes) when prunekit runs
+    from a git checkout, else ``prunekit <version> (installed, no checkout)``; never empty."""
+    from .. import __version__
+
+    installed = f"prunekit {__version__} (installed, no checkout)"
     root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        return installed
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
         if rev.returncode != 0:
-            return "unknown"
+            return installed
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
                                capture_output=True, text=True, timeout=5).stdout.strip()
         return rev.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return installed
