@@ -17,6 +17,19 @@ from dataclasses import dataclass
 CONVENTIONS = ("n_in", "n_final", "n_avg", "n_avg_out")
 
 
+def kept_fraction(strategy: str, keep_ratio: float | None, drop_ratio: float | None = None,
+                  drop_name: str = "R") -> float:
+    """The one meaning of a fraction in prunekit: the share of a unit's visual tokens that is KEPT. A paper's
+    drop ratio (FastV's R) is translated here, at the edge."""
+    if keep_ratio is not None and drop_ratio is not None:
+        raise ValueError(f"{strategy}: give keep_ratio (the share kept) or {drop_name} (the share dropped), not both")
+    keep = keep_ratio if keep_ratio is not None else 1.0 - drop_ratio
+    if not 0.0 < keep <= 1.0:
+        given = f"keep_ratio={keep_ratio}" if keep_ratio is not None else f"{drop_name}={drop_ratio}"
+        raise ValueError(f"{strategy}: {given} keeps a share {keep:g} of the image tokens; it must be in (0, 1]")
+    return keep
+
+
 @dataclass(frozen=True)
 class Budget:
     tokens: int

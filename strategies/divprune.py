@@ -4,7 +4,7 @@ Per image, on the projected embeddings x (before the language model), with D_ij 
 
   1. first   the token farthest from its nearest neighbour: argmax_i min_{j≠i} D_ij
   2. repeat  add argmax_{i∉S} min_{j∈S} D_ij (max–min diversity, greedy) until |S| = k
-             k = budget, or round(ratio·N) (the reference's SUBSET_RATIO = 0.098: 56 of 576)
+             k = budget, or round(keep_ratio·N) (the reference's SUBSET_RATIO = 0.098: 56 of 576)
   3. keep    S in original order (the sequence is rebuilt: compact positions)
 
 The greedy loop keeps a running min over the selected set (one N-vector per step), not the reference's
@@ -12,21 +12,27 @@ Python recomputation; ties go to the lower index (torch.argmax).
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 from torch.nn.functional import normalize
 
+from prunekit.budget import kept_fraction
 from prunekit.pruner import Keep, PruneContext, Site, Stage, TokenPruner
 from prunekit.registry import register_strategy
 
 
 @register_strategy("divprune")
 class DivPrune(TokenPruner):
-    def __init__(self, budget: int | None = None, ratio: float = 0.098, positions: str = "compact"):
+    def __init__(self, budget: int | None = None, keep_ratio: float = 0.098, positions: str = "compact",
+                 ratio: float | None = None):  # ratio: deprecated, the old name of keep_ratio
         super().__init__(budget, "n_in")
-        if budget is None and not 0.0 < ratio <= 1.0:
-            raise ValueError(f"ratio (the share of image tokens kept) must be in (0, 1], got {ratio}")
-        self.ratio = ratio
+        if ratio is not None:
+            warnings.warn("divprune's ratio= is deprecated: use keep_ratio= (the same share kept)", DeprecationWarning,
+                          stacklevel=2)
+            keep_ratio = ratio
+        self.keep_ratio = kept_fraction("divprune", keep_ratio)
         self.position_policy = positions
 
     def sites(self):
@@ -36,12 +42,12 @@ class DivPrune(TokenPruner):
         keep = []
         for u in range(ctx.num_units):
             n = int(ctx.lengths[u])
-            k = ctx.target(u) if self.budget is not None else max(1, min(n, round(self.ratio * n)))
+            k = ctx.target(u) if self.budget is not None else max(1, min(n, round(self.keep_ratio * n)))
             keep.append(max_min_diverse(ctx.tokens[u, :n], k).sort().values)
         return Keep(keep)
 
     def params(self):
-        return {**super().params(), "ratio": None if self.budget is not None else self.ratio}
+        return {**super().params(), "keep_ratio": None if self.budget is not None else self.keep_ratio}
 
 
 def max_min_diverse(x: Tensor, k: int) -> Tensor:

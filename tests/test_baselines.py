@@ -56,8 +56,10 @@ def test_divprune_budget_or_ratio(model, processor):
     with prunekit.attach(model, "divprune") as h:  # the reference's SUBSET_RATIO 0.098: round(6.27) = 6 of 64
         model(**x)
     assert h.trace.n_in == [6]
-    with pytest.raises(ValueError, match="ratio .* must be in"):
-        build_strategy("divprune", ratio=0.0)
+    with pytest.raises(ValueError, match="keep_ratio=0.0 keeps a share 0 .* must be in \\(0, 1\\]"):
+        build_strategy("divprune", keep_ratio=0.0)
+    with pytest.warns(DeprecationWarning, match="keep_ratio"):  # the old name, the same share kept
+        assert build_strategy("divprune", ratio=0.25).keep_ratio == 0.25
 
 
 # --- dart -------------------------------------------------------------------------------------------

@@ -27,9 +27,12 @@ def test_n_avg_keep_count_reproduces_the_spec(cut, expected):
 
 
 def test_keep_counts_by_hand():
-    assert build_strategy("fastv", ratio=0.5).keep_count(576, 32) == 288
-    assert build_strategy("fastv", ratio=0.75).keep_count(576, 32) == 144
-    assert build_strategy("fastv", ratio=0.9).keep_count(576, 32) == 58  # round(57.6)
+    assert build_strategy("fastv", R=0.5).keep_count(576, 32) == 288
+    assert build_strategy("fastv", R=0.75).keep_count(576, 32) == 144
+    assert build_strategy("fastv", R=0.9).keep_count(576, 32) == 58  # round(57.6)
+    assert build_strategy("fastv", keep_ratio=0.25).keep_count(576, 32) == 144  # the kept share, = 1 - R
+    with pytest.warns(DeprecationWarning, match="R="):  # the old name still means the dropped share
+        assert build_strategy("fastv", ratio=0.75).keep_count(576, 32) == 144
     assert build_strategy("fastv", budget=64).keep_count(576, 32) == 64  # n_final
     assert build_strategy("fastv", budget=64, convention="n_avg").keep_count(576, 32) == 30  # 29.87
     n_avg = build_strategy("fastv", budget=40, convention="n_avg")
@@ -44,7 +47,8 @@ def test_keep_counts_by_hand():
 
 def test_bad_knobs_and_unreachable_budgets_fail_early(model):
     for knobs, match in ((dict(query="first"), "unknown fastv query"), (dict(variant="soft"), "unknown fastv variant"),
-                         (dict(ratio=1.0), "ratio"), (dict(layer=0), "strategy=random"),
+                         (dict(R=1.0), "R=1.0 keeps a share 0"), (dict(layer=0), "strategy=random"),
+                         (dict(R=0.5, keep_ratio=0.5), "not both"),
                          (dict(budget=8, convention="n_in"), "n_final or n_avg")):
         with pytest.raises(ValueError, match=match):
             build_strategy("fastv", **knobs)

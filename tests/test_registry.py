@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 from omegaconf import OmegaConf
 
@@ -89,3 +91,23 @@ def test_every_registered_builtin_has_a_config_that_builds():
     for path in configs.glob("*.yaml"):
         strategy = build_strategy(OmegaConf.load(path))
         assert strategy.name == path.stem
+
+
+def test_every_strategy_config_states_its_constructor_defaults():
+    """configs/strategy/<name>.yaml and the constructor define the same knobs with the same defaults (one
+    definition: the YAML may only differ where a paper default is the point, and then the test says so)."""
+    import inspect
+
+    import yaml
+
+    from prunekit.registry import get_strategy_class
+
+    root = Path(__file__).resolve().parents[1] / "configs" / "strategy"
+    for name in prunekit.list_strategies():
+        config = yaml.safe_load((root / f"{name}.yaml").read_text())
+        params = {k: p for k, p in inspect.signature(get_strategy_class(name).__init__).parameters.items()
+                  if k != "self" and not (k == "ratio" and name in ("fastv", "divprune"))}  # deprecated aliases
+        assert set(config) - {"name"} == set(params), name
+        for knob, p in params.items():
+            default = list(p.default) if isinstance(p.default, tuple) else p.default
+            assert config[knob] == default, f"{name}.{knob}: yaml {config[knob]!r} != constructor {default!r}"
