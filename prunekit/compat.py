@@ -150,7 +150,7 @@ class LayerCall:
 
     attention_mask: Any
     position_ids: Tensor | None
-    position_embeddings: tuple[Tensor, Tensor] | None
+    rope: tuple[Tensor, Tensor] | None  # the (cos, sin) tables
     cache: Any
 
     @classmethod
@@ -160,8 +160,8 @@ class LayerCall:
 
     def write(self, kwargs: dict) -> None:
         kwargs.update(attention_mask=self.attention_mask, position_ids=self.position_ids)
-        if self.position_embeddings is not None:
-            kwargs["position_embeddings"] = self.position_embeddings
+        if self.rope is not None:
+            kwargs["position_embeddings"] = self.rope
 
 
 def causal_mask(config, inputs_embeds: Tensor, attention_mask: Tensor, cache, layer_idx: int):
@@ -213,6 +213,11 @@ class GenerateRequest:
 # --- attention backends -------------------------------------------------------------------------------------
 def attn_implementation(config) -> str:
     return config._attn_implementation
+
+
+def asking_attention_maps(kwargs: dict) -> dict:
+    """A forward's kwargs asking for every attention map (eager), as the published codes run."""
+    return {**kwargs, "output_attentions": True}
 
 
 def set_attn_implementation(config, impl: str) -> None:

@@ -39,11 +39,11 @@ class FlopsModel:
     llm_intermediate: int
     llm_layer_linear: tuple[int, ...]  # per decoder layer: MACs per token of its matrices
     llm_attention_width: int  # heads × head_dim: the width of the n² score and value products
-    lm_head: int
+    lm_head_macs: int
     vision_layer_linear: tuple[int, ...]
     vision_attention_width: int
     vision_prefix: int  # CLS
-    patch_embed: int  # MACs per patch of the patch embedding
+    patch_embed_macs: int  # MACs per patch of the patch embedding
     projector: int  # MACs per visual token
 
     @classmethod
@@ -61,11 +61,11 @@ class FlopsModel:
             llm_intermediate=text.intermediate_size,
             llm_layer_linear=tuple(_linear_macs(layer) for layer in adapter.decoder_layers),
             llm_attention_width=_attention_width(llm_attn),
-            lm_head=head.in_features * head.out_features if head is not None else 0,
+            lm_head_macs=head.in_features * head.out_features if head is not None else 0,
             vision_layer_linear=tuple(_linear_macs(layer) for layer in adapter.vision_layers),
             vision_attention_width=_attention_width(vis_attn),
             vision_prefix=adapter.vision_prefix_tokens,
-            patch_embed=embed.weight.numel() if embed is not None else 0,
+            patch_embed_macs=embed.weight.numel() if embed is not None else 0,
             projector=_linear_macs(adapter.projector),
         )
 
@@ -95,11 +95,11 @@ class FlopsModel:
             for per_token, patches in zip(self.vision_layer_linear, vision_patches):
                 n_image = patches / images + self.vision_prefix
                 vision += images * (n_image * per_token + 2 * n_image * n_image * self.vision_attention_width)
-            vision += images * patches_per_image * self.patch_embed
+            vision += images * patches_per_image * self.patch_embed_macs
         if projector_tokens is None:
             projector_tokens = llm_visual[0] if len(llm_visual) else 0
         projector = projector_tokens * self.projector
-        exact = vision + projector + llm_exact + self.lm_head
+        exact = vision + projector + llm_exact + self.lm_head_macs
         return {"fastv": fastv, "exact": exact, "exact_llm": llm_exact, "exact_vision": vision + projector}
 
 

@@ -60,7 +60,7 @@ def test_scoring_timer_times_the_strategy_and_restores_it(llava):
         assert timer.take_ms() > 0 and timer.take_ms() == 0
         timer.remove()
         assert h.strategy.prune == prune and "prune" not in vars(h.strategy)
-        assert "_capture" not in vars(h._probe)
+        assert "_capture" not in vars(h.probe)
 
 
 def test_runner_rows_oracle_reference_style_and_refusals(tmp_path):

@@ -88,7 +88,7 @@ def test_kept_tokens_are_the_top_k_of_layer_k_minus_1_eager_attention(model, eag
     with prunekit.attach(model, "fastv", budget=16, query=query) as h:
         model(**x)
         assert model.config.text_config._attn_implementation == "prunekit_sdpa"  # sdpa, wrapped; never eager
-        assert all(rows.shape == (4, x["input_ids"].shape[1]) for rows in h._probe.rows.values())  # 1 x L rows
+        assert all(rows.shape == (4, x["input_ids"].shape[1]) for rows in h.probe.rows.values())  # 1 x L rows
     assert model.config.text_config._attn_implementation == "sdpa"
     for b, cols in enumerate(image_columns(model, x)):
         probs = attn[b].mean(0)  # head mean (L, L)
@@ -168,7 +168,7 @@ def test_half_precision_runs_without_nan(tiny_dir, processor, dtype):
         with prunekit.attach(half, "fastv", budget=16, **knobs) as h:
             assert torch.isfinite(half(**x).logits).all(), knobs
             assert h.trace.n_final == [16] * 3
-            assert all(rows.dtype == torch.float32 and torch.isfinite(rows).all() for rows in h._probe.rows.values())
+            assert all(rows.dtype == torch.float32 and torch.isfinite(rows).all() for rows in h.probe.rows.values())
             half.generate(**x, max_new_tokens=3, min_new_tokens=3, do_sample=False)
 
 

@@ -288,7 +288,7 @@ def test_exact_count_raster_order_and_readout_features(model, processor, budget)
     if budget == 64:
         assert t.events == []
     cuts = {}
-    for site, keep in h._recorded.items():
+    for site, keep in h.decisions.items():
         assert site.layer <= 3
         if keep is not None:
             cuts[site.layer] = lambda p, idx=keep.indices: torch.stack([p[b, idx[b]] for b in range(3)])
@@ -307,7 +307,7 @@ def test_exact_count_raster_order_and_readout_features(model, processor, budget)
 def test_signals_come_from_one_attention_row_and_the_tower_stays_on_sdpa(model, processor):
     with prunekit.attach(model, "flowcut", budget=8) as h:
         model(**batch(processor, [0]))
-        probe = h._probe
+        probe = h.probe
         assert {which.query for (_, which) in probe.rows} == {"first"}
         assert all(rows.shape == (1, 65) for rows in probe.rows.values())  # 1 x N per layer, no N x N
         assert model.config.vision_config._attn_implementation == "prunekit_sdpa"
@@ -329,7 +329,7 @@ def test_a_registered_relay_plugs_in_by_name(model, processor):
     try:
         with prunekit.attach(model, "flowcut", budget=8, relay="test_mean_no_value") as h:
             model(**batch(processor, [0]))
-            assert {which.query for (_, which) in h._probe.rows} == {"mean"}
+            assert {which.query for (_, which) in h.probe.rows} == {"mean"}
         assert h.trace.n_final == [8]
     finally:
         RELAYS.pop("test_mean_no_value")

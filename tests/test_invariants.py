@@ -178,7 +178,7 @@ def vision_cuts(spec, handle):
     if not isinstance(spec, type) and spec["name"] == "pooling":
         return {spec["layer"]: lambda p: pooled(p, B)}
     cuts = {}
-    for site, keep in handle._recorded.items():
+    for site, keep in handle.decisions.items():
         if site.stage is prunekit.Stage.VISION_LAYER and keep is not None:
             cuts[site.layer] = lambda p, idx=keep.indices: torch.stack([p[b, idx[b]] for b in range(len(idx))])
     return cuts

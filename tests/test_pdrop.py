@@ -257,7 +257,7 @@ def test_half_precision_runs_without_nan(tiny_dir, processor, dtype):
     with prunekit.attach(half, "pdrop") as h:
         assert torch.isfinite(half(**x).logits).all()
         assert h.trace.llm_layer_counts.tolist() == [[64, 32, 16, 8]] * 3
-        for rows in h._probe.rows.values():  # fp32 distributions over all keys
+        for rows in h.probe.rows.values():  # fp32 distributions over all keys
             assert rows.dtype == torch.float32
             torch.testing.assert_close(rows.sum(-1), torch.ones(3), rtol=0, atol=1e-4)
         half.generate(**x, max_new_tokens=3, min_new_tokens=3, do_sample=False)

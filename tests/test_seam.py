@@ -93,7 +93,7 @@ def test_the_unbroken_seam_prunes_in_prefill_and_decodes_from_its_cache(model, p
     with prunekit.attach(model, "fastv", budget=16) as handle:
         greedy(model, x, steps=3)
         assert handle.trace.n_in == [64, 64] and handle.trace.n_final == [16, 16]
-        assert handle._prefill.step == 2  # two decode steps after the one prefill (3 new tokens)
+        assert handle.decode_steps == 2  # two decode steps after the one prefill (3 new tokens)
 
 
 def test_the_cache_kwarg_follows_the_5_24_rename(model):
@@ -270,3 +270,33 @@ def test_the_scan_finds_a_spelled_name(tmp_path):
     spy = tmp_path / "spy.py"
     spy.write_text("def f(kwargs, model):\n    return kwargs.get('past_key_values'), model.config._attn_implementation\n")
     assert sorted(_transformers_names(spy)) == ["spy.py:2 'past_key_values'", "spy.py:2 ._attn_implementation"]
+
+
+# transformers' internals (not its public model-input API: input_ids, pixel_values, ... from the processor)
+INTERNAL = {"past_key_values", "cache_position", "position_embeddings", "cu_seqlens", "cu_window_seqlens", "max_seqlen",
+            "_attn_implementation", "_attn_implementation_internal", "output_attentions", "mm_encoder_outputs",
+            "use_kernels", "q_proj", "k_proj", "v_proj", "eager_attention_forward", "apply_rotary_pos_emb",
+            "get_seq_length", "rotary_emb", "rotary_pos_emb", "patch_embed", "pre_layrnorm", "embed_tokens", "lm_head"}
+SEAM = {"compat.py", "tiny.py", "processors.py"}  # tiny.py builds the twins' configs; processors.py subclasses
+EVERYWHERE_ELSE = sorted(p for p in (ROOT / "prunekit").rglob("*.py")
+                         if p.name not in SEAM and "adapters" not in p.parts and "strategies" not in p.parts)
+
+
+def _internal_names(path: Path) -> list[str]:
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Constant) and node.value in INTERNAL:
+            found.append(f"{path.name}:{node.lineno} {node.value!r}")
+        elif isinstance(node, ast.keyword) and node.arg in INTERNAL:
+            found.append(f"{path.name}:{node.lineno} {node.arg}=")
+        elif isinstance(node, ast.Attribute) and node.attr in INTERNAL and not (
+                isinstance(node.value, ast.Name) and node.value.id == "adapter"):  # the adapter's own API
+            found.append(f"{path.name}:{node.lineno} .{node.attr}")
+    return found
+
+
+@pytest.mark.parametrize("path", EVERYWHERE_ELSE, ids=lambda p: str(p.relative_to(ROOT)))
+def test_transformers_internals_are_spelled_only_in_the_seam(path):
+    assert _internal_names(path) == []

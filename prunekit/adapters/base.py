@@ -184,6 +184,29 @@ class ModelAdapter(ABC):
         kwargs["attention_mask"] = key_mask
         return (hidden,), kwargs
 
+    # --- the model's own pieces, run by hand (the benchmark's oracle floor, bench/oracle.py) ------------
+    def embed_tokens(self, input_ids: Tensor) -> Tensor:
+        return self.language_model.embed_tokens(input_ids)
+
+    def lm_logits(self, hidden: Tensor) -> Tensor:
+        """The LM head on the final norm of ``hidden`` (B, L, D)."""
+        return self.model.lm_head(self.llm_output_norm(hidden))
+
+    def run_decoder_layer(self, layer: nn.Module, hidden: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+        """One decoder layer on an unpadded causal batch (no mask, no cache)."""
+        out = layer(hidden, attention_mask=None, position_embeddings=rope, position_ids=None, use_cache=False)
+        return out[0] if isinstance(out, tuple) else out
+
+    def vision_embed(self, pixels: Tensor) -> Tensor:
+        """The vision tower's input embeddings of a padded batch (CLIP: patch + position embeddings, pre-norm)."""
+        tower = self.vision_tower
+        return tower.pre_layrnorm(tower.embeddings(pixels))
+
+    def run_vision_layer(self, layer: nn.Module, hidden: Tensor) -> Tensor:
+        """One encoder layer on an unpadded batch."""
+        out = layer(hidden, None)
+        return out[0] if isinstance(out, tuple) else out
+
     # --- sequence facts ---------------------------------------------------------------------------
     @abstractmethod
     def image_token_mask(self, input_ids: Tensor | None, inputs_embeds: Tensor | None) -> Tensor:

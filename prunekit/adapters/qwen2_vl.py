@@ -106,6 +106,19 @@ class Qwen2VLAdapter(ModelAdapter):
         if call.max_seqlen is not None:
             kwargs["max_seqlen"] = call.max_seqlen
 
+    def vision_embed_packed(self, pixels: Tensor, grid_thw: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """(rows, D) patch embeddings of a packed pass and their rotary tables (cos, sin)."""
+        from transformers.vision_utils import get_vision_position_ids
+
+        visual = self.vision_tower
+        hidden = visual.patch_embed(pixels)
+        return hidden, visual.rotary_pos_emb(hidden, get_vision_position_ids(grid_thw, visual.spatial_merge_size))
+
+    @staticmethod
+    def run_vision_block(block: nn.Module, hidden: Tensor, cu_seqlens: Tensor, rotary: tuple[Tensor, Tensor]) -> Tensor:
+        """One packed ViT block over sequences bounded by ``cu_seqlens`` (no windows)."""
+        return block(hidden, cu_seqlens=cu_seqlens, position_embeddings=rotary)
+
     def packed_images(self, grid_thw: Tensor) -> PackedImages:
         thw = grid_thw.tolist()
         if any(t != 1 for t, _, _ in thw):

@@ -42,15 +42,15 @@ def oracle_prefill(model, inputs: dict, plan: dict | None = None) -> Tensor:
 
 def _clip_vision(model, adapter, inputs, plan) -> Tensor:
     """(B, tokens per sample, D) projected features, the encoder cut to the plan's counts (CLS kept)."""
-    tower, pixels = adapter.vision_tower, inputs["pixel_values"]
+    pixels = inputs["pixel_values"]
     batch = pixels.shape[0]
     pixels = pixels.flatten(0, 1) if pixels.dim() == 5 else pixels  # LLaVA-NeXT: every crop of every image
-    hidden = tower.pre_layrnorm(tower.embeddings(pixels))
+    hidden = adapter.vision_embed(pixels)
     feature = adapter.vision_feature_layer
     for i, layer in enumerate(adapter.vision_layers):  # the model runs every layer, the last one unused
         if plan is not None and plan["vision"] is not None:
             hidden = hidden[:, : 1 + plan["vision"][i]]
-        hidden = layer(hidden, None)
+        hidden = adapter.run_vision_layer(layer, hidden)
         if i == feature:
             features = hidden[:, 1:]
     if plan is not None and plan["projector"] is not None:
@@ -60,12 +60,9 @@ def _clip_vision(model, adapter, inputs, plan) -> Tensor:
 
 def _qwen_vision(model, adapter, inputs, plan) -> Tensor:
     """(B, merged tokens per sample, D): the packed ViT cut to whole merge groups, one image per sample."""
-    from transformers.vision_utils import get_vision_position_ids
-
-    visual, grid = adapter.vision_tower, inputs["image_grid_thw"]
+    grid = inputs["image_grid_thw"]
     batch, size = grid.shape[0], adapter.merge_size
-    hidden = visual.patch_embed(inputs["pixel_values"])
-    cos, sin = visual.rotary_pos_emb(hidden, get_vision_position_ids(grid, visual.spatial_merge_size))
+    hidden, (cos, sin) = adapter.vision_embed_packed(inputs["pixel_values"], grid)
     rows = hidden.shape[0] // batch
 
     def cut(x: Tensor, n: int) -> Tensor:
@@ -76,7 +73,7 @@ def _qwen_vision(model, adapter, inputs, plan) -> Tensor:
         if n < rows:
             hidden, cos, sin, rows = cut(hidden, n), cut(cos, n), cut(sin, n), n
         cu = torch.arange(batch + 1, device=hidden.device, dtype=torch.int32) * rows
-        hidden = block(hidden, cu_seqlens=cu, position_embeddings=(cos, sin))
+        hidden = adapter.run_vision_block(block, hidden, cu, (cos, sin))
     if plan is not None and plan["projector"] is not None and plan["projector"] * size < rows:
         hidden, rows = cut(hidden, plan["projector"] * size), plan["projector"] * size
     return adapter.projector(hidden).view(batch, rows // size, -1)
@@ -87,8 +84,7 @@ def _language_model(model, adapter, inputs, visual: Tensor, plan) -> Tensor:
     ids = inputs["input_ids"]
     span = adapter.image_token_mask(ids, None)[0].nonzero().squeeze(1)
     start, end = int(span[0]), int(span[-1]) + 1
-    lm = adapter.language_model
-    before, after = lm.embed_tokens(ids[:, :start]), lm.embed_tokens(ids[:, end:])
+    before, after = adapter.embed_tokens(ids[:, :start]), adapter.embed_tokens(ids[:, end:])
     counts = plan["llm"] if plan is not None else [end - start] * len(adapter.decoder_layers)
     n = counts[0]
     if visual.shape[1] < n:  # LLaVA-NeXT's newlines (and unpadding) are not in the crops' features
@@ -99,9 +95,8 @@ def _language_model(model, adapter, inputs, visual: Tensor, plan) -> Tensor:
         if counts[i] < n:
             hidden = torch.cat([hidden[:, : start + counts[i]], hidden[:, start + n :]], 1)
             n, table = counts[i], _rope(adapter, hidden)
-        hidden = layer(hidden, attention_mask=None, position_embeddings=table, position_ids=None, use_cache=False)
-        hidden = hidden[0] if isinstance(hidden, tuple) else hidden
-    return model.lm_head(lm.norm(hidden[:, -1:]))[:, 0]
+        hidden = adapter.run_decoder_layer(layer, hidden, table)
+    return adapter.lm_logits(hidden[:, -1:])[:, 0]
 
 
 def _rope(adapter, hidden: Tensor) -> tuple[Tensor, Tensor]:

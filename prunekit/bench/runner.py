@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .. import compat
 from ..timing import PrefillTimer
 from ..flops import FlopsModel, trace_flops
 from ..registry import build_strategy
@@ -184,9 +185,9 @@ def _reference_style(model, adapter, where: str):
     published code computes (specs/baselines.md §1.7, §3.7; flowcut.md §6 item 5)."""
     key = "vision_config" if where == "vision" else "text_config"
     module = adapter.vision_tower if where == "vision" else adapter.language_model
-    before = getattr(model.config, key)._attn_implementation
+    before = compat.attn_implementation(getattr(model.config, key))
     model.set_attn_implementation({key: "eager"})
-    hook = module.register_forward_pre_hook(lambda m, a, k: (a, {**k, "output_attentions": True}), with_kwargs=True)
+    hook = module.register_forward_pre_hook(lambda m, a, k: (a, compat.asking_attention_maps(k)), with_kwargs=True)
     try:
         yield
     finally:

@@ -187,7 +187,7 @@ def provenance(cfg: DictConfig, module, trainer, started: float) -> dict:
                                                                                    f"{torch.get_num_threads()} threads)",
         "world_size": trainer.world_size,
         "dtype": str(module.model.dtype).replace("torch.", ""),
-        "attn_implementation": module.model.config._attn_implementation,
+        "attn_implementation": compat.attn_implementation(module.model.config),
         "batch_size": cfg.data.batch_size, "seed": cfg.seed,
         "config_fingerprint": fingerprint(cfg),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),

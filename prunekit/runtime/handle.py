@@ -122,6 +122,22 @@ class PruningHandle(ValidationMixin, ProbingMixin, DecisionsMixin, VisionMixin, 
         self._prefill = self._vision = None
 
     @property
+    def decisions(self) -> dict:
+        """The last prefill's decision at each site (``Keep``, or None where the site changed nothing): what
+        ``replay()`` re-applies."""
+        return dict(self._recorded)
+
+    @property
+    def probe(self):
+        """The ``AttentionProbe`` recording this strategy's signals (None when it declares none)."""
+        return self._probe
+
+    @property
+    def decode_steps(self) -> int:
+        """Decode steps the language model ran since the last prefill."""
+        return 0 if self._prefill is None else self._prefill.step
+
+    @property
     def attached(self) -> bool:
         return bool(self._handles)
 

@@ -91,10 +91,10 @@ class PackedState:
         self.rows = self.rows[mask]
         return mask
 
-    def rebuild(self, position_embeddings: tuple[Tensor, Tensor], max_seqlen, mask: Tensor) -> None:
+    def rebuild(self, rotary: tuple[Tensor, Tensor], max_seqlen, mask: Tensor) -> None:
         """The blocks' kwargs for the current rows: sliced rotary tables and new sequence boundaries."""
-        device = position_embeddings[0].device
-        cos, sin = (t[mask.to(t.device)] for t in position_embeddings)
+        device = rotary[0].device
+        cos, sin = (t[mask.to(t.device)] for t in rotary)
         full = self.image_chunks()
         window = None
         if self.images.row_window is not None:

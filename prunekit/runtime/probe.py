@@ -241,7 +241,7 @@ class AttentionProbe:
         synthetic = self._global_token(module, masks[0], query.shape[-1]) if module in self.input_norms else None
         self._record(module, module, query, key, value, mask, scaling, masks, causal, synthetic)
 
-    def capture_input(self, source: BlockInput, hidden: Tensor, position_embeddings: tuple[Tensor, Tensor],
+    def capture_input(self, source: BlockInput, hidden: Tensor, rope: tuple[Tensor, Tensor],
                       mask: Tensor | None) -> None:
         """Before a block runs: its attention's q, k (v) on ``hidden`` (B, L, D), under the (cos, sin) and the
         mask that the block is about to receive."""
@@ -251,7 +251,7 @@ class AttentionProbe:
             return
         x = self.block_norms[source](hidden)
         attention = compat.AttentionModule(module)
-        rotated = attention.rotate(attention.heads("q", x), attention.heads("k", x), *position_embeddings)
+        rotated = attention.rotate(attention.heads("q", x), attention.heads("k", x), *rope)
         if rotated is None:
             raise SignalError(f"pre signals need the modeling file of {type(module).__name__} to define "
                               "apply_rotary_pos_emb (1-D RoPE); this family is not supported yet")

@@ -87,4 +87,4 @@ class ProbingMixin:
             return
         segment = self._prefill.segments[-1] if self._prefill.segments else None
         current = segment.layer_call if segment is not None else call
-        self._probe.capture_input(source, hidden, current.position_embeddings, current.attention_mask)
+        self._probe.capture_input(source, hidden, current.rope, current.attention_mask)
