@@ -1,4 +1,4 @@
-"""Token budgets and the three accounting conventions (baselines.md §0.3).
+"""Token budgets and the three accounting conventions (docs/strategies.md).
 
 - ``n_in``: visual tokens entering the language model;
 - ``n_final``: visual tokens after the last pruning step (what reaches the last layer);
@@ -62,12 +62,12 @@ def layer_average_out(counts_per_layer: list[int]) -> float:
 
 def schedule_average(n: int, boundaries: list[int], counts: list[int], num_layers: int) -> float:
     """n_avg of a staged in-LLM schedule: ``n`` visual tokens in layers 0..b_1-1, then ``counts[s]`` from
-    layer ``boundaries[s]`` on: (1/T) Σ_s (b_{s+1} - b_s) · n_s with b_0 = 0, b_{S+1} = T (baselines.md §4.4)."""
+    layer ``boundaries[s]`` on: (1/T) Σ_s (b_{s+1} - b_s) · n_s with b_0 = 0, b_{S+1} = T (docs/strategies/pdrop.md)."""
     edges, tokens = [0, *boundaries, num_layers], [n, *counts]
     return sum((edges[s + 1] - edges[s]) * tokens[s] for s in range(len(tokens))) / num_layers
 
 
 def single_cut_keep(target: float, n: int, cut: int, num_layers: int) -> float:
     """Tokens to keep after one cut before layer ``cut`` so that the layer average is ``target`` (n_avg):
-    k = (T·t - K·N) / (T - K) (baselines.md §1.6), before any rounding; negative when unreachable."""
+    k = (T·t - K·N) / (T - K) (docs/strategies/fastv.md), before any rounding; negative when unreachable."""
     return (num_layers * target - cut * n) / (num_layers - cut)

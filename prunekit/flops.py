@@ -3,8 +3,8 @@
 Two conventions, both counted in multiply-accumulates (MACs) as the token-pruning papers do when they
 write "FLOPs" (a true FLOP count is twice as large):
 
-- ``fastv``: the language model only, FastV's per-layer ``4nd² + 2n²d + 2ndm`` (baselines.md, evaluation.md
-  §2.1) with the live token count n of each layer; what the papers' TFLOPs columns use.
+- ``fastv``: the language model only, FastV's per-layer ``4nd² + 2n²d + 2ndm`` (docs/evaluation.md,
+  efficiency conventions) with the live token count n of each layer; what the papers' TFLOPs columns use.
 - ``exact``: every weight matrix the prefill actually multiplies (so a gated FFN counts 3ndm and grouped-query
   attention its smaller K/V projections), plus the ``2n²d`` score/value products of each attention layer
   over the live tokens, for the vision encoder (patch embedding, every encoder layer with the tokens it

@@ -15,7 +15,7 @@ from .errors import SignalError
 
 
 class Stage(str, Enum):
-    """The four insertion points every method in the literature uses (DESIGN.md)."""
+    """The four insertion points every method in the literature uses (docs/architecture.md, Stages)."""
 
     VISION_LAYER = "vision_layer"  # inside the vision encoder, after layer l
     VISION_OUTPUT = "vision_output"  # vision feature layer, before the projector

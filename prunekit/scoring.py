@@ -97,7 +97,7 @@ register_relay("last", Relay(query="last", value="last"))  # the last prompt tok
 
 @register_score("flowcut")
 def flowcut_score(x: ScoreInputs) -> Tensor:
-    """(norm(attention) + norm(semantic)) * value_norm, with any disabled criterion left out (spec §2.3)."""
+    """(norm(attention) + norm(semantic)) * value_norm, with any disabled criterion left out (docs/strategies/docs/strategies/flowcut.md)."""
     terms = [normalise(t, x.live) for t in (x.attention, x.semantic) if t is not None]
     score = sum(terms) if terms else x.live.float()
     if x.value_norm is not None:

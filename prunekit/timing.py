@@ -1,4 +1,4 @@
-"""Prefill timing of one ``generate`` call, from hooks on the model instance (evaluation.md §2.3).
+"""Prefill timing of one ``generate`` call, from hooks on the model instance (docs/evaluation.md).
 
 ``prefill_ms`` runs from the call to the end of the first forward: vision tower, projector, pruning and
 the language-model prefill, i.e. the time to the first token's logits. (transformers 5.23's ``generate``

@@ -1,4 +1,4 @@
-"""dart: keep the image tokens least like a few pivots — duplication, not importance (DART, EMNLP'25; baselines.md §6).
+"""dart: keep the image tokens least like a few pivots — duplication, not importance (DART, EMNLP'25; docs/strategies/dart.md).
 
 Once, before decoder layer K (default 2), per sample, with no attention weights:
 

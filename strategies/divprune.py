@@ -1,4 +1,4 @@
-"""divprune: a maximally diverse subset of the projected image tokens (DivPrune, CVPR'25; baselines.md §7).
+"""divprune: a maximally diverse subset of the projected image tokens (DivPrune, CVPR'25; docs/strategies/divprune.md).
 
 Per image, on the projected embeddings x (before the language model), with D_ij = 1 − cos(x_i, x_j):
 

@@ -1,4 +1,4 @@
-"""fastervlm: the image tokens [CLS] attends to most (FasterVLM, arXiv 2412.01818; baselines.md §5).
+"""fastervlm: the image tokens [CLS] attends to most (FasterVLM, arXiv 2412.01818; docs/strategies/fastervlm.md).
 
 Per image, at the vision feature layer (LLaVA: the output of layer −2, before the projector):
 

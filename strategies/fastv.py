@@ -1,4 +1,4 @@
-"""fastv: one cut inside the LLM by the attention the image tokens receive (FastV, ECCV'24; baselines.md §1).
+"""fastv: one cut inside the LLM by the attention the image tokens receive (FastV, ECCV'24; docs/strategies/fastv.md).
 
 Once, before decoder layer K (default 2: layers 0..K-1 see every token), per sample with N image tokens:
 

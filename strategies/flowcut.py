@@ -1,6 +1,6 @@
 """flowcut: information-flow-aware progressive pruning inside the vision encoder (FlowCut, NeurIPS 2025).
 
-specs/flowcut.md §2, per image, at every encoder layer l up to the final prune layer F-1 (the projector
+docs/strategies/flowcut.md, per image, at every encoder layer l up to the final prune layer F-1 (the projector
 reads layer F's output; LLaVA-1.5: F = L-2, so the last cut is on layer L-3's output):
 
   1. signals of layer l, from the relay's row only (no N x N map; the tower stays on sdpa):
@@ -13,7 +13,7 @@ reads layer F's output; LLaVA-1.5: F = L-2, so the last cut is on layer L-3's ou
        P = N - T                                                          rpl = 0: the forced final cut
      keep the top max(N - P, T) patches by C, in raster order. CLS always stays and is not counted.
 
-Two-stage families (§1.2, §1.3, §3.2): on LLaVA-NeXT every crop is cut to int(T/2) in the encoder, on
+Two-stage families (docs/support.md, FlowCut's two stages): on LLaVA-NeXT every crop is cut to int(T/2) in the encoder, on
 Qwen2-VL / 2.5-VL every image to 2T merged tokens (8T patches, relay = the mean query, no semantic term);
 then, on the output of LLM layer 1 (site ``llm_layer[2]``), each sample is cut to exactly T:
 
@@ -169,7 +169,7 @@ class FlowCut(TokenPruner):
         return Keep(indices)
 
     def prune_llm(self, ctx: PruneContext) -> Keep:
-        """Stage 2 (§3.2): each sample's visual tokens cut to exactly T by the last prompt token's view."""
+        """Stage 2: each sample's visual tokens cut to exactly T by the last prompt token's view."""
         lengths = ctx.lengths.to(ctx.tokens.device)
         live = torch.arange(ctx.tokens.shape[1], device=lengths.device)[None] < lengths[:, None]
         rows = ctx.attention("last", "all").float()  # (U, H, N): softmax over all keys

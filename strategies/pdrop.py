@@ -1,4 +1,4 @@
-"""pdrop: multi-stage drops inside the LLM, a pyramid of image tokens (PyramidDrop, CVPR'25; baselines.md §4).
+"""pdrop: multi-stage drops inside the LLM, a pyramid of image tokens (PyramidDrop, CVPR'25; docs/strategies/pdrop.md).
 
 The decoder is split at boundaries b_1 < ... < b_S (default [8, 16, 24] on 32 layers: the 1-based index of
 the layer just executed = the 0-based index of the next block). Per sample with N image tokens entering

@@ -1,4 +1,4 @@
-"""pooling: 2-D average pooling of the patch grid down to exactly ``budget`` tokens (baselines.md §8).
+"""pooling: 2-D average pooling of the patch grid down to exactly ``budget`` tokens (docs/strategies.md).
 
 The output grid (rows x cols) multiplies to the budget and is the factor pair closest to the input
 grid's aspect ratio: 64 on 24x24 -> 8x8, 144 -> 12x12, 192 -> 16x12. Windows follow adaptive average

@@ -1,4 +1,4 @@
-"""random: a uniform subset of ``budget`` visual tokens, kept in original order (baselines.md §8).
+"""random: a uniform subset of ``budget`` visual tokens, kept in original order (docs/strategies.md).
 
 Each unit (image at vision stages, sample at ``llm_layer``) draws from a generator seeded by its image
 content, so a sample keeps the same tokens whatever batch it is in.

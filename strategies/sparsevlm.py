@@ -1,4 +1,4 @@
-"""sparsevlm: text-guided progressive pruning inside the LLM (SparseVLM, ICML'25; baselines.md §2).
+"""sparsevlm: text-guided progressive pruning inside the LLM (SparseVLM, ICML'25; docs/strategies/sparsevlm.md).
 
 Three code generations share the name; ``version`` picks one (layers are the reference's: layer l's
 *output* is pruned, i.e. prunekit's site ``llm_layer[l+1]``, scored by layer l's own attention):
@@ -37,7 +37,7 @@ CONVENTIONS = ("n_avg_out", "n_avg", "n_final")
 REFERENCE_TOKENS = 576  # LLaVA-1.5: the tables below are counts out of 576 image tokens
 REFERENCE_DEPTH = 32
 LAYERS = {"v1": [2, 6, 15, 19], "v1.5": [2, 6, 15], "v2": [2, 6, 15]}
-# tokens kept at the pruning layers, keyed by the budget (RETAIN_TOKN) [SVLM-MAIN score.py; baselines.md §2.2]
+# tokens kept at the pruning layers, keyed by the budget (RETAIN_TOKN) [SVLM-MAIN score.py; docs/strategies/sparsevlm.md]
 TABLES = {
     "v1.5": {192: [300, 200, 110], 128: [303, 110, 36], 96: [238, 48, 26], 64: [66, 30, 17]},
     "v2": {192: [300, 200, 118], 128: [238, 108, 60], 96: [246, 54, 28], 64: [66, 34, 20]},
@@ -263,7 +263,7 @@ def default_layers(version: str, depth: int) -> list[int]:
 
 def simulate(n: int, layers: list[int], keeps: list[int], depth: int, recycle: bool, recycle_ratio: float = 0.3,
              tokens_per_cluster: int = 10) -> list[int]:
-    """Visual tokens each LLM layer takes as input under a fixed schedule (baselines.md §2.5): at pruning layer l
+    """Visual tokens each LLM layer takes as input under a fixed schedule (docs/strategies/sparsevlm.md): at pruning layer l
     min(keep, n−1) survive, plus int(n_rec / 10) + 1 merged tokens with recycling."""
     cuts, current, per_layer = dict(zip((layer + 1 for layer in layers), keeps)), n, []
     for layer in range(depth):
@@ -277,7 +277,7 @@ def simulate(n: int, layers: list[int], keeps: list[int], depth: int, recycle: b
 
 
 def choose_raters(prompt, rule: str = "gt") -> list[Tensor]:
-    """Per unit, the rater mask over its text tokens (baselines.md §2.1), from the input embeddings in fp32.
+    """Per unit, the rater mask over its text tokens (docs/strategies/sparsevlm.md), from the input embeddings in fp32.
 
     r = mean over the visual rows of softmax over the text axis of V·Tᵀ; raters: r_t > mean(r) (``ge``: >=).
     All r equal (e.g. one text token) would leave no rater under ">": then every text token rates.

@@ -1,5 +1,5 @@
 """visionzip: dominant tokens by [CLS] attention plus contextual tokens merged by key similarity
-(VisionZip, CVPR'25; baselines.md §3).
+(VisionZip, CVPR'25; docs/strategies/visionzip.md).
 
 Per image, at the vision feature layer (LLaVA: layer −2's output H, before the projector):
 

@@ -1,4 +1,4 @@
-"""VisionZip, FasterVLM, DivPrune and DART (baselines.md §3, §5–§7): hand-worked small cases, the scores
+"""VisionZip, FasterVLM, DivPrune and DART (docs/strategies/visionzip.md, fastervlm.md, divprune.md, dart.md): hand-worked small cases, the scores
 against eager attention, and VisionZip end to end against a hand-run reduced input."""
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""DESIGN.md invariants on the other model families: LLaVA-NeXT (anyres crops, unpadding, newlines) and
+"""The runtime invariants (docs/architecture.md) on the other model families: LLaVA-NeXT (anyres crops, unpadding, newlines) and
 Qwen2-VL / Qwen2.5-VL (packed ViT, 2x2 merge groups, window attention, 3-D M-RoPE), for every strategy that
 supports the family, at batch 1 and batch 4 with left padding and images of different sizes, with and without
 the KV cache. (LLaVA-1.5: tests/test_invariants.py.)"""

@@ -1,4 +1,4 @@
-"""FastV (baselines.md §1): budget arithmetic, scores against eager attention, the `all` query, the mask variant."""
+"""FastV (docs/strategies/fastv.md): budget arithmetic, scores against eager attention, the `all` query, the mask variant."""
 import pytest
 import torch
 from transformers import AutoModelForImageTextToText
@@ -22,7 +22,7 @@ def eager_model(tiny_dir):
 
 @pytest.mark.parametrize("cut, expected", [(2, (166.4, 98.1, 29.9)), (3, (152.3, 81.7, 11.0))])
 def test_n_avg_keep_count_reproduces_the_spec(cut, expected):
-    """§1.6: T = 32, N = 576, targets 192 / 128 / 64, before rounding."""
+    """FastV's n_avg arithmetic (docs/strategies/fastv.md): T = 32, N = 576, targets 192 / 128 / 64, before rounding."""
     assert [round(single_cut_keep(t, 576, cut, 32), 1) for t in (192, 128, 64)] == list(expected)
 
 
@@ -141,7 +141,7 @@ def test_n_avg_budget_accounting_by_hand(model, processor):
 
 def test_mask_variant_equals_inplace(model, processor):
     """FastV's README evaluation path: dropped image keys masked out of every later layer, all tokens still
-    computed. With original positions kept, the outputs equal the inplace variant (§1.4)."""
+    computed. With original positions kept, the outputs equal the inplace variant."""
     x = batch(processor, [0, 1, 2])
     runs = {}
     for variant in ("inplace", "mask"):

@@ -22,7 +22,7 @@ def llava15_7b_on_meta():
 
 
 def test_fastv_convention_reproduces_the_spec_numbers():
-    # evaluation.md §2.1: LLaVA-1.5-7B (T=32, d=4096, m=11008), 576 image + 95 text tokens
+    # docs/evaluation.md (efficiency conventions): LLaVA-1.5-7B (T=32, d=4096, m=11008), 576 image + 95 text tokens
     d, m, T, text = 4096, 11008, 32, 95
     full = T * fastv_layer_macs(576 + text, d, m)
     assert full / 1e12 == pytest.approx(3.50, abs=0.005)
@@ -34,7 +34,7 @@ def test_fastv_convention_reproduces_the_spec_numbers():
 
 def test_exact_count_of_llava15_7b_reads_the_real_shapes():
     flops = FlopsModel.from_model(llava15_7b_on_meta())
-    # a gated FFN counts 3 matrices: 4nd^2 + 2n^2 d + 3ndm per layer = 4.46 T for 671 tokens (evaluation.md §2.1)
+    # a gated FFN counts 3 matrices: 4nd^2 + 2n^2 d + 3ndm per layer = 4.46 T for 671 tokens (docs/evaluation.md)
     llm = flops.prefill(95, [576] * 32)
     assert llm["exact_llm"] / 1e12 == pytest.approx(4.46, abs=0.005)
     assert llm["fastv"] / 1e12 == pytest.approx(3.50, abs=0.005)

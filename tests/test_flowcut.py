@@ -1,4 +1,4 @@
-"""FlowCut (specs/flowcut.md §2, §11): hand-worked score / count / schedule cases and test vectors T1-T12."""
+"""FlowCut (docs/strategies/docs/strategies/flowcut.md): hand-worked score / count / schedule cases and test vectors T1-T12."""
 import math
 
 import pytest
@@ -45,7 +45,7 @@ class FakeAdapter:
 
 
 def score_by_hand(a, v, cls_v):
-    """FlowCut's score of every live patch, written out from docs/strategies/flowcut.md: S = (a / sum a +
+    """FlowCut's score of every live patch, written out from docs/strategies/docs/strategies/flowcut.md: S = (a / sum a +
     s / sum s) * nu, s_j = head mean of softmax over [CLS, patches] of v_cls . v_j (unscaled), nu_j = sum_d
     |mean_h v_j| (one unit, every patch live)."""
     logits = torch.cat([(cls_v * cls_v).sum(-1, keepdim=True), torch.einsum("uhnd,uhd->uhn", v, cls_v)], -1)

@@ -1,4 +1,4 @@
-"""DESIGN.md invariants 1-5 and 7 on a tiny LLaVA-1.5, for all four stages."""
+"""The runtime invariants (docs/architecture.md) 1-5 and 7 on a tiny LLaVA-1.5, for all four stages."""
 import pytest
 import torch
 import torch.nn.functional as F

@@ -1,4 +1,4 @@
-"""PyramidDrop (baselines.md §4): schedules and budgets, pre signals (block b on its input) against eager
+"""PyramidDrop (docs/strategies/pdrop.md): schedules and budgets, pre signals (block b on its input) against eager
 attention, a hand-run language model, and compact positions at llm_layer sites in prefill and decode."""
 import pytest
 import torch
@@ -24,7 +24,7 @@ def eager_model(tiny_dir):
 # --- schedules and budgets --------------------------------------------------------------------------
 
 def test_schedule_average_reproduces_the_spec():
-    """§4.1 / §4.4 on LLaVA-1.5 (T = 32, N = 576, boundaries [8, 16, 24])."""
+    """docs/strategies/pdrop.md's schedules on LLaVA-1.5 (T = 32, N = 576, boundaries [8, 16, 24])."""
     assert pyramid(576, 0.5, 3) == [288, 144, 72]
     assert schedule_average(576, [8, 16, 24], [288, 144, 72], 32) == 270
     assert schedule_average(576, [8, 16, 24], pyramid(576, 0.25, 3), 32) == 191.25

@@ -1,4 +1,4 @@
-"""SparseVLM (baselines.md §2): the spec's budget accounting (192.03 / 206.5), raters, scores against eager
+"""SparseVLM (docs/strategies/sparsevlm.md): the reference's budget accounting (192.03 / 206.5), raters, scores against eager
 attention (v1.5 head mean; v2 gravity and head selection), DPC-kNN recycling by hand and through the runtime
 (merged tokens after the kept ones, compact positions), v1's rank rule, knobs and errors."""
 import math
@@ -25,7 +25,7 @@ def eager_model(tiny_dir):
     return AutoModelForImageTextToText.from_pretrained(tiny_dir, **LOAD_KWARGS, attn_implementation="eager").eval()
 
 
-# --- budget accounting (§2.5) -------------------------------------------------------------------------
+# --- budget accounting (docs/strategies/sparsevlm.md) -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("keeps, recycle, logger, inputs, final", [
     ([300, 200, 110], True, 192.03, 206.5, 113),  # v1.5 "192": the maintainers' log says 192.03125

@@ -182,7 +182,7 @@ def _median_ratio(a: list[float], b: list[float]) -> float:
 @contextmanager
 def _reference_style(model, adapter, where: str):
     """Eager attention with every attention map returned, in the vision tower or the language model: what the
-    published code computes (specs/baselines.md §1.7, §3.7; flowcut.md §6 item 5)."""
+    published code computes (docs/benchmarks.md, reference style)."""
     key = "vision_config" if where == "vision" else "text_config"
     module = adapter.vision_tower if where == "vision" else adapter.language_model
     before = compat.attn_implementation(getattr(model.config, key))

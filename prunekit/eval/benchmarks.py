@@ -1,6 +1,6 @@
 """The four lmms-eval tasks as prunekit runs them: prompt, generation length, per-sample score, aggregate.
 
-Prompts and generation settings follow lmms-eval's task YAMLs for LLaVA (evaluation.md §1.2); the
+Prompts and generation settings follow lmms-eval's task YAMLs for LLaVA (docs/evaluation.md); the
 metrics are in ``metrics.py``. A benchmark sees finished records (dicts with ``prediction``, ``answer``,
 ``question_id``, ``category``) and never the model.
 """

@@ -1,7 +1,7 @@
 """What the Hydra entry points do before Hydra composes: plugins, strategy config nodes, resolvers, checks.
 
 Hydra resolves ``strategy=<name>`` against the ``strategy`` config group before any user code runs
-(environment.md §3.9). So the entry point first imports ``plugins=[...]`` from the command line, then
+(it composes the config first). So the entry point first imports ``plugins=[...]`` from the command line, then
 gives every registered strategy without a YAML file a config node generated from its constructor's
 defaults (Hydra's ConfigStore), and checks strategy names and knobs so a typo gets the list of what exists.
 """

@@ -1,6 +1,6 @@
 """Benchmark data from local parquet files in the lmms-eval (HF ``datasets``) layouts; no network.
 
-Layouts read (evaluation.md §1.3), relative to the dataset folder:
+Layouts read (docs/evaluation.md), relative to the dataset folder:
 
 * POPE (``lmms-lab/POPE``, now ``lmms-lab-encoder/POPE``): ``data/test-*.parquet``, or config Full:
   ``Full/{adversarial,popular,random}/*.parquet``. Columns id, question_id, question, answer,

@@ -1,7 +1,7 @@
 """Lightning loggers from the ``logger`` config group: W&B (online with a key, else offline), CSV, or none.
 
 W&B is optional: without the package the run logs to CSV and says how to install it. ``WANDB_MODE=disabled``
-(the tests) always wins: Lightning's ``offline=True`` would otherwise override it (environment.md §5).
+(the tests) always wins: Lightning's ``offline=True`` would otherwise override it.
 """
 from __future__ import annotations
 

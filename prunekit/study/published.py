@@ -1,10 +1,10 @@
 """Published LLaVA-1.5-7B numbers, for side-by-side reading with a sweep (``compare.py --published <source>``).
 
-Transcribed from ../shared/specs (flowcut.md §8, baselines.md §11), only the rows that are read there without
+Transcribed from the papers' tables (docs/compare.md, published numbers), only the rows that are read there without
 ambiguity, only the four benchmarks prunekit runs: GQA and TextVQA accuracy, MME total (perception +
-cognition) and POPE F1 (baselines.md §11: "POPE (F1)"), in the papers' units (points; MME score).
+cognition) and POPE F1 (docs/compare.md: "POPE (F1)"), in the papers' units (points; MME score).
 ``method`` is the prunekit strategy (``keep_all`` = the unpruned model, 576 tokens); ``budget`` is the
-paper's "retain N tokens", whose convention differs between papers (baselines.md §0.3). The same method
+paper's "retain N tokens", whose convention differs between papers (docs/strategies.md). The same method
 has different numbers in different papers, so one comparison reads one source.
 
 Left out on purpose: ToMe and other methods prunekit does not implement, VisionZip's fine-tuned rows, DART's
@@ -17,10 +17,10 @@ import csv
 import io
 
 SOURCES = {
-    "flowcut_tab1": "flowcut.md §8.1: FlowCut paper Tab. 1, LLaVA-1.5-7B",
-    "flowcut_tab8": "flowcut.md §8.2: FlowCut paper Tab. 8 (App. A.3), LLaVA-1.5-7B, 32 tokens",
-    "mmtok_tab1": "baselines.md §11.1-11.3: MMTok Table 1 (consensus rows from VisionZip; DivPrune re-run by MMTok)",
-    "dart_tab1": "baselines.md §11.1-11.3: DART paper Table 1 (FastV / SparseVLM rows = the consensus set)",
+    "flowcut_tab1": "docs/strategies/flowcut.md: FlowCut paper Tab. 1, LLaVA-1.5-7B",
+    "flowcut_tab8": "docs/strategies/flowcut.md: FlowCut paper Tab. 8 (App. A.3), LLaVA-1.5-7B, 32 tokens",
+    "mmtok_tab1": "docs/compare.md: MMTok Table 1 (consensus rows from VisionZip; DivPrune re-run by MMTok)",
+    "dart_tab1": "docs/compare.md: DART paper Table 1 (FastV / SparseVLM rows = the consensus set)",
 }
 PAPER_METRIC = {"gqa": "accuracy", "mme": "total", "pope": "f1", "textvqa": "accuracy"}
 
