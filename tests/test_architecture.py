@@ -58,24 +58,36 @@ print("bare ok", prunekit.list_strategies())
 
 @pytest.mark.slow
 def test_the_wheel_installs_one_top_level_package_and_lists_the_strategies(tmp_path):
-    """Built from the checkout, unpacked outside it, imported with nothing of the checkout on the path."""
+    """Built from the checkout, installed (no deps) into a fresh venv outside it, which borrows this venv's
+    dependencies (torch, transformers) through a .pth path but not its editable prunekit."""
+    import sysconfig
+
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                             "-w", str(tmp_path / "dist"), str(ROOT)], capture_output=True, text=True, timeout=300)
     assert built.returncode == 0, built.stdout[-2000:] + built.stderr[-2000:]
     [wheel] = (tmp_path / "dist").glob("prunekit-*.whl")
     with zipfile.ZipFile(wheel) as z:
         names = z.namelist()
-        z.extractall(tmp_path / "site")
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
     assert top == {"prunekit"}, top
     assert "prunekit/strategies/flowcut.py" in names and not any(n.startswith("strategies/") for n in names)
     assert "prunekit/configs/strategy/flowcut.yaml" in names and "prunekit/configs/ablate.yaml" in names
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    python = venv / "bin" / "python"
+    installed = subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
+                               capture_output=True, text=True, timeout=300)
+    assert installed.returncode == 0, installed.stderr[-2000:]
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    (Path(site) / "borrowed_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     code = ("import sys, prunekit; assert prunekit.__file__.startswith(sys.argv[1]), prunekit.__file__; "
             "from prunekit.eval.cli import strategy_node; from prunekit.eval.run import git_revision; "
             "print(prunekit.list_strategies(), strategy_node('flowcut')['budget'], git_revision())")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"PYTHONPATH": str(tmp_path / "site")}
-    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "site")], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=120)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([str(python), "-c", code, site], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "'flowcut'" in proc.stdout and "'visionzip'" in proc.stdout
     assert proc.stdout.strip().endswith("64 prunekit 0.1.0 (installed, no checkout)")  # flowcut.yaml's budget
