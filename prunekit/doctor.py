@@ -4,7 +4,8 @@ Prints the library versions, the device and the attention backends found, then r
 the tiny twin of every model family, on the chosen device and dtype:
 
   keep_all == vanilla     the full gather / mask / position machinery changes nothing
-  detach restores         logits after detach() equal a model never attached
+  detach restores         no hook left, logits after detach() equal a model never attached (bit for bit, or
+                          within the rounding of kernels that depend on buffer alignment: 1e-5 in fp32)
   prunes in prefill       FastV leaves n_final = budget < n_vanilla visual tokens, n_in > 0
   cache == recompute      cached greedy decoding equals no-cache recomputation with the decisions replayed
   padded batch == rows    a left-padded batch of two gives each row's result alone
@@ -104,6 +105,11 @@ class _Compare:
         diff = float((a - b).abs().max()) if a.numel() else 0.0
         return diff <= self.atol, f"max |Δlogit| {diff:.2e} (tol {self.atol:g})"
 
+    def restored(self, a, b) -> tuple[bool, str]:
+        diff = float((a - b).abs().max())
+        tol = 1e-5 if self.exact else self.atol
+        return diff <= tol, f"max |Δlogit| {diff:.2e} (tol {tol:g}: rounding of the platform's kernels only)"
+
     def run(self, tokens_a, logits_a, tokens_b, logits_b) -> tuple[bool, str]:
         """Two greedy runs: every step's logits and the tokens in fp32; in half precision the first step's logits
         (a near-tie may pick another token under rounding, and the later steps then diverge legitimately)."""
@@ -144,8 +150,13 @@ def check_family(family: str, device: torch.device, dtype: torch.dtype) -> list[
             handle = prunekit.attach(model, "fastv", budget=BUDGET)
             _greedy(model, pair)
             handle.detach()
-            same = torch.equal(model(**pair).logits.float(), vanilla_logits)
-            return same and "generate" not in model.__dict__, "bit-identical logits" if same else "logits differ"
+            after = model(**pair).logits.float()
+            if "generate" in model.__dict__ or handle.attached:
+                return False, "a hook or the generate wrapper is left"
+            if torch.equal(after, vanilla_logits):
+                return True, "bit-identical logits"
+            # CPU BLAS kernels may round differently with the buffers' alignment: allow that, and no more
+            return cmp.restored(after, vanilla_logits)
 
         def prunes():
             with prunekit.attach(model, "fastv", budget=BUDGET) as handle:
