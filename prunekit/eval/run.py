@@ -158,7 +158,7 @@ def evaluate(cfg: DictConfig, output_dir: str | os.PathLike) -> dict:
         results["note"] = RANDOM_WEIGHTS_NOTE
     if no_visual_tokens(results):
         raise compat.seam_error("the run scored its samples, but no visual token reached the language model (n_in = 0); "
-                        "its results are not written as a finished run")
+                                "its results are not written as a finished run")
     if trainer.global_rank == 0:
         write_results(output_dir, cfg, module.records, results)
         finish_loggers(loggers, cfg, module.records, results)

@@ -50,7 +50,7 @@ class GuardsMixin:
             request = compat.GenerateRequest.read(self.model, args, kwargs)
             if request.num_beams > 1:
                 raise UnsupportedInputError("beam search is not supported with pruning attached (beams reorder the "
-                                   "per-sample pruned caches); use greedy or sampling (num_beams=1)")
+                                            "per-sample pruned caches); use greedy or sampling (num_beams=1)")
             if request.assisted:
                 raise UnsupportedInputError("assisted / speculative decoding is not supported with pruning attached")
             if request.prefill_chunk_size:
@@ -80,7 +80,7 @@ class GuardsMixin:
             return
         if self._generate_prefills == 0 or self.trace is None:
             raise compat.seam_error("generate() ran with image tokens in the prompt, but no prefill of the language model "
-                            "was seen by prunekit's hooks")
+                                    "was seen by prunekit's hooks")
         self._check_counts(with_images.cpu(), self.trace)
 
     def _check_counts(self, with_images: Tensor, trace: PruneTrace) -> None:
@@ -88,25 +88,26 @@ class GuardsMixin:
         n_in = trace.llm_layer_counts[:, 0] if trace.llm_layer_counts is not None else None
         if n_in is None or len(n_in) != len(with_images):
             raise compat.seam_error(f"the trace counts {0 if n_in is None else len(n_in)} samples for a batch of "
-                            f"{len(with_images)}")
+                                    f"{len(with_images)}")
         empty = (with_images & (n_in == 0)).nonzero().squeeze(1).tolist()
         if empty:
             raise compat.seam_error(f"samples {empty} have image tokens but prunekit saw n_in = 0 visual tokens entering "
-                            "the language model")
+                                    "the language model")
 
     def _check_prefill_seen(self, span: Tensor, vision: "VisionPass | None") -> None:
         if self._generate_prefills is not None:
             self._generate_prefills += 1
             if self._generate_prefills > 1:
-                raise compat.seam_error("a second prefill started inside one generate() call: a decode step looked like a "
-                                "prefill (the language model's KV cache was not seen under the name prunekit reads)")
+                raise compat.seam_error(
+                    "a second prefill started inside one generate() call: a decode step looked like a prefill "
+                    "(the language model's KV cache was not seen under the name prunekit reads)")
         pending, self._pixels_pending = self._pixels_pending, False
         if pending and bool(span.any()) and (vision is None or vision.pixel_values is None):
             raise compat.seam_error("pixel values were passed, but the image features reached the language model without "
-                            "going through the vision tower prunekit hooks (a path the adapter does not know)")
+                                    "going through the vision tower prunekit hooks (a path the adapter does not know)")
 
     def _after_llm(self, module, args, kwargs, output):
         passed, self._passed_cache = self._passed_cache, None
         if passed is not None and compat.cache_length(passed) == 0:
             raise compat.seam_error("the KV cache prunekit passed to the language model was left empty: the model did not "
-                            "take it under the name prunekit passes it")
+                                    "take it under the name prunekit passes it")

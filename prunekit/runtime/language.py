@@ -49,7 +49,7 @@ class LanguageMixin:
         self._span = None
         if span is None or span.shape != (batch, length):
             raise compat.seam_error("the language model was called without the image-token span of the multimodal model's "
-                            "forward (its hook saw no call, or a different batch)")
+                                    "forward (its hook saw no call, or a different batch)")
         device = embeds.device
         span = span.to(device)
         mask = call.attention_mask

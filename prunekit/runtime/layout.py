@@ -45,9 +45,9 @@ class LayoutMixin:
             sample_images.append(mine)
             sample_units.append([u for i in mine for u in images[i].units])
         if remaining:
-            raise compat.seam_error(f"the vision tower encoded {len(images)} images but the language model's input has "
-                            f"image-token spans for {len(images) - len(remaining)}: no visual span was found for the "
-                            "rest")
+            raise compat.seam_error(
+                f"the vision tower encoded {len(images)} images but the language model's input has image-token "
+                f"spans for {len(images) - len(remaining)}: no visual span was found for the rest")
         trace.vision_units = [len(units) for units in sample_units]
         trace.vision_tokens = [sum(vision.images[u].span_length for u in units) for units in sample_units]
         trace.merge_size = self.adapter.merge_size
