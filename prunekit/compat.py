@@ -52,11 +52,6 @@ def seam_error(what: str) -> SeamError:
     return SeamError(what, transformers_version(), TESTED_RANGE)
 
 
-def version_note() -> str:
-    """'transformers X (tested: R)', for error messages."""
-    return f"transformers {transformers_version()} (prunekit is tested on transformers{TESTED_RANGE})"
-
-
 @functools.cache
 def warn_if_untested() -> bool:
     """Warn once per process on a transformers outside the tested range; the runtime guards catch real breakage."""
@@ -100,14 +95,6 @@ def unread_cache(module: nn.Module, kwargs: dict) -> str | None:
         if name not in expected and isinstance(value, transformers.Cache):
             return name
     return None
-
-
-def output_cache(output) -> Any:
-    """The KV cache a model output carries (``.cache`` from 5.24, ``.past_key_values`` before)."""
-    for name in (_NEW_CACHE, _OLD_CACHE):
-        if name in getattr(output, "keys", lambda: ())():
-            return output[name]
-    return getattr(output, _NEW_CACHE, None) or getattr(output, _OLD_CACHE, None)
 
 
 def cache_length(cache) -> int:

@@ -26,12 +26,6 @@ RANDOM_WEIGHTS_NOTE = ("NOTE: this model has random weights, so its accuracy mea
                        "fidelity to the unpruned model: answer agreement and first-token KL (fidelity/*).")
 
 
-def finished(output_dir: Path) -> dict | None:
-    """The metrics of a complete, current run in ``output_dir``, if there is one (see ``run_problem``)."""
-    metrics = _complete_metrics(output_dir)
-    return metrics if metrics is not None and run_problem(output_dir, metrics) is None else None
-
-
 def _complete_metrics(output_dir: Path) -> dict | None:
     path = output_dir / "metrics.json"
     if path.exists():

@@ -7,15 +7,15 @@ import functools
 from torch import Tensor
 
 from .. import compat
-from ..errors import BudgetError, PruningError, UnsupportedInputError
+from ..errors import BudgetError, UnsupportedInputError
 from ..trace import PruneTrace
 from .state import VisionPass
 
 
 class GuardsMixin:
-    def _capture_inputs(self, kwargs: dict) -> None:
+    def _capture_inputs(self, kwargs: dict) -> compat.CallFacts:
         """Remember what the adapter needs to lay images out (LLaVA-NeXT's image_sizes), from whichever call
-        carries the pixels first (generate, the top model, the multimodal model)."""
+        carries the pixels first (generate, the top model, the multimodal model); returns what the call carries."""
         facts = compat.CallFacts.read(kwargs)
         if facts.video:
             raise UnsupportedInputError("prunekit prunes image tokens; video inputs (pixel_values_videos) are not supported")
