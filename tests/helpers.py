@@ -144,3 +144,24 @@ def write(path, columns: dict, row_group_size=2):
     cols = {k: image_column(v) if k == "image" else v for k, v in columns.items()}
     pq.write_table(pa.table(cols), path, row_group_size=row_group_size)  # small groups: cross-group reads
     return path
+
+
+def use_adapter(monkeypatch, cls):
+    """Make attach() use adapter class ``cls`` (a deliberately broken seam) for the rest of the test."""
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("prunekit.runtime.handle"), "adapter_for", lambda model: cls(model))
+
+
+def no_cache_adapter():
+    """A LLaVA adapter that stops finding the cache kwarg (what 5.24's rename did to the old code): every decode
+    step looks like a prefill."""
+    from prunekit.adapters.llava import LlavaAdapter
+
+    class NoCache(LlavaAdapter):
+        def read_lm_call(self, kwargs):
+            call = super().read_lm_call(kwargs)
+            call.cache = None
+            return call
+
+    return NoCache

@@ -1,11 +1,9 @@
 """``python -m prunekit.doctor``: the contract table on every family's tiny twin, and a failure when the seam
 is broken."""
-import importlib
-
 import pytest
 
 from prunekit import doctor
-from prunekit.adapters.llava import LlavaAdapter
+from helpers import no_cache_adapter, use_adapter
 
 pytestmark = pytest.mark.contract
 
@@ -22,13 +20,7 @@ def test_the_doctor_passes_on_every_family_and_names_the_install(capsys):
 
 
 def test_the_doctor_fails_on_a_broken_seam(monkeypatch, capsys):
-    class NoCache(LlavaAdapter):  # the cache kwarg is not found: decode steps look like prefills
-        def read_lm_call(self, kwargs):
-            call = super().read_lm_call(kwargs)
-            call.cache = None
-            return call
-
-    monkeypatch.setattr(importlib.import_module("prunekit.runtime.handle"), "adapter_for", lambda m: NoCache(m))
+    use_adapter(monkeypatch, no_cache_adapter())  # the cache kwarg is not found: decode steps look like prefills
     assert doctor.main(["--device", "cpu", "--families", "llava-1.5"]) == 1
     out = capsys.readouterr().out
     assert "SeamError: a second prefill started inside one generate() call" in out

@@ -17,7 +17,7 @@ from prunekit.adapters.llava import LlavaAdapter
 from prunekit.errors import SeamError
 from prunekit.runtime.probe import AttentionProbe
 from prunekit.signals import AttentionRows
-from helpers import batch, greedy
+from helpers import batch, greedy, no_cache_adapter, use_adapter
 
 attach_module = importlib.import_module("prunekit.runtime.handle")
 pytestmark = pytest.mark.contract
@@ -25,13 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 # --- a broken seam ---------------------------------------------------------------------------------------
-class _NoCache(LlavaAdapter):
-    """Stops finding the cache kwarg (what 5.24's rename did to the old code): every step looks like a prefill."""
-
-    def read_lm_call(self, kwargs):
-        call = super().read_lm_call(kwargs)
-        call.cache = None
-        return call
+_NoCache = no_cache_adapter()
 
 
 class _DropsCreatedCache(LlavaAdapter):
@@ -66,9 +60,7 @@ class _OtherTower(LlavaAdapter):
 
 @pytest.fixture
 def broken(monkeypatch):
-    def use(cls):
-        monkeypatch.setattr(attach_module, "adapter_for", lambda model: cls(model))
-    return use
+    return lambda cls: use_adapter(monkeypatch, cls)
 
 
 @pytest.mark.parametrize("cls,strategy,match", [
