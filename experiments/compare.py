@@ -27,6 +27,8 @@ def parse_args(argv):
     p.add_argument("sources", nargs="+", help="sweep or run directories, or wandb:<entity>/<project>")
     p.add_argument("-o", "--out", help="output folder (default: <first directory>/compare, or ./compare for W&B)")
     p.add_argument("--published", choices=sorted(SOURCES), help="add a paper's published numbers side by side")
+    p.add_argument("--rank-published", type=int, metavar="BUDGET",
+                   help="rank the strategies at BUDGET tokens against the published LLaVA-1.5-7B ranking (ranking.md)")
     p.add_argument("--metric", action="append", default=[], metavar="DATASET=METRIC",
                    help="the headline metric of a dataset (default: POPE f1, MME total, GQA/TextVQA accuracy)")
     p.add_argument("--tokens", choices=TOKENS, default="n_avg", help="token count on the plots' x axis")
@@ -103,6 +105,12 @@ def main(argv=None) -> int:
         images += files
         study.notes += notes
     text = markdown(study, f"Comparison: {', '.join(sweep.sources) or 'no sources'}")
+    if args.rank_published is not None:
+        from prunekit.study.ranking import ranking_report
+
+        ranking = ranking_report(study, args.rank_published)
+        (out / "ranking.md").write_text(ranking)
+        text += "\n" + ranking
     (out / "table.md").write_text(text)
     write_csv(study, out / "table.csv")
     write_pairs_csv(study, out / "pairs.csv")

@@ -1,4 +1,5 @@
-"""Image-only Qwen2-VL / Qwen2.5-VL processors: the real processors minus the video processor.
+"""Processor pieces the embedded models share: LLaVA-1.5's chat template, and image-only Qwen2-VL / Qwen2.5-VL
+processors (the real processors minus the video processor).
 
 ``Qwen2VLProcessor`` / ``Qwen2_5_VLProcessor`` insist on a video processor, and the Qwen video processor
 needs torchvision, which the CPU machines do not have (and must not get). For images these subclasses
@@ -10,6 +11,15 @@ from __future__ import annotations
 
 from transformers import Qwen2_5_VLProcessor, Qwen2VLProcessor
 from transformers.processing_utils import ProcessorMixin
+
+# LLaVA-1.5 (vicuna_v1, as llava-hf's chat template writes it): "USER: <image>\n{prompt} ASSISTANT: {answer}</s>"
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>\n"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %} "
+    "{% else %}ASSISTANT: {% for item in message['content'] %}{{ item['text'] }}{% endfor %}</s>"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
 
 
 class _ImageOnly:

@@ -18,13 +18,6 @@ import torch
 from PIL import Image
 
 IMAGE_TOKEN = "<image>"
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
-    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>\n"
-    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %} "
-    "{% else %}ASSISTANT: {% for item in message['content'] %}{{ item['text'] }}{% endfor %}</s>"
-    "{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-)
 VERSION = "v2"  # bump when the LLaVA-1.5 recipe changes, so cached copies are rebuilt
 
 # Qwen-style chat: <|im_start|>role\n ... <|im_end|>\n; an image item is <|vision_start|><|image_pad|><|vision_end|>
@@ -89,6 +82,8 @@ def build_tiny_llava(image_size: int = 112, patch_size: int = 14, vision_layers:
     """(model, processor): a ~1M-parameter LLaVA-1.5 with (image_size/patch_size)^2 visual tokens."""
     from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
+    from .processors import LLAVA_CHAT_TEMPLATE
+
     tok = build_tokenizer()
     cfg = LlavaConfig(vision_config=_clip_config(image_size, patch_size, vision_layers),
                       text_config=_llama_text_config(tok, text_layers),
@@ -100,7 +95,7 @@ def build_tiny_llava(image_size: int = 112, patch_size: int = 14, vision_layers:
                                             crop_size={"height": image_size, "width": image_size})
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=patch_size,
                                vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                               chat_template=CHAT_TEMPLATE)
+                               chat_template=LLAVA_CHAT_TEMPLATE)
     return model, processor
 
 
@@ -111,6 +106,8 @@ def build_tiny_llava_next(image_size: int = 112, vision_layers: int = 6, text_la
     a base crop of (s/14)^2 plus the unpadded high-resolution grid with one newline token per row."""
     from transformers import (LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessorPil,
                               LlavaNextProcessor)
+
+    from .processors import LLAVA_CHAT_TEMPLATE
 
     patch_size, s = 14, image_size
     pinpoints = [[s, 2 * s], [2 * s, s], [2 * s, 2 * s]]
@@ -125,7 +122,7 @@ def build_tiny_llava_next(image_size: int = 112, vision_layers: int = 6, text_la
                                                  image_grid_pinpoints=pinpoints)
     processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tok, patch_size=patch_size,
                                    vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                                   chat_template=CHAT_TEMPLATE)
+                                   chat_template=LLAVA_CHAT_TEMPLATE)
     return model, processor
 
 

@@ -51,6 +51,9 @@ def test_defaults_are_the_embedded_model_and_data():
     cfg = composed()
     assert (cfg.strategy.name, cfg.model.name, cfg.data.name, cfg.data.benchmark) == ("flowcut", "tiny", "synthetic", "pope")
     assert cfg.budget == 16 and cfg.fidelity is True  # tiny: 16 of 64 tokens, fidelity since weights are random
+    pocket = composed("model=pocket", "data=pocket")
+    assert (pocket.model.path, pocket.data.benchmark, pocket.data.synthetic) == ("pocket", "pocket", True)
+    assert pocket.budget == 64 and pocket.fidelity is True  # 64 of 576 tokens; real accuracy, fidelity next to it
     real = composed("model=llava15_7b", "data=pope")
     assert real.budget is None and real.fidelity is False and strategy_config(real)["budget"] == 64
 

@@ -313,8 +313,14 @@ def test_fast_kernels_equal_the_benchmarks_aggregate():
     mme = [{"uid": str(i), "question_id": f"img{i // 2}", "category": categories[(i // 2) % 5],
             "answer": str(rng.choice(["Yes", "No"])), "prediction": str(rng.choice(["Yes", "no", "maybe"]))}
            for i in range(60)]
+    kinds = ["existence", "attribute", "counting", "spatial"]
+    pocket = [{"uid": str(i), "category": kinds[i % 4], "answer": "red", "prediction": str(rng.choice(["red", "Red.", "no"]))}
+              for i in range(60)]
+    for r in pocket:
+        r["score"] = get_benchmark("pocket").score(r["prediction"], r["answer"])
     cases = [("pope", pope, ["accuracy", "precision", "recall", "f1", "yes_ratio"]),
-             ("mme", mme, ["total", "perception", "cognition"])]
+             ("mme", mme, ["total", "perception", "cognition"]),
+             ("pocket", pocket, ["accuracy"] + [f"accuracy_{k}" for k in kinds])]
     for bench, recs, names in cases:
         clusters = _clusters(recs, bench)
         for w in _weights(rng, len(clusters), 6):
@@ -412,3 +418,27 @@ def test_wandb_logging_and_reading_back(sweep, monkeypatch):
     m = metrics(run_dir(sweep, "random", 8))
     assert random8.values["synthetic/answer_agreement"] == pytest.approx(100 * m["fidelity"]["answer_agreement"])
     assert random8.values["synthetic/answer_agreement_lo"] is not None and random8.values["speedup"] is not None
+
+
+# --- ranking against the published numbers ------------------------------------------------------------------
+def test_ranks_and_spearman_by_hand():
+    from prunekit.study.ranking import ranks, spearman
+
+    assert ranks([10, 30, 20]).tolist() == [3, 1, 2]
+    assert ranks([5, 7, 5, 1]).tolist() == [2.5, 1, 2.5, 4]  # ties share their mean rank
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # ranks (3, 2, 1) vs (3, 1, 2): d = (0, 1, -1), rho = 1 - 6 * 2 / (3 * 8) = 0.5
+    assert spearman([1, 2, 3], [1, 3, 2]) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="tied"):
+        spearman([1, 1, 1], [1, 2, 3])
+
+
+def test_published_scores_average_relative_scores_over_sources_and_benchmarks():
+    from prunekit.study.ranking import published_scores
+
+    scores = published_scores(64)
+    assert set(scores) == {"dart", "divprune", "fastv", "flowcut", "pdrop", "sparsevlm", "visionzip"}
+    # FlowCut at 64 is in flowcut_tab1 only: GQA 55.6/61.9, MME 1744/1862, POPE 80.2/85.9, TextVQA 55.6/58.2
+    by_hand = 100 * (55.6 / 61.9 + 1744 / 1862 + 80.2 / 85.9 + 55.6 / 58.2) / 4
+    assert scores["flowcut"] == pytest.approx(by_hand)

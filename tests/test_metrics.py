@@ -239,3 +239,22 @@ def test_mean():
     assert mean([0.3, 0.6, 0.9]) == approx(0.6)
     with pytest.raises(ValueError):
         mean([])
+
+
+@pytest.mark.parametrize("pred, answer, expected", [
+    ("red", "red", 1.0), ("Red.", "red", 1.0), (" yes ", "yes", 1.0), ("3", "3", 1.0),
+    ("red circle", "red", 0.0), ("no", "yes", 0.0), ("", "0", 0.0),
+])
+def test_pocket_score(pred, answer, expected):
+    from prunekit.eval.metrics import pocket_score
+
+    assert pocket_score(pred, answer) == expected
+
+
+def test_pocket_metrics_are_accuracy_overall_and_per_question_type():
+    from prunekit.eval.metrics import pocket_metrics
+
+    records = [{"category": "existence", "score": 1.0}, {"category": "existence", "score": 0.0},
+               {"category": "counting", "score": 1.0}, {"category": "spatial", "score": 0.0}]
+    assert pocket_metrics(records) == {"accuracy": 0.5, "accuracy_counting": 1.0, "accuracy_existence": 0.5,
+                                       "accuracy_spatial": 0.0}

@@ -1,4 +1,4 @@
-"""The four lmms-eval tasks as prunekit runs them: prompt, generation length, per-sample score, aggregate.
+"""The four lmms-eval tasks, and prunekit's pocket VQA, as prunekit runs them: prompt, generation length, per-sample score, aggregate.
 
 Prompts and generation settings follow lmms-eval's task YAMLs for LLaVA (docs/evaluation.md); the
 metrics are in ``metrics.py``. A benchmark sees finished records (dicts with ``prediction``, ``answer``,
@@ -82,7 +82,19 @@ class TextVQA(Benchmark):
         return metrics.textvqa_accuracy(prediction, list(answer))
 
 
-BENCHMARKS: dict[str, Benchmark] = {b.name: b() for b in (Pope, MME, GQA, TextVQA)}
+class Pocket(Benchmark):
+    """prunekit's generated grounded VQA (docs/pocket.md): one-word answers, accuracy overall and per type."""
+    name = "pocket"
+    max_new_tokens = 4
+
+    def score(self, prediction, answer):
+        return metrics.pocket_score(prediction, answer)
+
+    def aggregate(self, records):
+        return metrics.pocket_metrics(records)
+
+
+BENCHMARKS: dict[str, Benchmark] = {b.name: b() for b in (Pope, MME, GQA, TextVQA, Pocket)}
 
 
 def get_benchmark(name: str) -> Benchmark:

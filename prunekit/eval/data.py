@@ -9,6 +9,8 @@ Layouts read (docs/evaluation.md), relative to the dataset folder:
   questions), image, question, answer, category.
 * GQA (``lmms-lab/GQA``): ``testdev_balanced_instructions/testdev-*.parquet`` (id, imageId, question,
   answer, ...) joined on ``imageId == id`` with ``testdev_balanced_images/testdev-*.parquet`` (id, image).
+* pocket (prunekit's generated VQA split, ``prunekit.pocket.data``): ``data/test-*.parquet``. MME's columns
+  (category = the question type) plus image_id and negatives.
 * TextVQA (``lmms-lab/textvqa``): ``data/validation-*.parquet``. Columns image_id, question_id,
   question, answers (10 strings), image, ocr_tokens, ...
 
@@ -34,10 +36,10 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image, ImageDraw
 
-BENCHMARKS: tuple[str, ...] = ("pope", "mme", "gqa", "textvqa")
+BENCHMARKS: tuple[str, ...] = ("pope", "mme", "gqa", "textvqa", "pocket")
 POPE_SPLITS = ("adversarial", "popular", "random")
 ORGS = ("lmms-lab", "lmms-lab-encoder")
-HUB_NAMES = {"pope": "POPE", "mme": "MME", "gqa": "GQA", "textvqa": "textvqa"}
+HUB_NAMES = {"pope": "POPE", "mme": "MME", "gqa": "GQA", "textvqa": "textvqa", "pocket": "pocket"}
 
 # Per benchmark: Sample field -> column (required), extra key -> column (read when present).
 _REQUIRED = {
@@ -45,12 +47,14 @@ _REQUIRED = {
     "mme": {"question_id": "question_id", "question": "question", "answer": "answer", "category": "category"},
     "gqa": {"question_id": "id", "question": "question", "answer": "answer", "image_id": "imageId"},
     "textvqa": {"question_id": "question_id", "question": "question", "answer": "answers"},
+    "pocket": {"question_id": "question_id", "question": "question", "answer": "answer", "category": "category"},
 }
 _OPTIONAL = {
     "pope": {"category": "category", "id": "id", "image_source": "image_source"},
     "mme": {},
     "gqa": {"full_answer": "fullAnswer"},
     "textvqa": {"image_id": "image_id", "ocr_tokens": "ocr_tokens"},
+    "pocket": {"image_id": "image_id", "negatives": "negatives"},
 }
 _SAMPLE_FIELDS = ("question_id", "question", "answer", "category")
 
@@ -80,7 +84,7 @@ def _patterns(name: str, split: str | None) -> list[str]:
         if split in POPE_SPLITS:
             return [f"Full/{split}/*.parquet"]
         raise ValueError(f"pope split must be None/'test' or one of {POPE_SPLITS}, got {split!r}")
-    if name == "mme":
+    if name in ("mme", "pocket"):
         return [f"data/{split or 'test'}-*.parquet"]
     if name == "textvqa":
         return [f"data/{split or 'validation'}-*.parquet"]
@@ -114,6 +118,8 @@ def _candidates(root: Path, hub: str):
 def _layout_hint(name: str, root: Path, patterns: list[str]) -> str:
     hub = HUB_NAMES[name]
     files = " and ".join(f"{root}/{p}" for p in patterns)
+    if name == "pocket":  # generated, not downloaded
+        return f"expected {files}; the pocket split is generated: leave data.root unset (data=pocket) to build it"
     return (f"expected {files} (lmms-lab/{hub} layout), or a parent folder holding lmms-lab/{hub}, "
             f"lmms-lab-encoder/{hub} or {hub}; fetch it with e.g. `hf download lmms-lab/{hub} "
             f"--repo-type dataset --local-dir {root}/lmms-lab/{hub}`")

@@ -30,6 +30,8 @@ __all__ = [
     "mean",
     "mme_metrics",
     "mme_parse",
+    "pocket_metrics",
+    "pocket_score",
     "pope_metrics",
     "pope_score",
     "textvqa_accuracy",
@@ -280,3 +282,19 @@ def textvqa_accuracy(prediction: str, answers: list[str]) -> float:
         matching = sum(1 for j, gt in enumerate(gts) if j != i and gt == pred)
         accs.append(min(1, float(matching) / 3))
     return float(statistics.mean(accs))
+
+
+# --------------------------------------------------------------------------- pocket (prunekit's own, docs/pocket.md)
+
+
+def pocket_score(prediction: str, answer: str) -> float:
+    """1.0 iff the prediction is the one-word answer, ignoring case, surrounding space and punctuation."""
+    return 1.0 if prediction.lower().translate(_PUNCT_TABLE).strip() == answer.lower().strip() else 0.0
+
+
+def pocket_metrics(records: list[dict]) -> dict:
+    """``accuracy`` over every question, and ``accuracy_<type>`` per question type (the category column)."""
+    out = {"accuracy": mean(r["score"] for r in records)}
+    for kind in sorted({r["category"] for r in records if r.get("category")}):
+        out[f"accuracy_{kind}"] = mean(r["score"] for r in records if r.get("category") == kind)
+    return out

@@ -11,7 +11,7 @@ seeded numpy generator, so a table is reproducible.
 
 Speed: a resample is a count per sample (or image), so a metric that is a function of per-sample sums is
 computed for a whole block of resamples with one matrix product (``_Kernel``): means (accuracy, answer
-agreement, KL), POPE's precision / recall / F1 from its confusion counts, MME's category means. Tests check
+agreement, KL, the pocket's accuracy per question type), POPE's precision / recall / F1 from its confusion counts, MME's category means. Tests check
 these against the benchmark's own ``aggregate`` on resampled records. Any other metric (and MME with an
 unpaired question) is recomputed with ``aggregate`` on every resample, which is exact and slower.
 """
@@ -26,9 +26,9 @@ from ..eval.metrics import MME_COGNITION, MME_PERCEPTION, mme_parse
 
 LEVEL = 0.95
 # benchmark metrics that are fractions: shown in points (x100), as the papers print them; MME scores as they are
-SCALE = {"pope": 100.0, "gqa": 100.0, "textvqa": 100.0, "mme": 1.0}
+SCALE = {"pope": 100.0, "gqa": 100.0, "textvqa": 100.0, "mme": 1.0, "pocket": 100.0}
 # (benchmark, metric) pairs that are the plain mean of the per-sample ``score``
-MEAN_OF_SCORE = {("pope", "accuracy"), ("gqa", "accuracy"), ("textvqa", "accuracy")}
+MEAN_OF_SCORE = {("pope", "accuracy"), ("gqa", "accuracy"), ("textvqa", "accuracy"), ("pocket", "accuracy")}
 FIDELITY = {"answer_agreement": ("agrees_with_vanilla", 100.0), "first_token_kl": ("first_token_kl", 1.0)}
 _CHUNK = 200  # resamples per block (bounds memory on 9k-sample benchmarks)
 
@@ -86,6 +86,11 @@ def _kernel(metric: Metric, records: list[dict], clusters: list[list[int]]) -> _
         field = FIDELITY[metric.name][0] if metric.name in FIDELITY else "score"
         v = np.array([float(records[i][field]) for i in range(len(records))]) * scale
         return _Kernel(np.stack([v, np.ones_like(v)], 1), lambda s: s[:, 0] / s[:, 1])
+    if metric.benchmark == "pocket" and metric.name.startswith("accuracy_"):  # the mean score of one question type
+        kind = metric.name.removeprefix("accuracy_")
+        mine = np.array([r.get("category") == kind for r in records], float)
+        v = np.array([float(r["score"]) for r in records]) * mine * scale
+        return _Kernel(np.stack([v, mine], 1), lambda s: _ratio(s[:, 0], s[:, 1]))
     if metric.benchmark == "pope" and metric.name in ("precision", "recall", "f1", "yes_ratio"):
         pred = np.array([r["prediction"].lower().strip() for r in records])
         yes = np.array([r["answer"].lower().strip() == "yes" for r in records])

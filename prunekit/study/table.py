@@ -21,7 +21,9 @@ from .stats import SCALE, Metric, bootstrap_ci, paired_test
 
 UNPRUNED = "keep_all"
 TABLE_METRICS = {"pope": ("f1", "accuracy", "precision", "recall"), "mme": ("total", "perception", "cognition"),
-                 "gqa": ("accuracy",), "textvqa": ("accuracy",)}
+                 "gqa": ("accuracy",), "textvqa": ("accuracy",),
+                 "pocket": ("accuracy", "accuracy_existence", "accuracy_attribute", "accuracy_counting",
+                            "accuracy_spatial")}
 HEADLINE = {b: m[0] for b, m in TABLE_METRICS.items()}  # POPE F1, MME total: what the papers' tables report
 LABEL_KEYS = ("seed", "data.limit", "model.dtype", "model.attn_implementation", "fidelity")
 TOKENS = ("n_in", "n_final", "n_avg", "n_avg_out")

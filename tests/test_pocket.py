@@ -1,0 +1,268 @@
+"""The pocket benchmark: scenes true to their questions, a split that is the same everywhere, a tokenizer and
+processor that agree with the training text, and a training script that runs (docs/pocket.md)."""
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from prunekit.pocket import data as D
+from prunekit.pocket import scenes as S
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def scene_of(*objects):
+    """A scene with hand-placed objects (the pixels do not matter to the questions)."""
+    return S.Scene(np.zeros((S.SIZE, S.SIZE, 3), np.uint8), list(objects), np.full((S.SIZE, S.SIZE), -1, np.int8),
+                   "textured")
+
+
+RED_CIRCLE = S.Obj("red", "circle", "small", 60, 100)
+BLUE_SQUARE = S.Obj("blue", "square", "large", 250, 110)  # right of the circle: dx = 190, dy = 10
+RED_CROSS = S.Obj("red", "cross", "large", 70, 280)       # below the circle: dy = 180, dx = 10
+
+
+def test_a_scene_is_the_same_from_its_seed_and_index_and_differs_across_them():
+    a, b = S.draw_scene(np.random.default_rng([1, 7])), S.draw_scene(np.random.default_rng([1, 7]))
+    assert np.array_equal(a.pixels, b.pixels) and a.objects == b.objects
+    assert not np.array_equal(a.pixels, S.draw_scene(np.random.default_rng([2, 7])).pixels)
+
+
+def test_scenes_are_336px_with_1_to_6_small_distinct_objects_at_their_colour():
+    for i in range(30):
+        scene = S.draw_scene(np.random.default_rng([5, i]))
+        assert scene.pixels.shape == (336, 336, 3) and scene.pixels.dtype == np.uint8
+        assert 1 <= len(scene.objects) <= 6
+        assert len({(o.colour, o.shape) for o in scene.objects}) == len(scene.objects)
+        for k, o in enumerate(scene.objects):
+            drawn = scene.owner == k
+            assert 0.005 <= drawn.mean() <= 0.03  # an object covers about 1-3 % of the picture
+            colour = scene.pixels[drawn].astype(int).mean(0)
+            assert np.abs(colour - S.COLOURS[o.colour]).max() <= 12  # jitter is at most 12 per channel
+
+
+def test_patch_labels_follow_the_drawn_pixels():
+    scene = S.draw_scene(np.random.default_rng([3, 0]), n_objects=1)
+    colour, shape = scene.patch_labels()
+    o = scene.objects[0]
+    rows, cols = np.nonzero((scene.owner == 0).reshape(24, 14, 24, 14).mean((1, 3)) >= 0.25)
+    assert set(np.flatnonzero(colour)) == set((rows * 24 + cols).tolist())
+    assert set(colour[colour > 0]) == {list(S.COLOURS).index(o.colour) + 1}
+    assert set(shape[shape > 0]) == {S.SHAPES.index(o.shape) + 1}
+    assert scene.presence().sum() == 1 and scene.presence()[S.KINDS.index((o.colour, o.shape))] == 1
+
+
+def test_relations_need_a_clear_dominant_axis():
+    assert S.relation(RED_CIRCLE, BLUE_SQUARE) == "left" and S.relation(BLUE_SQUARE, RED_CIRCLE) == "right"
+    assert S.relation(RED_CIRCLE, RED_CROSS) == "above" and S.relation(RED_CROSS, RED_CIRCLE) == "below"
+    assert S.relation(RED_CROSS, BLUE_SQUARE) is None  # dx = -180, dy = 170: neither axis dominates
+    assert S.relation(S.Obj("red", "circle", "small", 100, 100), S.Obj("blue", "circle", "small", 130, 100)) is None
+
+
+def test_questions_are_true_to_the_scene():
+    scene = scene_of(RED_CIRCLE, BLUE_SQUARE, RED_CROSS)
+    rng = np.random.default_rng(0)
+    seen = {}
+    for _ in range(400):
+        for kind in S.QUESTION_TYPES:
+            qa = S.ask(rng, scene, kind, S.NEGATIVES[int(rng.integers(3))])
+            seen.setdefault(kind, set()).add(qa)
+    truth = {
+        "Is there a red circle in the image?": "yes", "Is there a blue square in the image?": "yes",
+        "Is there a red cross in the image?": "yes", "Is there a blue circle in the image?": "no",
+        "What colour is the circle?": "red", "What colour is the square?": "blue", "What colour is the cross?": "red",
+        "What shape is the blue object?": "square", "What size is the red circle?": "small",
+        "What size is the blue square?": "large", "How many red objects are there?": "2",
+        "How many objects are there?": "3", "How many circles are there?": "1", "How many triangles are there?": "0",
+        "How many green objects are there?": "0",
+        "Where is the red circle relative to the blue square?": "left",
+        "Where is the blue square relative to the red circle?": "right",
+        "Where is the red cross relative to the red circle?": "below",
+        "Where is the red circle relative to the red cross?": "above",
+    }
+    asked = dict(qa for qas in seen.values() for qa in qas)
+    for question, answer in asked.items():
+        if question in truth:
+            assert answer == truth[question], question
+    assert "What shape is the red object?" not in asked  # two red objects: the question would be ambiguous
+    assert not any("red cross relative to the blue square" in q for q in asked)  # no dominant axis
+    spatial = {q for q, _ in seen["spatial"]}
+    assert spatial == {q for q in truth if q.startswith("Where")}  # every unambiguous pair, and no other
+    for question, answer in seen["existence"]:
+        colour, shape = question.split()[3:5]
+        assert answer == ("yes" if (colour, shape) in {("red", "circle"), ("blue", "square"), ("red", "cross")} else "no")
+
+
+def test_adversarial_negatives_share_a_colour_or_a_shape_and_popular_ones_are_frequent():
+    scene = scene_of(RED_CIRCLE)
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        question, answer = S.ask(rng, scene, "existence", "adversarial")
+        colour, shape = question.split()[3:5]
+        assert answer == "yes" or (colour == "red") != (shape == "circle")
+        question, answer = S.ask(rng, scene, "existence", "popular")
+        assert answer == "yes" or tuple(question.split()[3:5]) in S.POPULAR
+
+
+def test_the_vocabulary_covers_every_question_and_answer():
+    words = set(S.vocabulary())
+    for _, scene, asked in D.eval_questions(n_images=40):
+        for _, _, question, answer in asked:
+            assert set((question + S.POST_PROMPT).replace("?", " ?").replace(".", " .").split()) <= words
+            assert answer in words
+
+
+def test_the_eval_split_is_the_released_one_and_reads_as_a_benchmark(tmp_path):
+    from prunekit.eval.data import load_benchmark
+
+    sha = D.write_eval_split(tmp_path, expected_sha256=D.EVAL_PIXELS_SHA256)  # raises if the pictures drifted
+    assert sha == D.EVAL_PIXELS_SHA256
+    data = load_benchmark("pocket", tmp_path)
+    assert len(data) == 1200
+    samples = [data[i] for i in range(len(data))]
+    assert {s.category for s in samples} == set(S.QUESTION_TYPES)
+    assert {s.category for s in samples[:40]} == set(S.QUESTION_TYPES)  # any prefix holds every type
+    assert {s.extra["negatives"] for s in samples if s.category == "existence"} == set(S.NEGATIVES)
+    # the PNG cells decode to exactly the drawn pixels, so the checksum holds for what the model sees
+    digest, last = hashlib.sha256(), None
+    for s in samples:
+        if s.extra["image_id"] != last:
+            digest.update(np.asarray(s.image).tobytes())
+            last = s.extra["image_id"]
+    assert digest.hexdigest() == D.EVAL_PIXELS_SHA256
+
+
+def test_a_drifted_split_refuses_to_build(tmp_path):
+    with pytest.raises(RuntimeError, match="differ from the released ones"):
+        D.write_eval_split(tmp_path, n_images=2, expected_sha256="0" * 64)
+
+
+def test_training_text_is_what_the_processor_and_chat_template_make():
+    from PIL import Image
+
+    from prunekit.pocket.model import build_processor, build_tokenizer
+    from prunekit.pocket.training import TURN_TYPES, ConversationDataset, pixel_values
+
+    processor = build_processor(build_tokenizer())
+    dataset = ConversationDataset(processor.tokenizer, seed=3, length=4, turns=1)
+    pixels, ids, labels, types = dataset[0]
+    rng = np.random.default_rng([3, 0])
+    scene = S.draw_scene(rng)
+    from prunekit.pocket.training import conversation
+
+    (kind, question, answer), = conversation(rng, scene, 1)
+    suffix = "" if kind == "caption" else S.POST_PROMPT
+    text = processor.apply_chat_template([{"role": "user", "content": [
+        {"type": "image"}, {"type": "text", "text": question + suffix}]}], add_generation_prompt=True)
+    expected = processor(images=[Image.fromarray(scene.pixels)], text=[text], return_tensors="pt")
+    prompt = expected["input_ids"][0].tolist()
+    reply = processor.tokenizer(answer, add_special_tokens=False).input_ids + [processor.tokenizer.eos_token_id]
+    assert ids.tolist() == prompt + reply
+    assert labels.tolist() == [-100] * len(prompt) + reply and types.tolist() == [TURN_TYPES.index(kind)]
+    assert pixels.equal(expected["pixel_values"][0]) and pixels.equal(pixel_values(scene.pixels))
+    assert processor.tokenizer.decode(reply, skip_special_tokens=True) == answer
+
+
+def test_descriptions_list_every_object_top_to_bottom_in_the_vocabulary():
+    scene = scene_of(RED_CROSS, BLUE_SQUARE, RED_CIRCLE)
+    assert S.caption(scene) == "small red circle , large blue square , large red cross"
+    words = set(S.vocabulary())
+    for i in range(20):
+        assert set(S.caption(S.draw_scene(np.random.default_rng([9, i]))).split()) <= words
+
+
+def test_training_runs_a_few_steps_and_saves_a_loadable_checkpoint(tmp_path):
+    """The CI smoke test of experiments/train_pocket.py's recipe: a few optimizer steps of both stages (no training)."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from prunekit.loading import load_model
+    from prunekit.pocket.training import train
+
+    cfg = OmegaConf.load(ROOT / "configs" / "train_pocket.yaml")
+    cfg.pop("hydra")
+    cfg.merge_with({"output_dir": str(tmp_path), "save_to": str(tmp_path / "checkpoint"), "log_to": "csv", "log_every": 1,
+                    "num_workers": 0, "stage1": {"steps": 3, "batch_size": 2},
+                    "stage2": {"steps": 3, "batch_size": 2, "held_out": 4, "check_every": 2}})
+    assert train(cfg) == str(tmp_path / "checkpoint")
+    curves = (tmp_path / "csv" / "metrics.csv").read_text()
+    assert "tower/loss" in curves and "vqa/loss" in curves and "held_out/acc" in curves
+    model, processor = load_model(str(tmp_path / "checkpoint"))
+    assert model.dtype == torch.float32 and model.config.vision_feature_layer == -2  # loads in the dtype asked for
+    saved = {p.name for p in (tmp_path / "checkpoint").iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "processor_config.json"} <= saved
+
+
+def test_instruction_tuning_trains_the_projector_the_llm_and_only_the_top_tower_layers_below_the_read_one():
+    from prunekit.pocket.model import build_pocket
+    from prunekit.pocket.training import InstructionTuning
+
+    model, _ = build_pocket()
+    module = InstructionTuning(model, lr=1e-3, warmup=1, steps=2, unfreeze=2, tower_lr_scale=0.5)
+    import re
+
+    def part(name):
+        if "vision_tower" in name:
+            layer = re.search(r"layers\.(\d+)\.", name)
+            return f"tower layer {layer.group(1)}" if layer else "tower, outside its layers"
+        return name.removeprefix("model.").split(".")[0]
+
+    trainable = {part(n) for n, p in model.named_parameters() if p.requires_grad}
+    # 6 tower layers, LLaVA reads hidden_states[-2] = the output of layer 4: layers 3 and 4 train, 5 is never read
+    assert trainable == {"tower layer 3", "tower layer 4", "multi_modal_projector", "language_model", "lm_head"}
+    groups = module.configure_optimizers()["optimizer"].param_groups
+    assert [g["lr"] for g in groups] == [1e-3, 5e-4] and len(groups[1]["params"]) == len(module.tower_params)
+
+
+def test_an_untrained_pocket_checkpoint_runs_end_to_end_on_the_pocket_split(tmp_path):
+    """model=pocket data=pocket through the ablation runner, on a saved untrained pocket model: accuracy per type."""
+    import os
+    import subprocess
+    import sys
+
+    from prunekit.pocket.model import build_pocket
+
+    model, processor = build_pocket()
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    env = os.environ | {"WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "PRUNEKIT_CACHE": str(tmp_path / "cache")}
+    run = subprocess.run([sys.executable, str(ROOT / "experiments" / "ablate.py"), "strategy=flowcut", "model=pocket",
+                          f"model.path={tmp_path / 'model'}", "data=pocket", "data.limit=8", "logger=none",
+                          f"hydra.run.dir={tmp_path / 'run'}"], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    import json
+
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["benchmark"] == "pocket" and metrics["counts"]["scored"] == 8
+    assert set(metrics["metrics"]) == {"accuracy"} | {f"accuracy_{k}" for k in S.QUESTION_TYPES}
+    assert 0.0 <= metrics["metrics"]["accuracy"] <= 1.0 and "fidelity" in metrics
+    assert metrics["tokens"]["n_vanilla"] == 576 and metrics["tokens"]["n_in"] == 64  # 64 of LLaVA-1.5's 576
+
+
+def test_model_path_pocket_without_the_shipped_checkpoint_says_how_to_get_it(monkeypatch, tmp_path):
+    from prunekit.loading import resolve_model_path
+    from prunekit.pocket import model as M
+
+    monkeypatch.setattr(M, "CHECKPOINT_DIR", tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="train_pocket.py"):
+        resolve_model_path("pocket")
+
+
+def test_a_generated_set_exists_only_for_pope_and_pocket():
+    from prunekit.eval.datamodule import BenchmarkDataModule
+
+    with pytest.raises(ValueError, match="no generated gqa set"):
+        BenchmarkDataModule("gqa", synthetic=True)
+
+
+def test_a_description_is_a_conversation_of_its_own_so_it_never_answers_a_question_in_the_text():
+    from prunekit.pocket.training import conversation
+
+    kinds = []
+    for i in range(60):
+        rng = np.random.default_rng([4, i])
+        turns = conversation(rng, S.draw_scene(rng), 10, describe=0.5)
+        kinds.append([k for k, _, _ in turns])
+        assert kinds[-1] == ["caption"] or "caption" not in kinds[-1]
+    assert ["caption"] in kinds and any(len(k) > 1 for k in kinds)
