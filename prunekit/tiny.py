@@ -10,12 +10,13 @@ mechanics and fidelity.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+from .cache import build_once, cache_root
 
 IMAGE_TOKEN = "<image>"
 VERSION = "v2"  # bump when the LLaVA-1.5 recipe changes, so cached copies are rebuilt
@@ -207,10 +208,6 @@ TINY_MODELS = {
 }
 
 
-def _cache_root(cache_dir) -> Path:
-    return Path(cache_dir or os.environ.get("PRUNEKIT_CACHE", Path.home() / ".cache" / "prunekit"))
-
-
 def _complete(path: Path) -> bool:
     return (path / "config.json").exists() and (path / "processor_config.json").exists()
 
@@ -223,7 +220,7 @@ def tiny_model_dir(name: str = "tiny", cache_dir: str | os.PathLike | None = Non
     if name not in TINY_MODELS:
         raise ValueError(f"unknown tiny model {name!r}; choose one of {sorted(TINY_MODELS)}")
     dirname, builder, kwargs = TINY_MODELS[name]
-    return _cached(_cache_root(cache_dir) / dirname, lambda: builder(**kwargs))
+    return _cached(cache_root(cache_dir) / dirname, lambda: builder(**kwargs))
 
 
 def tiny_llava_dir(cache_dir: str | os.PathLike | None = None, image_size: int = 112) -> Path:
@@ -232,27 +229,18 @@ def tiny_llava_dir(cache_dir: str | os.PathLike | None = None, image_size: int =
     ``image_size`` 112 gives 64 visual tokens (the default, ``tiny``); 336 gives LLaVA-1.5's 576
     (``tiny-576``), so the papers' 64/128/192-token budgets mean what they mean on a real model.
     """
-    path = _cache_root(cache_dir) / (f"tiny-llava-{VERSION}" + ("" if image_size == 112 else f"-{image_size}px"))
+    path = cache_root(cache_dir) / (f"tiny-llava-{VERSION}" + ("" if image_size == 112 else f"-{image_size}px"))
     return _cached(path, lambda: build_tiny_llava(image_size=image_size))
 
 
 def _cached(path: Path, build) -> Path:
-    """``path``, first written from ``build()`` -> (model, processor) if it is not complete: saved to a
-    temporary directory and renamed, so readers see all of it or nothing."""
-    if not _complete(path):
+    """``path``, first written from ``build()`` -> (model, processor) if it is not complete (``cache.build_once``)."""
+    def write(tmp):
         model, processor = build()
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        try:
-            tmp.rename(path)  # atomic; fails if another process got there first
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
-        if not _complete(path):
-            raise FileNotFoundError(f"{path} exists but lacks config.json or processor_config.json; "
-                                    "delete it to rebuild")
-    return path
+
+    return build_once(path, _complete, write, "config.json or processor_config.json")
 
 
 def synthetic_image(seed: int, size: int | tuple[int, int] = 112) -> Image.Image:

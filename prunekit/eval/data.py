@@ -26,7 +26,6 @@ import bisect
 import io
 import json
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +34,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from PIL import Image, ImageDraw
+
+from ..cache import build_once, cache_root
 
 BENCHMARKS: tuple[str, ...] = ("pope", "mme", "gqa", "textvqa", "pocket")
 POPE_SPLITS = ("adversarial", "popular", "random")
@@ -364,16 +365,5 @@ def write_synthetic_pope(root: str | os.PathLike, n_images: int = 16, image_size
 
 def synthetic_pope_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     """The synthetic POPE dataset folder, built once under $PRUNEKIT_CACHE (or ~/.cache/prunekit)."""
-    base = Path(cache_dir or os.environ.get("PRUNEKIT_CACHE", Path.home() / ".cache" / "prunekit"))
-    path = base / f"synthetic-pope-{SYNTHETIC_VERSION}"
-    if not (path / SYNTHETIC_FILE).exists():
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        write_synthetic_pope(tmp)
-        try:
-            tmp.rename(path)  # atomic: readers see all of it or nothing
-        except OSError:  # another process got there first
-            shutil.rmtree(tmp, ignore_errors=True)
-    if not (path / SYNTHETIC_FILE).exists():
-        raise FileNotFoundError(f"{path} exists but lacks {SYNTHETIC_FILE}; delete it to rebuild")
-    return path
+    return build_once(cache_root(cache_dir) / f"synthetic-pope-{SYNTHETIC_VERSION}",
+                      lambda p: (p / SYNTHETIC_FILE).exists(), write_synthetic_pope, SYNTHETIC_FILE)

@@ -10,11 +10,11 @@ import hashlib
 import io
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 
+from ..cache import build_once, cache_root
 from . import scenes as S
 
 VERSION = "v1"  # bump with the recipe (and EVAL_PIXELS_SHA256), so cached copies are rebuilt
@@ -84,18 +84,5 @@ def write_eval_split(root: str | os.PathLike, seed: int = EVAL_SEED, n_images: i
 
 def pocket_data_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     """The pocket evaluation split, built once under $PRUNEKIT_CACHE (or ~/.cache/prunekit)."""
-    base = Path(cache_dir or os.environ.get("PRUNEKIT_CACHE", Path.home() / ".cache" / "prunekit"))
-    path = base / f"pocket-vqa-{VERSION}"
-    if not (path / FILE).exists():
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            write_eval_split(tmp, expected_sha256=EVAL_PIXELS_SHA256)
-            tmp.rename(path)  # atomic: readers see all of it or nothing
-        except OSError:  # another process got there first
-            pass
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    if not (path / FILE).exists():
-        raise FileNotFoundError(f"{path} exists but lacks {FILE}; delete it to rebuild")
-    return path
+    return build_once(cache_root(cache_dir) / f"pocket-vqa-{VERSION}", lambda p: (p / FILE).exists(),
+                      lambda tmp: write_eval_split(tmp, expected_sha256=EVAL_PIXELS_SHA256), FILE)
