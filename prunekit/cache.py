@@ -18,10 +18,11 @@ def build_once(path: Path, complete: Callable[[Path], bool], write: Callable[[Pa
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            write(tmp)
-            tmp.rename(path)  # atomic; fails if another process got there first
-        except OSError:
-            pass
+            write(tmp)  # its errors propagate; only a lost rename race is expected
+            try:
+                tmp.rename(path)  # atomic; fails if another process got there first
+            except OSError:
+                pass
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         if not complete(path):
