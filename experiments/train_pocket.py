@@ -23,11 +23,12 @@ log = logging.getLogger("prunekit")
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train_pocket")
 def main(cfg: DictConfig) -> None:
+    from prunekit.eval.loggers import build_loggers
     from prunekit.pocket.training import train
 
     logging.getLogger("prunekit").setLevel(logging.INFO)
     started = time.time()
-    path = train(cfg)
+    path = train(cfg, build_loggers(cfg, Path(cfg.output_dir), name="train-pocket"))
     print(f"pocket checkpoint: {path} ({(time.time() - started) / 60:.1f} min)")
 
 

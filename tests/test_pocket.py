@@ -180,12 +180,16 @@ def test_training_runs_a_few_steps_and_saves_a_loadable_checkpoint(tmp_path):
     from prunekit.loading import load_model
     from prunekit.pocket.training import train
 
+    from prunekit.eval.loggers import build_loggers
+
     cfg = OmegaConf.load(ROOT / "configs" / "train_pocket.yaml")
-    cfg.pop("hydra")
-    cfg.merge_with({"output_dir": str(tmp_path), "save_to": str(tmp_path / "checkpoint"), "log_to": "csv", "log_every": 1,
+    cfg.pop("hydra"), cfg.pop("defaults")
+    cfg.merge_with({"output_dir": str(tmp_path), "save_to": str(tmp_path / "checkpoint"), "log_every": 1,
                     "num_workers": 0, "stage1": {"steps": 3, "batch_size": 2},
                     "stage2": {"steps": 3, "batch_size": 2, "held_out": 4, "check_every": 2}})
-    assert train(cfg) == str(tmp_path / "checkpoint")
+    cfg.logger = OmegaConf.load(ROOT / "configs" / "logger" / "csv.yaml")  # the logger group, as Hydra composes it
+    assert train(cfg, build_loggers(cfg, tmp_path, name="smoke")) == str(tmp_path / "checkpoint")
+    assert (tmp_path / "stage1" / "model.safetensors").exists()  # stage 2 can restart from it (init_from)
     curves = (tmp_path / "csv" / "metrics.csv").read_text()
     assert "tower/loss" in curves and "vqa/loss" in curves and "held_out/acc" in curves
     model, processor = load_model(str(tmp_path / "checkpoint"))
@@ -266,3 +270,22 @@ def test_a_description_is_a_conversation_of_its_own_so_it_never_answers_a_questi
         kinds.append([k for k, _, _ in turns])
         assert kinds[-1] == ["caption"] or "caption" not in kinds[-1]
     assert ["caption"] in kinds and any(len(k) > 1 for k in kinds)
+
+
+def test_a_right_padded_batch_gives_the_same_logits_without_its_mask_at_every_real_token():
+    """InstructionTuning drops the padding mask (plainly causal attention is faster); that is exact only because
+    collate_conversations pads on the right."""
+    import torch
+
+    from prunekit.pocket.model import build_pocket
+    from prunekit.pocket.training import ConversationDataset, collate_conversations
+
+    model, processor = build_pocket()
+    data = ConversationDataset(processor.tokenizer, seed=3, length=2, turns=3, describe=0.0)
+    pixels, ids, mask, _, _ = collate_conversations([data[0], data[1]], processor.tokenizer.pad_token_id)
+    assert mask.sum(1).min() < ids.shape[1] and (mask[:, :1] == 1).all()  # really padded, and on the right
+    with torch.no_grad():
+        masked = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+        causal = model(input_ids=ids, pixel_values=pixels).logits
+    real = mask.bool()
+    torch.testing.assert_close(causal[real], masked[real], atol=1e-4, rtol=1e-4)

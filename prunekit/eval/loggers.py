@@ -25,13 +25,14 @@ def wandb_key_configured() -> bool:
         return False
 
 
-def build_loggers(cfg: DictConfig, output_dir: Path) -> list:
+def build_loggers(cfg: DictConfig, output_dir: Path, name: str | None = None) -> list:
+    """The loggers ``cfg.logger`` asks for; ``name`` is the W&B run's (default: strategy-benchmark-budget)."""
     settings = cfg.get("logger") or {}
     loggers = []
     if "csv" in settings:
         loggers.append(_csv(output_dir))
     if "wandb" in settings:
-        loggers.append(_wandb(settings.wandb, cfg, output_dir))
+        loggers.append(_wandb(settings.wandb, cfg, output_dir, name))
     config = OmegaConf.to_container(cfg, resolve=True)
     for logger in loggers:
         logger.log_hyperparams(config)
@@ -44,7 +45,7 @@ def _csv(output_dir: Path):
     return CSVLogger(save_dir=str(output_dir), name="csv", version="")  # <run>/csv/metrics.csv
 
 
-def _wandb(settings: DictConfig, cfg: DictConfig, output_dir: Path):
+def _wandb(settings: DictConfig, cfg: DictConfig, output_dir: Path, name: str | None):
     from lightning.pytorch.loggers import WandbLogger
 
     if importlib.util.find_spec("wandb") is None:
@@ -53,7 +54,8 @@ def _wandb(settings: DictConfig, cfg: DictConfig, output_dir: Path):
     mode = os.environ.get("WANDB_MODE") or settings.mode
     if mode == "auto":
         mode = "online" if wandb_key_configured() else "offline"
-    name = f"{cfg.strategy.name}-{cfg.data.name}" + (f"-b{cfg.budget}" if cfg.get("budget") is not None else "")
+    if name is None:
+        name = f"{cfg.strategy.name}-{cfg.data.name}" + (f"-b{cfg.budget}" if cfg.get("budget") is not None else "")
     logger = WandbLogger(project=settings.project, entity=settings.entity, group=settings.group,
                          tags=list(settings.tags or []), name=name, save_dir=str(output_dir),
                          offline=mode in ("offline", "dryrun"))
