@@ -212,6 +212,17 @@ def set_attn_implementation(config, impl: str) -> None:
     config._attn_implementation_internal = impl
 
 
+def clip_input_embeddings(tower: nn.Module, pixels: Tensor) -> Tensor:
+    """A CLIP tower's encoder input for ``pixels``: [CLS] and patch embeddings plus positions, pre-normed
+    (what the pocket training feeds its encoder layers on a window of patches)."""
+    vision = getattr(tower, "vision_model", tower)
+    return vision.pre_layrnorm(vision.embeddings(pixels))
+
+
+def clip_encoder_layers(tower: nn.Module) -> nn.ModuleList:
+    return getattr(tower, "vision_model", tower).encoder.layers
+
+
 class AttentionModule:
     """What prunekit reads of one attention module's internals (Llama / CLIP style): its causality, scaling and
     projections, and its modeling file's RoPE and eager functions."""
@@ -235,11 +246,15 @@ class AttentionModule:
         needed = self.PROJECTIONS + (("head_dim", "scaling") if rope else ())
         return next((n for n in needed if getattr(self.module, n, None) is None), None)
 
+    def projection(self, which: str) -> nn.Linear:
+        """The linear layer projecting ``which`` (q / k / v)."""
+        return getattr(self.module, f"{which}_proj")
+
     def heads(self, which: str, x: Tensor, head_dim: int | None = None) -> Tensor:
         """(B, H, L, d): projection ``which`` (q / k / v) of ``x`` (B, L, D) split into heads as the module does
         (with its q_norm / k_norm when it has them)."""
         module = self.module
-        t = getattr(module, f"{which}_proj")(x).view(*x.shape[:2], -1, head_dim or module.head_dim)
+        t = self.projection(which)(x).view(*x.shape[:2], -1, head_dim or module.head_dim)
         norm = getattr(module, f"{which}_norm", None)
         return (t if norm is None else norm(t)).transpose(1, 2)
 

@@ -53,6 +53,23 @@ def test_patch_labels_follow_the_drawn_pixels():
     assert scene.presence().sum() == 1 and scene.presence()[S.KINDS.index((o.colour, o.shape))] == 1
 
 
+def test_patch_targets_name_the_kind_size_and_centre_patch_of_each_object():
+    """A hand-placed large blue square: its 56 px box at x 126-181, y 42-97 covers patches 9-12 x 3-6 (the square
+    fills 85 % of the box, so only those four of each side are covered at least a quarter)."""
+    side = S.SIZES["large"]
+    owner = np.full((S.SIZE, S.SIZE), -1, np.int8)
+    owner[42:42 + side, 126:126 + side][S._MASKS[("square", side)]] = 0
+    square = S.Obj("blue", "square", "large", 126 + side // 2, 42 + side // 2)  # centre (154, 70): patch (5, 11)
+    scene = S.Scene(np.zeros((S.SIZE, S.SIZE, 3), np.uint8), [square], owner, "textured")
+    t = scene.patch_targets()
+    covered = {r * 24 + c for r in range(3, 7) for c in range(9, 13)}
+    assert set(np.flatnonzero(t["kind"])) == covered == set(np.flatnonzero(t["size"]))
+    assert set(t["kind"][list(covered)]) == {2 * 4 + 2}  # blue is colour 3, square shape 2: kind (3-1)*4+2 = 10
+    assert S.KINDS[10 - 1] == ("blue", "square")
+    assert set(t["colour"][list(covered)]) == {3} and set(t["size"][list(covered)]) == {2}  # large = 2
+    assert np.flatnonzero(t["centre"]).tolist() == [5 * 24 + 11]
+
+
 def test_relations_need_a_clear_dominant_axis():
     assert S.relation(RED_CIRCLE, BLUE_SQUARE) == "left" and S.relation(BLUE_SQUARE, RED_CIRCLE) == "right"
     assert S.relation(RED_CIRCLE, RED_CROSS) == "above" and S.relation(RED_CROSS, RED_CIRCLE) == "below"
@@ -138,30 +155,73 @@ def test_a_drifted_split_refuses_to_build(tmp_path):
         D.write_eval_split(tmp_path, n_images=2, expected_sha256="0" * 64)
 
 
-def test_training_text_is_what_the_processor_and_chat_template_make():
+def test_each_packed_question_is_the_single_turn_text_the_processor_and_chat_template_make():
     from PIL import Image
 
     from prunekit.pocket.model import build_processor, build_tokenizer
-    from prunekit.pocket.training import TURN_TYPES, ConversationDataset, pixel_values
+    from prunekit.pocket.training import TURN_TYPES, QuestionDataset, pixel_values, questions
 
     processor = build_processor(build_tokenizer())
-    dataset = ConversationDataset(processor.tokenizer, seed=3, length=4, turns=1)
-    pixels, ids, labels, types = dataset[0]
+    dataset = QuestionDataset(processor.tokenizer, seed=3, length=4, questions=3, describe=1.0)
+    pixels, ids, labels, positions, segments, types, hidden = dataset[0]
     rng = np.random.default_rng([3, 0])
     scene = S.draw_scene(rng)
-    from prunekit.pocket.training import conversation
+    asked = questions(rng, scene, 3, describe=1.0)
+    assert [k for k, _, _ in asked][-1] == "caption" and len(asked) == 4 and segments.max() == 4
+    assert types.tolist() == [TURN_TYPES.index(k) for k, _, _ in asked]
+    for j, (kind, question, answer) in enumerate(asked, 1):
+        suffix = "" if kind == "caption" else S.POST_PROMPT
+        text = processor.apply_chat_template([{"role": "user", "content": [
+            {"type": "image"}, {"type": "text", "text": question + suffix}]}], add_generation_prompt=True)
+        expected = processor(images=[Image.fromarray(scene.pixels)], text=[text], return_tensors="pt")
+        prompt = expected["input_ids"][0].tolist()
+        reply = processor.tokenizer(answer, add_special_tokens=False).input_ids + [processor.tokenizer.eos_token_id]
+        seen = (segments == 0) | (segments == j)  # what block j may attend to: the prefix and itself
+        assert ids[seen].tolist() == prompt + reply
+        assert positions[seen].tolist() == list(range(len(prompt + reply)))  # its single-turn positions
+        assert labels[seen].tolist() == [-100] * len(prompt) + reply
+        if kind != "caption":  # the decoder joins a description's commas to the words before them
+            assert processor.tokenizer.decode(reply, skip_special_tokens=True) == answer
+        assert pixels.equal(expected["pixel_values"][0]) and pixels.equal(pixel_values(scene.pixels))
 
-    (kind, question, answer), = conversation(rng, scene, 1)
-    suffix = "" if kind == "caption" else S.POST_PROMPT
-    text = processor.apply_chat_template([{"role": "user", "content": [
-        {"type": "image"}, {"type": "text", "text": question + suffix}]}], add_generation_prompt=True)
-    expected = processor(images=[Image.fromarray(scene.pixels)], text=[text], return_tensors="pt")
-    prompt = expected["input_ids"][0].tolist()
-    reply = processor.tokenizer(answer, add_special_tokens=False).input_ids + [processor.tokenizer.eos_token_id]
-    assert ids.tolist() == prompt + reply
-    assert labels.tolist() == [-100] * len(prompt) + reply and types.tolist() == [TURN_TYPES.index(kind)]
-    assert pixels.equal(expected["pixel_values"][0]) and pixels.equal(pixel_values(scene.pixels))
-    assert processor.tokenizer.decode(reply, skip_special_tokens=True) == answer
+
+def test_the_block_mask_shows_each_question_the_prefix_and_itself_only():
+    import torch
+
+    from prunekit.pocket.training import block_mask
+
+    segments = torch.tensor([[0, 0, 1, 1, 2, 2, -1]])  # prefix, two blocks, a pad
+    allowed = (block_mask(segments)[0, 0] == 0).int()
+    assert allowed.tolist() == [
+        [1, 0, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0, 0],
+        [1, 1, 0, 0, 1, 0, 0],  # block 2 never sees block 1
+        [1, 1, 0, 0, 1, 1, 0],
+        [0, 0, 0, 0, 0, 0, 1],  # a pad sees itself only (no empty row)
+    ]
+    hidden = torch.tensor([[False, True, False, False, False, False, False]])  # the curriculum hides prefix token 1
+    allowed = (block_mask(segments, hidden)[0, 0] == 0).int()
+    assert allowed[:2, :2].tolist() == [[1, 0], [1, 1]]  # the prefix itself still sees it
+    assert allowed[2:6, 1].tolist() == [0, 0, 0, 0] and allowed[2:6, 0].tolist() == [1, 1, 1, 1]  # no question does
+
+
+def test_the_curriculum_shows_questions_every_object_token_and_a_growing_share_of_the_background():
+    from prunekit.pocket.model import build_tokenizer
+    from prunekit.pocket.training import QuestionDataset
+
+    data = QuestionDataset(build_tokenizer(), seed=3, length=10, questions=2, background_start=0.05, anneal=0.6)
+    assert [round(data.background_shown(i), 3) for i in (0, 3, 6, 9)] == [0.05, 0.525, 1.0, 1.0]  # 0.05 + 0.95 i / 6
+    for i, shown in ((0, 0.05), (3, 0.525), (9, 1.0)):
+        _, ids, _, _, segments, _, hidden = data[i]
+        rng = np.random.default_rng([3, i])
+        owner = S.draw_scene(rng).patch_owner()
+        image = np.flatnonzero(ids.numpy() == data.image_id)
+        assert len(image) == 576 and not hidden[segments != 0].any()  # only image tokens are ever hidden
+        assert not hidden[image[owner >= 0]].any()  # every object token stays in view
+        background = (owner < 0).sum()
+        assert hidden[image].sum() == round(background * (1 - shown))
 
 
 def test_descriptions_list_every_object_top_to_bottom_in_the_vocabulary():
@@ -185,7 +245,7 @@ def test_training_runs_a_few_steps_and_saves_a_loadable_checkpoint(tmp_path):
     cfg = OmegaConf.load(ROOT / "configs" / "train_pocket.yaml")
     cfg.pop("hydra"), cfg.pop("defaults")
     cfg.merge_with({"output_dir": str(tmp_path), "save_to": str(tmp_path / "checkpoint"), "log_every": 1,
-                    "num_workers": 0, "stage1": {"steps": 3, "batch_size": 2},
+                    "num_workers": 0, "stage1": {"steps": 3, "batch_size": 2, "crop_batch_size": 2, "whole_steps": 1},
                     "stage2": {"steps": 3, "batch_size": 2, "held_out": 4, "check_every": 2}})
     cfg.logger = OmegaConf.load(ROOT / "configs" / "logger" / "csv.yaml")  # the logger group, as Hydra composes it
     assert train(cfg, build_loggers(cfg, tmp_path, name="smoke")) == str(tmp_path / "checkpoint")
@@ -260,32 +320,68 @@ def test_a_generated_set_exists_only_for_pope_and_pocket():
         BenchmarkDataModule("gqa", synthetic=True)
 
 
-def test_a_description_is_a_conversation_of_its_own_so_it_never_answers_a_question_in_the_text():
-    from prunekit.pocket.training import conversation
+def test_a_description_is_one_more_question_block():
+    from prunekit.pocket.training import questions
 
     kinds = []
-    for i in range(60):
+    for i in range(40):
         rng = np.random.default_rng([4, i])
-        turns = conversation(rng, S.draw_scene(rng), 10, describe=0.5)
-        kinds.append([k for k, _, _ in turns])
-        assert kinds[-1] == ["caption"] or "caption" not in kinds[-1]
-    assert ["caption"] in kinds and any(len(k) > 1 for k in kinds)
+        kinds.append([k for k, _, _ in questions(rng, S.draw_scene(rng), 6, describe=0.5)])
+        assert "caption" not in kinds[-1][:-1] and len(kinds[-1]) >= 2
+    assert any(k[-1] == "caption" for k in kinds) and any(k[-1] != "caption" for k in kinds)
+    assert {t for k in kinds for t in k} == {*S.QUESTION_TYPES, "caption"}
 
 
-def test_a_right_padded_batch_gives_the_same_logits_without_its_mask_at_every_real_token():
-    """InstructionTuning drops the padding mask (plainly causal attention is faster); that is exact only because
-    collate_conversations pads on the right."""
+def test_a_packed_padded_batch_gives_every_question_the_logits_it_has_alone():
+    """Training packs a picture's questions behind one prefix; under the block mask and the single-turn positions,
+    each question's logits are those of its own single-turn conversation, padded rows included."""
     import torch
 
     from prunekit.pocket.model import build_pocket
-    from prunekit.pocket.training import ConversationDataset, collate_conversations
+    from prunekit.pocket.training import QuestionDataset, collate_questions
 
     model, processor = build_pocket()
-    data = ConversationDataset(processor.tokenizer, seed=3, length=2, turns=3, describe=0.0)
-    pixels, ids, mask, _, _ = collate_conversations([data[0], data[1]], processor.tokenizer.pad_token_id)
-    assert mask.sum(1).min() < ids.shape[1] and (mask[:, :1] == 1).all()  # really padded, and on the right
+    data = QuestionDataset(processor.tokenizer, seed=3, length=2, questions=3, describe=0.5)
+    samples = [data[0], data[1]]
+    pixels, ids, mask, positions, _, _ = collate_questions(samples, processor.tokenizer.pad_token_id)
+    assert len(samples[0][1]) != len(samples[1][1])  # one row is padded
     with torch.no_grad():
-        masked = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
-        causal = model(input_ids=ids, pixel_values=pixels).logits
-    real = mask.bool()
-    torch.testing.assert_close(causal[real], masked[real], atol=1e-4, rtol=1e-4)
+        packed = model(input_ids=ids, attention_mask=mask, position_ids=positions, pixel_values=pixels).logits
+        for b, (picture, row, _, _, segments, _, _) in enumerate(samples):
+            for j in range(1, int(segments.max()) + 1):
+                alone = (segments == 0) | (segments == j)
+                single = model(input_ids=row[alone][None], pixel_values=picture[None]).logits[0]
+                torch.testing.assert_close(packed[b, :len(row)][segments == j], single[segments[alone] == j],
+                                           atol=1e-4, rtol=1e-4)
+
+
+def test_the_tower_trains_on_the_hidden_state_llava_reads_and_windows_keep_their_positions():
+    """Stage 1 runs the encoder layers by hand on a window of tokens: on the whole picture that is the tower's own
+    hidden_states[-2]; on a window, each patch keeps its own position embedding."""
+    import torch
+
+    from prunekit.pocket.model import build_pocket
+    from prunekit.pocket.training import SceneDataset, TowerPretraining
+
+    model, _ = build_pocket()
+    module = TowerPretraining(model, lr=1e-3, warmup=1, steps=2)
+    data = SceneDataset(seed=5, length=4, crop=8, crop_items=2)
+    (window_pixels, _, window_targets, window), (pixels, _, targets, whole) = data[0], data[2]
+    assert whole.tolist() == list(range(577))
+    with torch.no_grad():
+        ours = module.read_layer(pixels[None], whole[None])
+        theirs = model.model.vision_tower(pixel_values=pixels[None], output_hidden_states=True).hidden_states[-2]
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    # a window: [CLS] then 8 x 8 patches in raster order, holding one whole object, with the picture's targets
+    patches = window[1:] - 1
+    assert window[0] == 0 and len(patches) == 64
+    rows, cols = patches // 24, patches % 24
+    assert (rows.reshape(8, 8) == rows[0] + torch.arange(8)[:, None]).all()
+    assert (cols.reshape(8, 8) == cols[0] + torch.arange(8)[None, :]).all()
+    scene = S.draw_scene(np.random.default_rng([5, 0]))
+    full = scene.patch_targets()
+    for k, v in window_targets.items():
+        assert v.tolist() == full[k][patches.numpy()].tolist()
+    owners = scene.patch_owner()
+    inside = {o for o in owners[patches.numpy()] if o >= 0}
+    assert any((owners == o).sum() == (owners[patches.numpy()] == o).sum() for o in inside)  # one object whole

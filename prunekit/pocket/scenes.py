@@ -50,19 +50,38 @@ class Scene:
     owner: np.ndarray  # (336, 336) int8: index of the object drawn at each pixel, -1 = background
     background: str  # "cluttered" | "textured"
 
-    def patch_labels(self, min_cover: float = 0.25) -> tuple[np.ndarray, np.ndarray]:
-        """Per patch (576, row-major), the colour and shape class of the object covering at least ``min_cover``
-        of it (most coverage wins), 0 = background; colours 1..7 and shapes 1..4 in the order of the tables."""
-        colour, shape = np.zeros(GRID * GRID, np.int64), np.zeros(GRID * GRID, np.int64)
+    def patch_owner(self, min_cover: float = 0.25) -> np.ndarray:
+        """Per patch (576, row-major), the index of the object covering at least ``min_cover`` of it (most
+        coverage wins), -1 = background."""
+        owner = np.full(GRID * GRID, -1, np.int64)
         if not self.objects:
-            return colour, shape
+            return owner
         blocks = self.owner.reshape(GRID, PATCH, GRID, PATCH).transpose(0, 2, 1, 3).reshape(GRID * GRID, -1)
         cover = np.stack([(blocks == k).mean(1) for k in range(len(self.objects))])  # (objects, 576)
-        best, covered = cover.argmax(0), cover.max(0) >= min_cover
-        colour_of = np.array([list(COLOURS).index(o.colour) + 1 for o in self.objects])
-        shape_of = np.array([SHAPES.index(o.shape) + 1 for o in self.objects])
-        colour[covered], shape[covered] = colour_of[best[covered]], shape_of[best[covered]]
-        return colour, shape
+        covered = cover.max(0) >= min_cover
+        owner[covered] = cover.argmax(0)[covered]
+        return owner
+
+    def patch_labels(self, min_cover: float = 0.25) -> tuple[np.ndarray, np.ndarray]:
+        """Per patch, the colour and shape class of the object covering it (``patch_owner``), 0 = background;
+        colours 1..7 and shapes 1..4 in the order of the tables."""
+        owner = self.patch_owner(min_cover)
+        colour_of = np.array([0] + [list(COLOURS).index(o.colour) + 1 for o in self.objects])
+        shape_of = np.array([0] + [SHAPES.index(o.shape) + 1 for o in self.objects])
+        return colour_of[owner + 1], shape_of[owner + 1]
+
+    def patch_targets(self, min_cover: float = 0.25) -> dict[str, np.ndarray]:
+        """What the tower learns to see at each patch (576, row-major; 0 = background): ``colour`` 1..7, the
+        colour-shape ``kind`` 1..28 (KINDS order), ``size`` 1 small / 2 large, and ``centre``: 1 on the one
+        patch that holds each object's centre, so that objects can be counted, not only their patches."""
+        owner = self.patch_owner(min_cover)
+        colour, shape = self.patch_labels(min_cover)
+        size_of = np.array([0] + [list(SIZES).index(o.size) + 1 for o in self.objects])
+        centre = np.zeros(GRID * GRID, np.int64)
+        for o in self.objects:
+            centre[(o.y // PATCH) * GRID + o.x // PATCH] = 1
+        kind = np.where(colour > 0, (colour - 1) * len(SHAPES) + shape, 0)
+        return {"colour": colour, "kind": kind, "size": size_of[owner + 1], "centre": centre}
 
     def presence(self) -> np.ndarray:
         """Multi-hot over KINDS: which colour-shape kinds the picture holds."""
