@@ -212,15 +212,22 @@ def set_attn_implementation(config, impl: str) -> None:
     config._attn_implementation_internal = impl
 
 
+# A CLIP tower's pieces, run by hand: the benchmark's oracle floor (through the adapters) and the pocket tower's
+# training on windows of tokens.
 def clip_input_embeddings(tower: nn.Module, pixels: Tensor) -> Tensor:
-    """A CLIP tower's encoder input for ``pixels``: [CLS] and patch embeddings plus positions, pre-normed
-    (what the pocket training feeds its encoder layers on a window of patches)."""
-    vision = getattr(tower, "vision_model", tower)
-    return vision.pre_layrnorm(vision.embeddings(pixels))
+    """A CLIP tower's encoder input for a padded batch of ``pixels``: [CLS] and patch embeddings plus positions,
+    pre-normed."""
+    return tower.pre_layrnorm(tower.embeddings(pixels))
 
 
 def clip_encoder_layers(tower: nn.Module) -> nn.ModuleList:
-    return getattr(tower, "vision_model", tower).encoder.layers
+    return tower.encoder.layers
+
+
+def run_encoder_layer(layer: nn.Module, hidden: Tensor) -> Tensor:
+    """One encoder layer on an unpadded batch (no mask)."""
+    out = layer(hidden, None)
+    return out[0] if isinstance(out, tuple) else out
 
 
 class AttentionModule:

@@ -199,13 +199,11 @@ class ModelAdapter(ABC):
 
     def vision_embed(self, pixels: Tensor) -> Tensor:
         """The vision tower's input embeddings of a padded batch (CLIP: patch + position embeddings, pre-norm)."""
-        tower = self.vision_tower
-        return tower.pre_layrnorm(tower.embeddings(pixels))
+        return compat.clip_input_embeddings(self.vision_tower, pixels)
 
     def run_vision_layer(self, layer: nn.Module, hidden: Tensor) -> Tensor:
         """One encoder layer on an unpadded batch."""
-        out = layer(hidden, None)
-        return out[0] if isinstance(out, tuple) else out
+        return compat.run_encoder_layer(layer, hidden)
 
     # --- sequence facts ---------------------------------------------------------------------------
     @abstractmethod

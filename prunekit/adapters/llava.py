@@ -5,6 +5,7 @@ import math
 
 from torch import Tensor, nn
 
+from .. import compat
 from .base import ModelAdapter, register_adapter
 
 
@@ -34,7 +35,7 @@ class LlavaAdapter(ModelAdapter):
 
     @property
     def vision_layers(self) -> nn.ModuleList:
-        return self.vision_tower.encoder.layers
+        return compat.clip_encoder_layers(self.vision_tower)
 
     def vision_input_norm(self, layer: int) -> nn.Module:
         return self.vision_layers[layer].layer_norm1

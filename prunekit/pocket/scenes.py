@@ -65,7 +65,9 @@ class Scene:
     def patch_labels(self, min_cover: float = 0.25) -> tuple[np.ndarray, np.ndarray]:
         """Per patch, the colour and shape class of the object covering it (``patch_owner``), 0 = background;
         colours 1..7 and shapes 1..4 in the order of the tables."""
-        owner = self.patch_owner(min_cover)
+        return self._colour_shape(self.patch_owner(min_cover))
+
+    def _colour_shape(self, owner: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         colour_of = np.array([0] + [list(COLOURS).index(o.colour) + 1 for o in self.objects])
         shape_of = np.array([0] + [SHAPES.index(o.shape) + 1 for o in self.objects])
         return colour_of[owner + 1], shape_of[owner + 1]
@@ -75,7 +77,7 @@ class Scene:
         colour-shape ``kind`` 1..28 (KINDS order), ``size`` 1 small / 2 large, and ``centre``: 1 on the one
         patch that holds each object's centre, so that objects can be counted, not only their patches."""
         owner = self.patch_owner(min_cover)
-        colour, shape = self.patch_labels(min_cover)
+        colour, shape = self._colour_shape(owner)
         size_of = np.array([0] + [list(SIZES).index(o.size) + 1 for o in self.objects])
         centre = np.zeros(GRID * GRID, np.int64)
         for o in self.objects:

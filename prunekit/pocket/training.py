@@ -67,10 +67,8 @@ class SceneDataset(torch.utils.data.Dataset):
             c0 = int(rng.integers(max(0, right - self.crop + 1), min(left, S.GRID - self.crop) + 1))
             patches = ((np.arange(self.crop)[:, None] + r0) * S.GRID + np.arange(self.crop) + c0).ravel()
             targets = {k: v[patches] for k, v in targets.items()}
-            owners = {int(x) for x in scene.patch_owner()[patches] if x >= 0}
             presence = np.zeros_like(presence)
-            for k in owners:
-                presence[S.KINDS.index((scene.objects[k].colour, scene.objects[k].shape))] = 1.0
+            presence[np.unique(targets["kind"][targets["kind"] > 0]) - 1] = 1.0  # kinds 1..28 = KINDS order
             window = np.concatenate([[0], 1 + patches])
         return pixel_values(scene.pixels), torch.from_numpy(presence), \
             {k: torch.from_numpy(v) for k, v in targets.items()}, torch.from_numpy(window)
@@ -139,9 +137,9 @@ class QuestionDataset(torch.utils.data.Dataset):
         # the curriculum: questions see every object token and a share of the background ones (as an oracle pruner
         # would leave them), so that the few tokens that answer are not lost among 576 while retrieval is learnt
         hidden = np.zeros(len(ids), bool)
-        background = np.flatnonzero(scene.patch_owner() < 0)
         shown = self.background_shown(i)
         if shown < 1:
+            background = np.flatnonzero(scene.patch_owner() < 0)
             dropped = rng.permutation(background)[:int(round(len(background) * (1 - shown)))]
             hidden[len(prefix) - S.GRID * S.GRID + dropped] = True
         return (pixel_values(scene.pixels), *map(torch.tensor, (ids, labels, positions, segments, types)),
@@ -160,7 +158,7 @@ def block_mask(segments: torch.Tensor, hidden: torch.Tensor | None = None) -> to
     causal = torch.ones(length, length, dtype=torch.bool).tril()
     query, key = segments[:, :, None], segments[:, None, :]
     shown = (key == 0) if hidden is None else (key == 0) & ~hidden[:, None, :]
-    allowed = causal & (((key == 0) & (query == 0)) | shown | (key == query)) & (query >= 0)
+    allowed = causal & (shown | (key == query)) & (query >= 0)  # the prefix (0 == 0) sees all of itself
     allowed |= torch.eye(length, dtype=torch.bool)
     return torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)[:, None]
 
@@ -273,14 +271,13 @@ class TowerPretraining(L.LightningModule):
     def read_layer(self, pixels: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
         """The tower's hidden state at the layer LLaVA reads (``vision_feature_layer=-2``) on the ``window`` tokens
         of each picture: the encoder layers run on those tokens alone, at their own positions."""
-        from ..compat import clip_encoder_layers, clip_input_embeddings
+        from ..compat import clip_encoder_layers, clip_input_embeddings, run_encoder_layer
 
         hidden = clip_input_embeddings(self.tower, pixels)
         hidden = hidden.gather(1, window[..., None].expand(-1, -1, hidden.shape[-1]))
         layers = clip_encoder_layers(self.tower)
         for layer in layers[:len(layers) - 1]:  # hidden_states[-2] is the output of the last layer but one
-            out = layer(hidden, None)
-            hidden = out[0] if isinstance(out, tuple) else out
+            hidden = run_encoder_layer(layer, hidden)
         return hidden
 
     def training_step(self, batch, _):
