@@ -1,7 +1,7 @@
 """prunekit: visual-token pruning for vision-language models, side by side and fairly measured."""
 from .adapters import adapter_for, supported_families
 from .budget import Budget
-from .pruner import Keep, PromptEmbeddings, PruneContext, Site, Stage, TokenPruner, TokenType
+from .pruner import Instruction, Keep, PromptEmbeddings, PruneContext, Site, Stage, TokenPruner, TokenType
 from .registry import build_strategy, list_strategies, load_plugins, register_strategy
 from .runtime import PruningError, PruningHandle, attach
 from .errors import (BudgetError, KnobError, SeamError, SignalError, UnknownStrategyError, UnsupportedInputError,
@@ -10,7 +10,7 @@ from .signals import AttentionRows, Signals
 from .trace import PruneTrace
 
 __all__ = [
-    "TokenPruner", "Stage", "Site", "Keep", "PromptEmbeddings", "PruneContext", "TokenType", "Budget",
+    "TokenPruner", "Stage", "Site", "Keep", "Instruction", "PromptEmbeddings", "PruneContext", "TokenType", "Budget",
     "Signals", "AttentionRows", "SignalError",
     "register_strategy", "build_strategy", "list_strategies", "load_plugins",
     "attach", "PruningHandle", "PruneTrace",

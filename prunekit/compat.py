@@ -167,11 +167,17 @@ class CallFacts:
     pixels: bool
     video: bool
     labels: bool
+    input_ids: Tensor | None = None  # the prompt ids and mask (pre-LLM strategies read the instruction off them)
+    attention_mask: Tensor | None = None
 
     @classmethod
-    def read(cls, kwargs: dict) -> "CallFacts":
+    def read(cls, kwargs: dict, args: tuple = ()) -> "CallFacts":
+        mask = kwargs.get("attention_mask")
+        ids = kwargs.get("input_ids")
+        if ids is None and args and isinstance(args[0], Tensor) and not args[0].is_floating_point():
+            ids = args[0]  # forward(input_ids, ...) called positionally
         return cls(kwargs.get("pixel_values") is not None, kwargs.get("pixel_values_videos") is not None,
-                   kwargs.get("labels") is not None)
+                   kwargs.get("labels") is not None, ids, mask if isinstance(mask, Tensor) and mask.dim() == 2 else None)
 
 
 @dataclass(frozen=True)
@@ -218,6 +224,12 @@ def clip_input_embeddings(tower: nn.Module, pixels: Tensor) -> Tensor:
     """A CLIP tower's encoder input for a padded batch of ``pixels``: [CLS] and patch embeddings plus positions,
     pre-normed."""
     return tower.pre_layrnorm(tower.embeddings(pixels))
+
+
+def clip_post_layernorm(tower: nn.Module) -> nn.Module | None:
+    """A CLIP tower's final layer norm (meant for the pooled [CLS]; CDPruner applies it to the patches), or None
+    for towers without one."""
+    return getattr(tower, "post_layernorm", None)
 
 
 def clip_encoder_layers(tower: nn.Module) -> nn.ModuleList:

@@ -19,12 +19,17 @@ TINY = ("tiny", "tiny-576", "tiny-next", "tiny-qwen2-vl", "tiny-qwen2.5-vl")
 
 def resolve_model_path(path: str | None) -> str:
     """``"pocket"``: the shipped trained pocket VLM (docs/pocket.md); ``None``/``"tiny"`` (LLaVA-1.5, 64 visual tokens), ``"tiny-576"`` (LLaVA-1.5's 576), ``"tiny-next"``,
-    ``"tiny-qwen2-vl"``, ``"tiny-qwen2.5-vl"``: an embedded tiny model, built once and cached; anything else:
+    ``"tiny-qwen2-vl"``, ``"tiny-qwen2.5-vl"``: an embedded tiny model, built once and cached (``"tiny-clip-text"``:
+    the CLIP text encoder matching the tiny LLaVA towers); anything else:
     a local directory or a hub id."""
     if path == "pocket":
         from .pocket.model import pocket_model_dir
 
         return str(pocket_model_dir())
+    if path == "tiny-clip-text":  # the CLIP text encoder matching the tiny LLaVA towers (CDPruner's relevance)
+        from .tiny import tiny_clip_text_dir
+
+        return str(tiny_clip_text_dir())
     if path in (None, "") or path in TINY:
         from .tiny import tiny_model_dir
 

@@ -1,4 +1,4 @@
-"""Tensor operations strategies share: stable top-k selection, ragged gathers.
+"""Operations strategies share: stable top-k selection, ragged gathers, the benchmarks' post-prompts.
 
 Part of the contract layer: strategies import these, never each other's helpers.
 """
@@ -20,3 +20,16 @@ def gather_rows(x: Tensor, indices: list[Tensor]) -> Tensor:
     for u, idx in enumerate(indices):
         out[u, : len(idx)] = x[u, idx]
     return out
+
+
+# The benchmarks' short-answer instructions that follow the question in LLaVA-style prompts; methods that read
+# the instruction before the LLM (MMTok's keywords, CDPruner's CLIP text) drop them first, as their references do.
+POST_PROMPTS = ("Answer the question using a single word or phrase.",
+                "Answer with the option's letter from the given choices directly.")
+
+
+def without_post_prompts(text: str) -> str:
+    """``text`` with every benchmark post-prompt (and the newline before it) removed, stripped."""
+    for post in POST_PROMPTS:
+        text = text.replace("\n" + post, "").replace(post, "")
+    return text.strip()

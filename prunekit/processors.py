@@ -46,3 +46,58 @@ class Qwen2_5_VLImageOnlyProcessor(_ImageOnly, Qwen2_5_VLProcessor):
 
 
 IMAGE_ONLY_PROCESSORS = {"qwen2_vl": Qwen2VLImageOnlyProcessor, "qwen2_5_vl": Qwen2_5_VLImageOnlyProcessor}
+
+
+class InstructionReader:
+    """Each sample's instruction read off its prompt ids, through the processor's tokenizer and chat template
+    (docs/architecture.md, "Instructions"): the text after the sample's last image placeholder, without what the
+    template writes between an image and the user's text (LLaVA-1.5: a newline; Qwen: ``<|vision_end|>``) and
+    without the assistant's generation prompt (`` ASSISTANT:``). Both marks come from rendering the template once
+    on a probe message, so any family's template is read the same way."""
+
+    _PROBE = "\u2063prunekit-probe\u2063"
+
+    def __init__(self, processor):
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        if not callable(getattr(self.tokenizer, "convert_tokens_to_ids", None)):
+            raise TypeError(f"expected a processor or tokenizer with a tokenizer, got {type(processor).__name__}")
+        self.between, self.suffix = "", ""
+        image_token = getattr(processor, "image_token", None) or getattr(self.tokenizer, "image_token", None)
+        if getattr(processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None):
+            rendered = processor.apply_chat_template(
+                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self._PROBE}]}],
+                add_generation_prompt=True, tokenize=False)
+            at = rendered.index(self._PROBE)
+            image_end = rendered.rfind(image_token, 0, at) + len(image_token) if image_token else at
+            self.between, self.suffix = rendered[image_end:at], rendered[at + len(self._PROBE):]
+
+    def text(self, ids: list[int], image_token_id: int) -> str:
+        """The instruction of one sample from its live prompt ids (no padding)."""
+        last = max((i for i, t in enumerate(ids) if t == image_token_id), default=-1)
+        text = self.tokenizer.decode(ids[last + 1:], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        between, suffix = self.between.strip(), self.suffix.strip()
+        text = text.strip()
+        if between and text.startswith(between):
+            text = text[len(between):]
+        if suffix and text.endswith(suffix):
+            text = text[: -len(suffix)]
+        return text.strip()
+
+    def ids(self, text: str) -> list[int]:
+        """The token ids of ``text``, no special tokens."""
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def words(self, words) -> list[int]:
+        """Pre-split words tokenized as one sequence, special tokens on (MMTok's keyword ids); no words: the BOS
+        alone, where the tokenizer adds one."""
+        words = list(words)
+        if not words:
+            return [] if self.bos is None else [self.bos]
+        return self.tokenizer(words, is_split_into_words=True, add_special_tokens=True, truncation=True)["input_ids"]
+
+    @property
+    def bos(self) -> int | None:
+        """The BOS id the tokenizer puts first, or None if it adds none (Qwen)."""
+        bos = self.tokenizer.bos_token_id
+        first = self.tokenizer(["x"], is_split_into_words=True, add_special_tokens=True)["input_ids"][:1]
+        return bos if bos is not None and first == [bos] else None

@@ -5,7 +5,7 @@ import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from enum import Enum, IntEnum
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 from torch import Tensor
@@ -116,6 +116,7 @@ class PruneContext:
     _prompt_source: Any = field(default=None, repr=False)
     _gravity_source: Any = field(default=None, repr=False)
     _prefix_source: Any = field(default=None, repr=False)
+    _instruction_source: Any = field(default=None, repr=False)
     _text_source: Any = field(default=None, repr=False)
     _norm: Any = field(default=None, repr=False)
     _seed_source: Any = field(default=None, repr=False)
@@ -187,6 +188,12 @@ class PruneContext:
         (``Signals(prefix=True)``, ``vision_output`` only)."""
         return self._need(self._prefix_source, "prefix tokens", "Signals(prefix=True) at vision_output")()
 
+    def instruction(self, unit: int) -> "Instruction":
+        """The instruction of ``unit``'s sample before the language model runs (``Signals(instruction=True)``,
+        pre-LLM sites): its text, its token ids, and the language model's tokenizer and input embeddings."""
+        return self._need(self._instruction_source, "instructions",
+                          "Signals(instruction=True) at a pre-LLM site (vision_layer, vision_output, projector_output)")(unit)
+
     def text_tokens(self) -> tuple[Tensor, Tensor]:
         """(U, R, D) hidden states of each unit's text tokens at this ``llm_layer`` site (the rows of
         ``attention('text')``), and their validity (U, R)."""
@@ -215,6 +222,29 @@ class PruneContext:
                 "e.g. return Signals(rows=(AttentionRows('last'),))"
             )
         return self.signals
+
+
+@dataclass(frozen=True)
+class Instruction:
+    """One sample's instruction, as a pre-LLM strategy sees it (docs/architecture.md, "Instructions").
+
+    ``text`` is the user's text of the sample's last turn with the image placeholders and the chat template
+    removed: what follows the last image, up to the assistant's turn (LLaVA-1.5: "What is ...?\nAnswer the
+    question using a single word or phrase."), or the text given with ``handle.instructions([...])``. ``ids`` are
+    its token ids in the language model's vocabulary (no special tokens). ``encode(text)`` tokenizes any text the
+    same way; ``encode_words(words)`` tokenizes pre-split words as one sequence with the special tokens (``bos``
+    first where the tokenizer adds one; ``bos`` is None where it adds none); ``embed(ids)`` gives rows of the language model's input-embedding table, (m, D)
+    in the model's dtype and device. ``image`` numbers the unit's image in the batch: the crops of one LLaVA-NeXT
+    image share it.
+    """
+
+    text: str
+    ids: Tensor
+    image: int
+    bos: int | None
+    encode: Callable[[str], Tensor] = field(repr=False, compare=False)
+    encode_words: Callable[[Sequence[str]], Tensor] = field(repr=False, compare=False)
+    embed: Callable[[Tensor], Tensor] = field(repr=False, compare=False)
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """What a strategy may ask the runtime to measure at a site: ``Signals`` (attention rows, keys, values, pre,
-prompt, prefix) and ``AttentionRows``. The runtime computes them from the model's own attention calls, without
+prompt, prefix, instruction) and ``AttentionRows``.
+The runtime computes them from the model's own attention calls, without
 eager attention or N x N maps (``prunekit.runtime.probe``; docs/architecture.md, Signals).
 """
 from __future__ import annotations
@@ -45,7 +46,9 @@ class Signals:
     ``prompt`` (``llm_layer`` sites only): keep the language model's input embeddings of the visual and text
     tokens for ``ctx.prompt_embeddings()`` (SparseVLM's raters). ``prefix`` (``vision_output`` only): keep the
     feature layer's output at the encoder's prefix tokens (CLS) for ``ctx.prefix_tokens()`` (VisionZip feeds
-    it to the projector). Neither is an attention signal: they need no probe.
+    it to the projector). ``instruction`` (pre-LLM sites): each unit's instruction, the user's text of its sample,
+    with ``ctx.instruction(u)`` (MMTok, CDPruner); it needs ``attach(..., processor=)`` or explicit texts. None of
+    these three is an attention signal: they need no probe.
     """
 
     rows: tuple[AttentionRows, ...] = ()
@@ -54,6 +57,7 @@ class Signals:
     pre: bool = False
     prompt: bool = False
     prefix: bool = False
+    instruction: bool = False
 
     def __bool__(self) -> bool:
         """True when attention must be probed (rows, keys or values)."""

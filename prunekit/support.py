@@ -25,15 +25,23 @@ VARIANTS = {  # strategies whose support depends on a knob: extra rows besides t
 
 @functools.cache
 def family_models() -> dict:
-    """family -> a structural twin of its 7B checkpoint (random weights, tiny widths)."""
+    """family -> (model, processor): a structural twin of its 7B checkpoint (random weights, tiny widths)."""
     from .tiny import build_tiny_llava, build_tiny_llava_next, build_tiny_qwen2_5_vl, build_tiny_qwen2_vl
 
     return {
-        "llava-1.5": build_tiny_llava(image_size=336, vision_layers=24, text_layers=32)[0],
-        "llava-next": build_tiny_llava_next(image_size=336, vision_layers=24, text_layers=32)[0],
-        "qwen2-vl": build_tiny_qwen2_vl(vision_layers=32, text_layers=28)[0],
-        "qwen2.5-vl": build_tiny_qwen2_5_vl(vision_layers=32, text_layers=28, fullatt_block_indexes=[7, 15, 23, 31])[0],
+        "llava-1.5": build_tiny_llava(image_size=336, vision_layers=24, text_layers=32),
+        "llava-next": build_tiny_llava_next(image_size=336, vision_layers=24, text_layers=32),
+        "qwen2-vl": build_tiny_qwen2_vl(vision_layers=32, text_layers=28),
+        "qwen2.5-vl": build_tiny_qwen2_5_vl(vision_layers=32, text_layers=28, fullatt_block_indexes=[7, 15, 23, 31]),
     }
+
+
+def twin_knobs() -> dict[str, dict]:
+    """Knobs that name an auxiliary checkpoint get the twins' counterpart: CDPruner's CLIP text encoder is the tiny
+    CLIP whose vision width matches the twins' towers (a real checkpoint takes the openai CLIP of its tower)."""
+    from .tiny import tiny_clip_text_dir
+
+    return {"cdpruner": {"text_encoder": str(tiny_clip_text_dir())}}
 
 
 def support_matrix(strategies: dict | None = None) -> dict[str, dict[str, str | None]]:
@@ -43,12 +51,14 @@ def support_matrix(strategies: dict | None = None) -> dict[str, dict[str, str | 
     its defaults plus ``VARIANTS``.
     """
     rows = strategies if strategies is not None else {**{n: n for n in list_strategies()}, **VARIANTS}
-    matrix = {}
+    matrix, knobs = {}, twin_knobs()
     for row, spec in rows.items():
         matrix[row] = {}
-        for family, model in family_models().items():
+        spec = {"name": spec} if isinstance(spec, str) else dict(spec)
+        spec = {**knobs.get(spec["name"], {}), **spec}
+        for family, (model, processor) in family_models().items():
             try:
-                attach(model, build_strategy(spec)).detach()
+                attach(model, build_strategy(spec), processor=processor).detach()
                 matrix[row][family] = None
             except (PruningError, ValueError) as err:
                 matrix[row][family] = str(err)

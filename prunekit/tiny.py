@@ -257,6 +257,46 @@ def synthetic_image(seed: int, size: int | tuple[int, int] = 112) -> Image.Image
     return Image.fromarray(img)
 
 
+def build_tiny_clip_text(vision_width: int = 64, seed: int = 0):
+    """A random ``CLIPModel`` whose vision width matches the tiny LLaVA towers (64), with a byte-level tokenizer
+    (``<|startoftext|>`` / ``<|endoftext|>`` around every text): CDPruner's text encoder in tests. Returns
+    (model, tokenizer)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig, PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(sorted(ByteLevel.alphabet()))}
+    bos, eos = len(vocab), len(vocab) + 1
+    vocab |= {"<|startoftext|>": bos, "<|endoftext|>": eos}
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.post_processor = processors.TemplateProcessing(
+        single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", bos), ("<|endoftext|>", eos)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
+                                  pad_token="<|endoftext|>", model_max_length=77)
+    text = CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, max_position_embeddings=77, bos_token_id=bos, eos_token_id=eos,
+                          pad_token_id=eos, projection_dim=32)
+    vision = CLIPVisionConfig(hidden_size=vision_width, intermediate_size=128, num_hidden_layers=1,
+                              num_attention_heads=4, image_size=112, patch_size=14, projection_dim=32)
+    torch.manual_seed(seed)
+    model = CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=32)).eval()
+    return model, tok
+
+
+def tiny_clip_text_dir(cache_dir: str | os.PathLike | None = None, vision_width: int = 64) -> Path:
+    """A saved tiny random CLIP (text encoder, projections, tokenizer) matching a tower of ``vision_width``: the tiny
+    LLaVA towers' 64 by default (CDPruner in tests; the speed benchmark asks for its shapes' widths)."""
+    def write(tmp):
+        model, tok = build_tiny_clip_text(vision_width)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+
+    name = "tiny-clip-text-v1" + ("" if vision_width == 64 else f"-w{vision_width}")
+    return build_once(cache_root(cache_dir) / name, lambda p: (p / "tokenizer.json").exists(), write, "tokenizer.json")
+
+
 def _synthetic_image_wh(seed: int, width: int, height: int) -> Image.Image:
     rng = np.random.default_rng(seed)
     img = rng.integers(0, 60, (height, width, 3), dtype=np.uint8)

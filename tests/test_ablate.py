@@ -240,3 +240,21 @@ def test_ddp_on_two_processes_gives_the_metrics_of_one(env, tmp_path):
         assert a[key] == b[key], key
     rows = [json.loads(line) for line in (tmp_path / "ddp" / "predictions.jsonl").read_text().splitlines()]
     assert [r["uid"] for r in rows] == ["0", "1", "2", "3", "4"]
+
+
+def test_newer_methods_sweep_and_compare_tables_it(env, tmp_path):
+    """MMTok, CDPruner and VisPruner beside FlowCut at 64 / 128 / 192 of 576 tokens on the bundled data, then
+    compare.py's table with MMTok's published row (docs/strategies/mmtok.md)."""
+    proc = ablate(env, "-m", "strategy=mmtok,cdpruner,vispruner,flowcut", "budget=64,128,192", "model=tiny_576",
+                  "data=synthetic", "data.limit=2", "logger=none", f"output_root={tmp_path}", "sweep_name=newer")
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    runs = [json.loads(p.read_text()) for p in (tmp_path / "sweeps" / "newer").glob("*/metrics.json")]
+    assert sorted((r["strategy"]["name"], r["tokens"]["n_in"]) for r in runs) == sorted(
+        (name, float(b)) for name in ("cdpruner", "flowcut", "mmtok", "vispruner") for b in (64, 128, 192))
+    table = subprocess.run([sys.executable, str(ROOT / "experiments" / "compare.py"), str(tmp_path / "sweeps" / "newer"),
+                            "--published", "mmtok_tab1", "--no-overlays", "--no-plots", "-q"], env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert table.returncode == 0, table.stdout[-3000:]
+    rows = [line for line in (tmp_path / "sweeps" / "newer" / "compare" / "table.md").read_text().splitlines()
+            if line.startswith(("| mmtok |", "| cdpruner |", "| vispruner |", "| flowcut |"))]
+    assert len(rows) == 12 and any(line.startswith("| mmtok | 64 |") and "85.8" in line for line in rows)

@@ -438,7 +438,10 @@ def test_published_scores_average_relative_scores_over_sources_and_benchmarks():
     from prunekit.study.ranking import published_scores
 
     scores = published_scores(64)
-    assert set(scores) == {"dart", "divprune", "fastv", "flowcut", "pdrop", "sparsevlm", "visionzip"}
+    assert set(scores) == {"cdpruner", "dart", "divprune", "fastv", "flowcut", "mmtok", "pdrop", "sparsevlm",
+                           "visionzip", "vispruner"}
     # FlowCut at 64 is in flowcut_tab1 only: GQA 55.6/61.9, MME 1744/1862, POPE 80.2/85.9, TextVQA 55.6/58.2
     by_hand = 100 * (55.6 / 61.9 + 1744 / 1862 + 80.2 / 85.9 + 55.6 / 58.2) / 4
     assert scores["flowcut"] == pytest.approx(by_hand)
+    # VisPruner at 64 is in vispruner_tab1 only, without MME (perception only there): GQA, POPE, TextVQA
+    assert scores["vispruner"] == pytest.approx(100 * (55.4 / 62.0 + 80.4 / 85.9 + 55.8 / 58.2) / 3)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import prunekit
-from prunekit.tiny import build_tiny_llava_next, build_tiny_qwen2_5_vl, build_tiny_qwen2_vl, synthetic_image
+from prunekit.tiny import (build_tiny_llava_next, build_tiny_qwen2_5_vl, build_tiny_qwen2_vl, synthetic_image,
+                           tiny_clip_text_dir)
 from helpers import QUESTIONS, generate_positions, prompt
 
 pytestmark = pytest.mark.contract  # the runtime contract: CI runs it on every transformers minor
@@ -39,6 +40,8 @@ def specs(family: str, budget: int) -> dict:
         "dart@llm2": dict(name="dart", budget=budget, layer=2),
         "divprune": dict(name="divprune", budget=budget),
         "pooling@projector_output": dict(name="pooling", budget=4, stage="projector_output"),
+        "vispruner": dict(name="vispruner", budget=budget),
+        "mmtok": dict(name="mmtok", budget=budget),
     }
     if family == "llava-next":
         common.update({
@@ -46,6 +49,7 @@ def specs(family: str, budget: int) -> dict:
             "pooling@vision_output": dict(name="pooling", budget=20),
             "fastervlm": dict(name="fastervlm", budget=budget),
             "visionzip": dict(name="visionzip", budget=budget),
+            "cdpruner": dict(name="cdpruner", budget=budget, text_encoder=str(tiny_clip_text_dir())),
         })
     return common
 
@@ -106,7 +110,7 @@ def test_detach_restores_the_model(families, family, key):
     x = batch(processor, sizes, [0, 1])
     with torch.no_grad():
         logits = model(**x).logits
-        with prunekit.attach(model, spec):
+        with prunekit.attach(model, spec, processor=processor):
             model(**x)
         assert torch.equal(model(**x).logits, logits)
 
@@ -119,7 +123,7 @@ def test_keep_all_is_vanilla(families, family, key):
     with torch.no_grad():
         logits = model(**x).logits
         tokens, step_logits = greedy(model, x)
-        with prunekit.attach(model, spec) as h:
+        with prunekit.attach(model, spec, processor=processor) as h:
             assert torch.equal(model(**x).logits, logits)
             assert h.trace.n_final == h.trace.n_vanilla
             t2, l2 = greedy(model, x)
@@ -131,7 +135,7 @@ def test_keep_all_is_vanilla(families, family, key):
 def test_cache_equals_recompute(families, family, key):
     model, processor, sizes, spec = setup(families, family, key)
     x = batch(processor, sizes, [0, 1])
-    with torch.no_grad(), prunekit.attach(model, spec) as h:
+    with torch.no_grad(), prunekit.attach(model, spec, processor=processor) as h:
         tokens, step_logits = greedy(model, x)
         with h.replay():
             for t in range(tokens.shape[1]):
@@ -146,7 +150,7 @@ def test_batch_of_four_equals_batch_of_one(families, family, key):
     model, processor, sizes, spec = setup(families, family, key)
     x4 = batch(processor, sizes, [0, 1, 2, 3])
     assert (x4["attention_mask"] == 0).any()
-    with torch.no_grad(), prunekit.attach(model, spec) as h:
+    with torch.no_grad(), prunekit.attach(model, spec, processor=processor) as h:
         logits4 = model(**forward_kwargs(family, x4)).logits[:, -1]
         kept4 = [h.trace.kept_positions(b) for b in range(4)]
         members4 = [h.trace.members(b) for b in range(4)]

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 
 import prunekit
 from prunekit import Keep, Site, TokenPruner
+from prunekit.tiny import tiny_clip_text_dir
 from helpers import batch, generate_positions, greedy, recompute_last_logits, tower_reference, vision_features
 
 pytestmark = pytest.mark.contract  # the runtime contract: CI runs it on every transformers minor
@@ -47,6 +48,10 @@ PRUNING = {
     "fastervlm": dict(name="fastervlm", budget=B),
     "divprune@projector_output": dict(name="divprune", budget=B),
     "dart@llm2": dict(name="dart", budget=B, layer=2),
+    "vispruner": dict(name="vispruner", budget=B),
+    "vispruner-rho0.75": dict(name="vispruner", budget=B, important_ratio=0.75),
+    "mmtok": dict(name="mmtok", budget=B),
+    "cdpruner": dict(name="cdpruner", budget=B, text_encoder=str(tiny_clip_text_dir())),
 }
 REORDERED = {  # VisionZip: [CLS] first (standing for no patch), then dominant patches, then merged contextual tokens
     "visionzip": dict(name="visionzip", budget=B),
@@ -71,8 +76,9 @@ KEEP_ALL = {
 ALL = {**PRUNING, **KEEP_ALL, **MASKED, **SPARSE, **REORDERED}
 
 
-def attach(model, spec):
-    return prunekit.attach(model, spec() if isinstance(spec, type) else spec)
+def attach(model, spec, processor=None):
+    """The processor serves strategies that read the instruction before the LLM (MMTok, CDPruner)."""
+    return prunekit.attach(model, spec() if isinstance(spec, type) else spec, processor=processor)
 
 
 def stage_of(spec) -> str:
@@ -97,7 +103,7 @@ def test_detach_restores_the_model_exactly(model, processor, spec):
     logits = model(**x).logits
     tokens, _ = greedy(model, x)
     before = hooks(model)
-    handle = attach(model, spec)
+    handle = attach(model, spec, processor)
     assert hooks(model) > before
     model(**x)
     greedy(model, x)
@@ -113,7 +119,7 @@ def test_keep_all_gives_identical_logits(model, processor, spec):
     x = batch(processor, [0, 1, 2])  # left padding included
     logits = model(**x).logits
     tokens, step_logits = greedy(model, x)
-    with attach(model, spec) as h:
+    with attach(model, spec, processor) as h:
         assert torch.equal(model(**x).logits, logits)
         assert h.trace.n_final == [N] * 3
         t2, l2 = greedy(model, x)
@@ -158,7 +164,7 @@ def test_pre_llm_pruning_equals_reduced_input(model, processor, key):
     x = batch(processor, [0, 3])  # same prompt length: the reference needs no re-padding
     feats = vision_features(model, x["pixel_values"])
     proj = model.model.multi_modal_projector
-    with attach(model, spec) as h:
+    with attach(model, spec, processor) as h:
         logits = model(**x).logits
         trace = h.trace
     if stage_of(spec) == "vision_layer":
@@ -192,7 +198,7 @@ CACHED = {**PRUNING, **MASKED, **SPARSE, **REORDERED}
 def test_cached_generation_equals_recompute_with_replay(model, processor, spec):
     x = batch(processor, [0, 1])
     steps = 4
-    with attach(model, spec) as h:
+    with attach(model, spec, processor) as h:
         tokens, step_logits = greedy(model, x, steps)
         kept = [h.trace.kept_positions(b) for b in range(2)]
         with h.replay():
@@ -218,7 +224,7 @@ def test_batch_of_four_with_padding_equals_batch_of_one(model, processor, spec):
     assert (x4["attention_mask"] == 0).any(), "the batch must be left-padded"
     # positions from the mask, as generate passes them: DART's key norms are taken after RoPE, so absolute
     # positions matter to it (a plain forward would number the left padding too)
-    with attach(model, spec) as h:
+    with attach(model, spec, processor) as h:
         logits4 = model(**x4, position_ids=generate_positions(x4["attention_mask"])).logits[:, -1]
         kept4 = [h.trace.kept_positions(b) for b in range(4)]
         members4 = [h.trace.members(b) for b in range(4)]
@@ -236,7 +242,7 @@ def test_batch_of_four_with_padding_equals_batch_of_one(model, processor, spec):
 def test_trace_counts_match_the_budget_and_the_sequence(model, processor, key):
     spec = PRUNING[key]
     x = batch(processor, [0, 3])
-    with attach(model, spec) as h:
+    with attach(model, spec, processor) as h:
         logits = model(**x).logits
     t = h.trace
     inside = stage_of(spec) == "llm_layer"

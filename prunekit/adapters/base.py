@@ -185,8 +185,26 @@ class ModelAdapter(ABC):
         return (hidden,), kwargs
 
     # --- the model's own pieces, run by hand (the benchmark's oracle floor, bench/oracle.py) ------------
-    def embed_tokens(self, input_ids: Tensor) -> Tensor:
+    def input_embeddings(self, input_ids: Tensor) -> Tensor:
+        """Rows of the language model's input-embedding table."""
         return self.language_model.embed_tokens(input_ids)
+
+    @property
+    def image_token_id(self) -> int:
+        """The id of the image placeholder token in the prompt."""
+        return self.model.config.image_token_id
+
+    @property
+    def language_model_device(self) -> torch.device:
+        """Where the language model's input-embedding table lives (instruction ids go there)."""
+        return self.language_model.embed_tokens.weight.device
+
+    def clip_text_encoder(self, path: str, strategy: str):
+        """The CLIP text encoder + visual projection at ``path`` that matches this model's vision tower (CDPruner's
+        relevance), on the tower's device; refused with the reason when the tower is not such a CLIP."""
+        from .clip_text import ClipTextEncoder
+
+        return ClipTextEncoder.load(path, self.vision_tower, next(self.vision_tower.parameters()).device, strategy)
 
     def lm_logits(self, hidden: Tensor) -> Tensor:
         """The LM head on the final norm of ``hidden`` (B, L, D)."""

@@ -84,7 +84,7 @@ def _language_model(model, adapter, inputs, visual: Tensor, plan) -> Tensor:
     ids = inputs["input_ids"]
     span = adapter.image_token_mask(ids, None)[0].nonzero().squeeze(1)
     start, end = int(span[0]), int(span[-1]) + 1
-    before, after = adapter.embed_tokens(ids[:, :start]), adapter.embed_tokens(ids[:, end:])
+    before, after = adapter.input_embeddings(ids[:, :start]), adapter.input_embeddings(ids[:, end:])
     counts = plan["llm"] if plan is not None else [end - start] * len(adapter.decoder_layers)
     n = counts[0]
     if visual.shape[1] < n:  # LLaVA-NeXT's newlines (and unpadding) are not in the crops' features

@@ -8,6 +8,7 @@ trace, so every timing sits next to its vanilla / pruned FLOPs ratio.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from contextlib import contextmanager
@@ -73,6 +74,14 @@ class _Bench:
                      "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
                      "visual_tokens": shape.visual_tokens}
 
+    @contextmanager
+    def pruned(self, strategy):
+        """``strategy`` attached; strategies that read the instruction before the LLM get a fixed question per row
+        (the shapes have no processor: a small stand-in tokenizer encodes it, ids inside every shape's vocabulary)."""
+        with attach(self.model, strategy, processor=_bench_tokenizer()) as handle, \
+                handle.instructions([BENCH_QUESTION] * self.batch):
+            yield handle
+
     @torch.no_grad()
     def prefill(self) -> torch.Tensor:
         return self.model(**self.x, use_cache=True, logits_to_keep=1).logits
@@ -117,16 +126,27 @@ class _Bench:
                 "tflops": self.vanilla_tflops, "speedup": 1.0, "flops_ratio": 1.0, **self.timed_generate()}
 
     def strategy(self, spec, budget: int, reference_style: bool) -> dict:
-        strategy = build_strategy(spec, budget=budget)
+        strategy = build_strategy(spec, budget=budget, **self.aux_knobs(spec))
         row = {**self.base, "strategy": strategy.name, "budget": budget, "knobs": _knobs(spec)}
         try:
-            attach(self.model, strategy).detach()
+            with self.pruned(strategy):
+                pass
         except (PruningError, ValueError) as err:
             return {**row, "refused": str(err)}
         try:
             return {**row, **self.measure(strategy, reference_style)}
         except (PruningError, ValueError) as err:  # data-dependent limits (e.g. an unreachable budget) surface here
             return {**row, "refused": str(err)}
+
+    def aux_knobs(self, spec) -> dict:
+        """CDPruner's CLIP text encoder: a random stand-in matching this shape's vision width (the speed of its
+        selection does not depend on the weights; the stand-in's text tower is small, see docs/benchmarks.md)."""
+        name = spec if isinstance(spec, str) else spec.get("name")
+        if name != "cdpruner" or (isinstance(spec, dict) and "text_encoder" in spec):
+            return {}
+        from ..tiny import tiny_clip_text_dir
+
+        return {"text_encoder": str(tiny_clip_text_dir(vision_width=self.shape.vision_width))}
 
     def measure(self, strategy, reference_style: bool) -> dict:
         where = REFERENCE_STYLE.get(strategy.name) if reference_style else None
@@ -135,7 +155,7 @@ class _Bench:
         for r in range(self.warmup + self.repeats):
             keep = r >= self.warmup
             vanilla = self.time(self.prefill)
-            with attach(self.model, strategy) as handle, peak_memory(self.shape.device) as peak:
+            with self.pruned(strategy) as handle, peak_memory(self.shape.device) as peak:
                 timer = ScoringTimer(handle, self.clock)
                 try:
                     pruned = self.time(self.prefill)
@@ -146,7 +166,7 @@ class _Bench:
             plan = schedule(trace)
             oracle = self.time(lambda: oracle_prefill(self.model, self.x, plan))
             if where is not None:
-                with _reference_style(self.model, handle.adapter, where), attach(self.model, strategy), \
+                with _reference_style(self.model, handle.adapter, where), self.pruned(strategy), \
                         peak_memory(self.shape.device) as ref_peak:
                     reference = self.time(self.prefill)
                 if keep:
@@ -155,7 +175,7 @@ class _Bench:
             if keep:
                 for key, value in (("vanilla", vanilla), ("pruned", pruned), ("oracle", oracle), ("scoring", scoring)):
                     rounds[key].append(value)
-        with attach(self.model, strategy):
+        with self.pruned(strategy):
             generate = self.timed_generate()
         pruned = summary(rounds["pruned"])
         tflops = self.tflops(trace)
@@ -173,6 +193,16 @@ class _Bench:
             row.update(reference_ms=summary(rounds["reference"])["median"], reference_peak_mem_gb=_gb(peaks["reference"]),
                        reference_over_prunekit=_median_ratio(rounds["reference"], rounds["pruned"]))
         return row
+
+
+BENCH_QUESTION = "What is the colour of the man's shirt?\nAnswer the question using a single word or phrase."
+
+
+@functools.cache
+def _bench_tokenizer():
+    from ..tiny import build_tokenizer
+
+    return build_tokenizer()
 
 
 def _median_ratio(a: list[float], b: list[float]) -> float:

@@ -22,6 +22,7 @@ class Shape:
     model: torch.nn.Module
     inputs: Callable[[int], dict]  # batch size -> model inputs
     visual_tokens: int  # per image, unpruned (LLaVA-NeXT: base + unpadded grid + newlines)
+    vision_width: int  # the vision tower's width (CDPruner's stand-in CLIP text encoder must match it)
 
     @property
     def device(self) -> torch.device:
@@ -101,7 +102,7 @@ def _llava(name, family, s, dtype, attn, image_size) -> Shape:
             pixels = torch.randn(batch, layout.units, 3, side, side, device=device, dtype=dtype)
             sizes = torch.tensor([size] * batch, device=device)
             return {**_prompt(batch, tokens, device), "pixel_values": pixels, "image_sizes": sizes}
-    return Shape(name, family, model, inputs, tokens)
+    return Shape(name, family, model, inputs, tokens, s["clip"][0])
 
 
 def _qwen(name, s, dtype, attn) -> Shape:
@@ -131,7 +132,7 @@ def _qwen(name, s, dtype, attn) -> Shape:
         thw = torch.tensor([[1, grid, grid]] * batch, device=device)
         return {**x, "pixel_values": pixels, "image_grid_thw": thw,
                 "mm_token_type_ids": (x["input_ids"] == IMAGE_TOKEN).int()}
-    return Shape(name, "qwen2_vl", model, inputs, tokens)
+    return Shape(name, "qwen2_vl", model, inputs, tokens, v_dim)
 
 
 def _prompt(batch: int, image_tokens: int, device, start: int | None = None, end: int | None = None) -> dict:

@@ -61,7 +61,7 @@ class PruningEvalModule(L.LightningModule):
         prompts = [self.benchmark.prompt(s.question) for s in usable]
         inputs = self._inputs(usable, prompts)
         vanilla = self._generate(inputs) if self.fidelity else None
-        with attach(self.model, self.strategy) as handle:
+        with attach(self.model, self.strategy, processor=self.processor) as handle, handle.instructions(prompts):
             pruned = self._generate(inputs)
         trace = handle.trace
         timing = pruned["timing"]

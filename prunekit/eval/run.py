@@ -19,6 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .. import compat
+from ..loading import resolve_model_path
 from .cli import fingerprint
 
 log = logging.getLogger("prunekit")
@@ -93,9 +94,16 @@ def supersede(output_dir: Path, reason: str) -> Path:
     return target
 
 
+CHECKPOINT_KNOBS = ("text_encoder",)  # strategy knobs that name an auxiliary checkpoint (CDPruner's CLIP text encoder)
+
+
 def strategy_config(cfg: DictConfig) -> dict:
-    """The strategy's knobs, with the top-level ``budget=`` applied."""
+    """The strategy's knobs, with the top-level ``budget=`` applied and checkpoint knobs resolved like
+    ``model.path`` (an embedded name such as ``tiny-clip-text``, a local directory or a hub id)."""
     strategy = OmegaConf.to_container(cfg.strategy, resolve=True)
+    for knob in CHECKPOINT_KNOBS:
+        if isinstance(strategy.get(knob), str):
+            strategy[knob] = resolve_model_path(strategy[knob])
     if cfg.get("budget") is not None:
         if "budget" in strategy:
             strategy["budget"] = cfg.budget

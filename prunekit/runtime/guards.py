@@ -13,14 +13,20 @@ from .state import VisionPass
 
 
 class GuardsMixin:
-    def _capture_inputs(self, kwargs: dict) -> compat.CallFacts:
-        """Remember what the adapter needs to lay images out (LLaVA-NeXT's image_sizes), from whichever call
-        carries the pixels first (generate, the top model, the multimodal model); returns what the call carries."""
-        facts = compat.CallFacts.read(kwargs)
+    def _capture_inputs(self, kwargs: dict, input_ids: Tensor | None = None, args: tuple = (),
+                        outer: bool = True) -> compat.CallFacts:
+        """Remember what the adapter needs to lay images out (LLaVA-NeXT's image_sizes) and the prompt ids (the
+        instructions), from whichever call carries the pixels first (generate, the top model, the multimodal
+        model); returns what the call carries. An inner call (the multimodal model, which may get inputs_embeds
+        from the top model) adds prompt ids only where the outer call gave none."""
+        facts = compat.CallFacts.read(kwargs, args)
         if facts.video:
             raise UnsupportedInputError("prunekit prunes image tokens; video inputs (pixel_values_videos) are not supported")
         if facts.pixels:
             self._inputs = self.adapter.capture_vision_inputs(kwargs)
+            ids = facts.input_ids if facts.input_ids is not None else input_ids
+            if outer or ids is not None:
+                self._prompt = (ids, facts.attention_mask)
             self._pixels_pending = True
         return facts
 
@@ -38,7 +44,7 @@ class GuardsMixin:
 
     # --- guards -----------------------------------------------------------------------------------
     def _on_top_forward(self, module, args, kwargs):
-        if self._capture_inputs(kwargs).labels:
+        if self._capture_inputs(kwargs, args=args).labels:
             raise UnsupportedInputError(
                 "labels are not supported with pruning attached: the pruned sequence no longer lines up with "
                 "the labels (training through pruning is not implemented). Detach the strategy for a loss."
@@ -60,7 +66,7 @@ class GuardsMixin:
                     f"cache_implementation={request.cache_implementation!r} is not supported: pruning gives "
                     "layers KV caches of different lengths, which needs the dynamic cache"
                 )
-            self._capture_inputs(kwargs)
+            self._capture_inputs(kwargs, request.input_ids)
             self._generate_prefills = 0
             try:
                 out = generate(*args, **kwargs)

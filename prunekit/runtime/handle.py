@@ -34,11 +34,13 @@ from torch import Tensor, nn
 from .. import compat
 from ..adapters import ModelAdapter, adapter_for
 from ..errors import KnobError, PruningError
+from ..processors import InstructionReader
 from ..pruner import Keep, Site, Stage, TokenPruner
 from ..registry import build_strategy
 from ..trace import PruneTrace
 from .decisions import DecisionsMixin
 from .guards import GuardsMixin
+from .instructions import InstructionsMixin
 from .language import LanguageMixin
 from .layout import LayoutMixin
 from .probing import ProbingMixin
@@ -49,17 +51,23 @@ from .vision import VisionMixin
 _ATTACHED: "weakref.WeakKeyDictionary[nn.Module, PruningHandle]" = weakref.WeakKeyDictionary()
 
 
-def attach(model: nn.Module, strategy: TokenPruner | str | Mapping[str, Any], **params: Any) -> "PruningHandle":
-    """Attach ``strategy`` to ``model`` (this instance only). Usable as a plain call or a context manager."""
+def attach(model: nn.Module, strategy: TokenPruner | str | Mapping[str, Any], *, processor: Any = None,
+           **params: Any) -> "PruningHandle":
+    """Attach ``strategy`` to ``model`` (this instance only). Usable as a plain call or a context manager.
+
+    ``processor`` (or a bare tokenizer): the model's processor, needed by strategies that select visual tokens by
+    the instruction before the language model (``Signals(instruction=True)``: MMTok, CDPruner); the instruction is
+    read off each prompt through its chat template, or given with ``handle.instructions([...])``."""
     if not isinstance(strategy, TokenPruner):
         strategy = build_strategy(strategy, **params)
     elif params:
         raise KnobError("pass knobs either to build_strategy or with a strategy name, not with an instance")
-    return PruningHandle(model, strategy)
-class PruningHandle(ValidationMixin, ProbingMixin, DecisionsMixin, VisionMixin, LayoutMixin, LanguageMixin, GuardsMixin):
+    return PruningHandle(model, strategy, processor=processor)
+class PruningHandle(ValidationMixin, ProbingMixin, DecisionsMixin, VisionMixin, LayoutMixin, LanguageMixin, GuardsMixin,
+                    InstructionsMixin):
     """The attachment of one strategy to one model instance: ``trace``, ``replay()``, ``detach()``."""
 
-    def __init__(self, model: nn.Module, strategy: TokenPruner):
+    def __init__(self, model: nn.Module, strategy: TokenPruner, processor: Any = None):
         if model in _ATTACHED:
             raise PruningError(
                 f"this model already has {_ATTACHED[model].strategy!r} attached; detach() it first "
@@ -75,6 +83,9 @@ class PruningHandle(ValidationMixin, ProbingMixin, DecisionsMixin, VisionMixin, 
             if isinstance(e, PruningError):
                 raise
             raise KnobError(f"{strategy.name}: {e}") from e
+        self._reader = InstructionReader(processor) if processor is not None else None
+        self._given_instructions: list[str] | None = None  # handle.instructions([...]) for the calls inside
+        self._prompt: tuple[Tensor | None, Tensor | None] = (None, None)  # prompt ids and mask of the current call
         self._validate()
         self.trace: PruneTrace | None = None
         self.replaying = False

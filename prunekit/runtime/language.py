@@ -21,7 +21,7 @@ from .state import Prefill
 class LanguageMixin:
     # --- multimodal model and LLM entry -----------------------------------------------------------
     def _on_multimodal(self, module, args, kwargs):
-        self._capture_inputs(kwargs)
+        self._capture_inputs(kwargs, args=args, outer=False)
         self._span = self.adapter.read_multimodal_call(args, kwargs)
 
     def _on_llm_entry(self, module, args, kwargs):

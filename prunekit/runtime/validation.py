@@ -42,6 +42,14 @@ class ValidationMixin:
                 raise PruningError(
                     f"strategy {name!r} asks for prompt embeddings at {site}; they exist at llm_layer sites only"
                 )
+            if signals is not None and signals.instruction:
+                if site.stage is Stage.LLM_LAYER:
+                    raise PruningError(f"strategy {name!r} asks for the instruction at {site}; inside the language "
+                                       "model the text tokens are in the sequence (token_types, text_tokens())")
+                if self._reader is None:
+                    raise PruningError(
+                        f"strategy {name!r} selects visual tokens by the instruction before the language model and "
+                        f"needs the model's processor: attach(model, {name!r}, processor=processor)")
             if signals and signals.pre and site.stage is not Stage.LLM_LAYER:
                 raise PruningError(
                     f"strategy {name!r} asks for pre signals (from the next block's input) at {site}; they "

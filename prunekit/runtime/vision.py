@@ -224,6 +224,7 @@ class VisionMixin:
             budget=self.strategy.budget, num_layers=len(self.adapter.vision_layers), signals=signals,
             budget_units=self.adapter.budget_units(),
             _prefix_source=(lambda: vision.prefix) if vision.prefix is not None else None,
+            _instruction_source=self._instruction_source(site, vision),
             _seed_source=vision.seed, _grid_source=lambda u: vision.images[u].grid_positions(self.adapter.image_grid),
         )
 

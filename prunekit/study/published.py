@@ -7,7 +7,9 @@ cognition) and POPE F1 (docs/compare.md: "POPE (F1)"), in the papers' units (poi
 paper's "retain N tokens", whose convention differs between papers (docs/strategies.md). The same method
 has different numbers in different papers, so one comparison reads one source.
 
-Left out on purpose: ToMe and other methods prunekit does not implement, VisionZip's fine-tuned rows, DART's
+CDPruner's and VisPruner's tables come from the LLaVA eval scripts, whose MME is perception only: their MME cells are
+left empty (they have no 192-token row). Left out on purpose: ToMe and other methods prunekit does not implement,
+VisionZip's fine-tuned rows, DART's
 64-token GQA (garbled in the transcription), FasterVLM (its tables are not in the specs), random / pooling
 (arXiv 2502.11501: the budget is not stated).
 """
@@ -21,6 +23,10 @@ SOURCES = {
     "flowcut_tab8": "docs/strategies/flowcut.md: FlowCut paper Tab. 8 (App. A.3), LLaVA-1.5-7B, 32 tokens",
     "mmtok_tab1": "docs/compare.md: MMTok Table 1 (consensus rows from VisionZip; DivPrune re-run by MMTok)",
     "dart_tab1": "docs/compare.md: DART paper Table 1 (FastV / SparseVLM rows = the consensus set)",
+    "cdpruner_tab1": "docs/strategies/cdpruner.md: CDPruner's LLaVA-1.5-7B table (LLaVA eval scripts; its MME is "
+                     "perception only, left out)",
+    "vispruner_tab1": "docs/strategies/vispruner.md: VisPruner's LLaVA-1.5-7B table (LLaVA eval scripts; its MME is "
+                      "perception only, left out)",
 }
 PAPER_METRIC = {"gqa": "accuracy", "mme": "total", "pope": "f1", "textvqa": "accuracy"}
 
@@ -58,6 +64,20 @@ mmtok_tab1,fastv,64,46.1,1256,48.0,47.8
 mmtok_tab1,sparsevlm,64,52.7,1505,75.1,51.8
 mmtok_tab1,visionzip,64,55.1,1690,77.0,55.5
 mmtok_tab1,divprune,64,57.78,1674.40,85.56,54.69
+mmtok_tab1,mmtok,192,60.07,1773.86,86.42,57.68
+mmtok_tab1,mmtok,128,59.29,1779.14,86.25,57.03
+mmtok_tab1,mmtok,64,58.29,1715.33,85.77,56.01
+cdpruner_tab1,keep_all,,61.9,,85.9,58.2
+cdpruner_tab1,cdpruner,128,59.9,,87.7,56.2
+cdpruner_tab1,cdpruner,64,58.6,,87.5,55.3
+cdpruner_tab1,cdpruner,32,57.0,,87.9,53.2
+cdpruner_tab1,divprune,64,57.5,,85.5,54.5
+cdpruner_tab1,visionzip,64,55.1,,77.0,55.5
+vispruner_tab1,keep_all,,62.0,,85.9,58.2
+vispruner_tab1,vispruner,128,58.2,,84.6,57.0
+vispruner_tab1,vispruner,64,55.4,,80.4,55.8
+vispruner_tab1,vispruner,32,52.2,,72.7,53.9
+vispruner_tab1,visionzip,64,55.1,,77.0,55.5
 dart_tab1,keep_all,,61.9,1862,85.9,58.2
 dart_tab1,fastv,192,52.7,1612,64.8,52.5
 dart_tab1,sparsevlm,192,57.6,1721,83.6,56.1
