@@ -228,8 +228,10 @@ def clip_input_embeddings(tower: nn.Module, pixels: Tensor) -> Tensor:
 
 def clip_post_layernorm(tower: nn.Module) -> nn.Module | None:
     """A CLIP tower's final layer norm (meant for the pooled [CLS]; CDPruner applies it to the patches), or None
-    for towers without one."""
-    return getattr(tower, "post_layernorm", None)
+    for towers without one. LLaVA's CLIPVisionModel holds it directly, CLIPVisionModelWithProjection under
+    ``vision_model``."""
+    norm = getattr(tower, "post_layernorm", None)
+    return norm if norm is not None else getattr(getattr(tower, "vision_model", None), "post_layernorm", None)
 
 
 def clip_encoder_layers(tower: nn.Module) -> nn.ModuleList:

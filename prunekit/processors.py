@@ -9,8 +9,12 @@ They live in an importable module so a saved processor reloads with ``<Class>.fr
 """
 from __future__ import annotations
 
+import re
+
 from transformers import Qwen2_5_VLProcessor, Qwen2VLProcessor
 from transformers.processing_utils import ProcessorMixin
+
+from .errors import PruningError
 
 # LLaVA-1.5 (vicuna_v1, as llava-hf's chat template writes it): "USER: <image>\n{prompt} ASSISTANT: {answer}</s>"
 LLAVA_CHAT_TEMPLATE = (
@@ -50,38 +54,61 @@ IMAGE_ONLY_PROCESSORS = {"qwen2_vl": Qwen2VLImageOnlyProcessor, "qwen2_5_vl": Qw
 
 class InstructionReader:
     """Each sample's instruction read off its prompt ids, through the processor's tokenizer and chat template
-    (docs/architecture.md, "Instructions"): the text after the sample's last image placeholder, without what the
-    template writes between an image and the user's text (LLaVA-1.5: a newline; Qwen: ``<|vision_end|>``) and
-    without the assistant's generation prompt (`` ASSISTANT:``). Both marks come from rendering the template once
-    on a probe message, so any family's template is read the same way."""
+    (docs/architecture.md, "Instructions"): the user's text of the last turn, without its images and without the
+    template. Rendering the template once on probe messages tells where a user turn starts (LLaVA-1.5: ``USER:``;
+    Qwen: ``<|im_start|>user``), where the assistant's turn starts (`` ASSISTANT:``; ``<|im_start|>assistant``) and
+    what an image item writes (``<image>\n``; ``<|vision_start|><|image_pad|><|vision_end|>``), so any family's
+    template is read the same way. Marks are matched whatever the decoder does to the spaces between tokens. A prompt
+    whose marks cannot be found is refused, never guessed: give the texts with ``handle.instructions([...])``."""
 
-    _PROBE = "\u2063prunekit-probe\u2063"
+    _A, _B, _C = "\u2063probe-a\u2063", "\u2063probe-b\u2063", "\u2063probe-c\u2063"
 
     def __init__(self, processor):
         self.tokenizer = getattr(processor, "tokenizer", processor)
         if not callable(getattr(self.tokenizer, "convert_tokens_to_ids", None)):
             raise TypeError(f"expected a processor or tokenizer with a tokenizer, got {type(processor).__name__}")
-        self.between, self.suffix = "", ""
-        image_token = getattr(processor, "image_token", None) or getattr(self.tokenizer, "image_token", None)
-        if getattr(processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None):
-            rendered = processor.apply_chat_template(
-                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self._PROBE}]}],
-                add_generation_prompt=True, tokenize=False)
-            at = rendered.index(self._PROBE)
-            image_end = rendered.rfind(image_token, 0, at) + len(image_token) if image_token else at
-            self.between, self.suffix = rendered[image_end:at], rendered[at + len(self._PROBE):]
+        self.image_token = getattr(processor, "image_token", None) or getattr(self.tokenizer, "image_token", None)
+        self.marks = None  # (user turn, assistant turn, image pattern) once a template is found
+        if self.image_token and (getattr(processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)):
+            self.marks = self._read_template(processor)
+
+    def _read_template(self, processor):
+        def render(messages):
+            return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+        a, b, c = self._A, self._B, self._C
+        one = render([{"role": "user", "content": [{"type": "text", "text": a}, {"type": "image"},
+                                                    {"type": "text", "text": b}]}])
+        two = render([{"role": "user", "content": [{"type": "text", "text": a}]},
+                      {"role": "assistant", "content": [{"type": "text", "text": b}]},
+                      {"role": "user", "content": [{"type": "text", "text": c}]}])
+        image = one[one.index(a) + len(a): one.index(b)]
+        if self.image_token not in image:
+            return None
+        head, between = one[: one.index(a)], two[two.index(b) + len(b): two.index(c)]
+        common = 0  # the user-turn mark: what precedes every user turn (the end of the first prompt's head)
+        while common < min(len(head), len(between)) and head[-1 - common] == between[-1 - common]:
+            common += 1
+        user, assistant = head[len(head) - common:], one[one.index(b) + len(b):]
+        before, _, after = image.partition(self.image_token)
+        image_run = _loose(before) + r"\s*(?:" + _loose(self.image_token) + r"\s*)+" + _loose(after)
+        return _loose(user), _loose(assistant), re.compile(image_run)
 
     def text(self, ids: list[int], image_token_id: int) -> str:
         """The instruction of one sample from its live prompt ids (no padding)."""
-        last = max((i for i, t in enumerate(ids) if t == image_token_id), default=-1)
-        text = self.tokenizer.decode(ids[last + 1:], skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        between, suffix = self.between.strip(), self.suffix.strip()
-        text = text.strip()
-        if between and text.startswith(between):
-            text = text[len(between):]
-        if suffix and text.endswith(suffix):
-            text = text[: -len(suffix)]
-        return text.strip()
+        if self.marks is None:
+            raise PruningError("the processor has no chat template with an image item to read the instruction off the "
+                               "prompt; give it with `with handle.instructions([...]):`")
+        user, assistant, image = self.marks
+        prompt = self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        turns = list(re.finditer(assistant, prompt))
+        starts = [m for m in re.finditer(user, prompt) if not turns or m.start() < turns[-1].start()]
+        if not turns or not starts:
+            raise PruningError("the prompt does not follow the processor's chat template (no user turn followed by the "
+                               "assistant's), so its instruction cannot be read off it; give the texts with "
+                               "`with handle.instructions([...]):`")
+        end = min((t.start() for t in turns if t.start() > starts[-1].end()), default=None)
+        return image.sub(" ", prompt[starts[-1].end(): end]).strip()
 
     def ids(self, text: str) -> list[int]:
         """The token ids of ``text``, no special tokens."""
@@ -101,3 +128,10 @@ class InstructionReader:
         bos = self.tokenizer.bos_token_id
         first = self.tokenizer(["x"], is_split_into_words=True, add_special_tokens=True)["input_ids"][:1]
         return bos if bos is not None and first == [bos] else None
+
+
+def _loose(mark: str) -> str:
+    """A regex for ``mark`` that ignores whitespace inside and around it (decoders differ in the spaces they put
+    between tokens: a word-level tokenizer decodes ``USER:`` as ``USER :``)."""
+    chars = [re.escape(ch) for ch in mark if not ch.isspace()]
+    return r"\s*".join(chars) if chars else ""

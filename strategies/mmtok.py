@@ -14,7 +14,8 @@ Per image (LLaVA-NeXT: per crop; the keywords are shared by an image's crops), b
   4. keep      the k picks in original order (compact positions)
 
 τ_t = 0.02 (Qwen: 0.01), τ_v = 0.2, α = 0.5. The official loop, once every gain is −∞ (padding excluded),
-picks index 0 again; ours stops there (`parity=True`: the official loop).
+picks index 0 again; `greedy_coverage` stops there (its `parity=True` is the official loop; padding exclusion is not
+offered here, llava-hf's processor has no letterbox, so the strategy has no parity knob).
 """
 from __future__ import annotations
 
@@ -47,7 +48,6 @@ class MMTok(TokenPruner):
         tau_v: float = 0.2,  # vision–vision temperature
         alpha: float = 0.5,  # weight of the vision–vision coverage
         keyword_filter: bool | None = None,  # None = True on LLaVA, False on Qwen ("Question: " + text)
-        parity: bool = False,  # the official greedy: keeps picking (index 0) once every gain is −∞
         positions: str = "compact",
     ):
         super().__init__(budget, "n_in")
@@ -57,7 +57,7 @@ class MMTok(TokenPruner):
         if alpha < 0:
             raise ValueError(f"mmtok: alpha weighs the vision coverage, >= 0, got {alpha}")
         self.tau_t_given, self.tau_v, self.alpha = tau_t, tau_v, alpha
-        self.filter_given, self.parity = keyword_filter, parity
+        self.filter_given = keyword_filter
         self.position_policy = positions
         self.qwen = False
         self._patches: list[Tensor] = []
@@ -89,7 +89,7 @@ class MMTok(TokenPruner):
             patches = aligned(*self._patches[u], ctx.grid_positions(u))
             text = self.text_embeddings(ctx, u)
             coverage = coverage_matrix(text, ctx.tokens[u, :n], patches, self.tau_t, self.tau_v, self.alpha)
-            keep.append(greedy_coverage(coverage, ctx.target(u), parity=self.parity).sort().values)
+            keep.append(greedy_coverage(coverage, ctx.target(u)).sort().values)
         self._patches = []
         return Keep(keep)
 
@@ -105,7 +105,7 @@ class MMTok(TokenPruner):
 
     def params(self):
         return {**super().params(), "tau_t": self.tau_t, "tau_v": self.tau_v, "alpha": self.alpha,
-                "keyword_filter": self.keyword_filter, "parity": self.parity}
+                "keyword_filter": self.keyword_filter}
 
 
 def keywords(text: str) -> str:
@@ -125,6 +125,10 @@ def aligned(patches: Tensor, positions: Tensor, target: Tensor) -> Tensor:
     if torch.equal(positions, target):
         return patches
     where = {tuple(p): i for i, p in enumerate(positions.tolist())}
+    missing = [tuple(p) for p in target.tolist() if tuple(p) not in where]
+    if missing:
+        raise ValueError(f"mmtok: projected tokens at grid positions {missing[:4]} have no patch state before the "
+                         "projector; the two sites do not see the same tokens")
     return patches[torch.tensor([where[tuple(p)] for p in target.tolist()], device=patches.device)]
 
 

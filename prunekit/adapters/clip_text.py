@@ -44,9 +44,18 @@ class ClipTextEncoder:
                 f"{hint}; {path!r} is a CLIP of vision width {vision.hidden_size}, this tower has width {width}, so "
                 "its projection cannot read this tower's patches (a tower trained without a CLIP text encoder, "
                 "such as the pocket model's, has none)")
+        if vision.patch_size != getattr(tower.config, "patch_size", None):
+            raise UnsupportedModelError(f"{hint}; {path!r} has {vision.patch_size} px patches, this tower "
+                                        f"{getattr(tower.config, 'patch_size', None)}")
         with _quiet():  # each half of a CLIPModel checkpoint reports the other half's weights as unexpected
             text_model = CLIPTextModelWithProjection.from_pretrained(path, **compat.LOAD_KWARGS)
-            projection = CLIPVisionModelWithProjection.from_pretrained(path, **compat.LOAD_KWARGS).visual_projection
+            vision_model = CLIPVisionModelWithProjection.from_pretrained(path, **compat.LOAD_KWARGS)
+        if not _same_norm(compat.clip_post_layernorm(vision_model), post_layernorm):
+            raise UnsupportedModelError(
+                f"{hint}; {path!r} is another CLIP than this tower's: its final layer norm differs from the tower's "
+                "(e.g. the 224 px openai/clip-vit-large-patch14 for LLaVA-1.5's 336 px tower), so its relevance would "
+                "not describe these patches")
+        projection = vision_model.visual_projection
         tokenizer = AutoTokenizer.from_pretrained(path)
         return cls(path, tokenizer, text_model.to(device, torch.float32).eval(), projection.to(device, torch.float32),
                    post_layernorm, device)
@@ -68,6 +77,14 @@ class ClipTextEncoder:
         x = torch.nn.functional.layer_norm(patches.float(), norm.normalized_shape, norm.weight.float(),
                                            norm.bias.float(), norm.eps)
         return self.visual_projection(x.to(self.device))
+
+
+def _same_norm(a: nn.Module | None, b: nn.Module, tolerance: float = 1e-2) -> bool:
+    """The same layer norm up to a half-precision cast of the VLM's copy (bf16 keeps 8 bits: 4e-3 at 1.0)."""
+    if a is None:
+        return False
+    return all(torch.allclose(x.detach().float().cpu(), y.detach().float().cpu(), rtol=0, atol=tolerance)
+               for x, y in ((a.weight, b.weight), (a.bias, b.bias)))
 
 
 @contextmanager

@@ -30,6 +30,11 @@ class GuardsMixin:
             self._pixels_pending = True
         return facts
 
+    def _forget_prompt(self, *_) -> None:
+        """After a top-level call, generate or the multimodal model: its prompt ids must not serve a later call (a
+        direct get_image_features would otherwise read another batch's instructions)."""
+        self._prompt = (None, None)
+
     def _check_budget(self, trace: PruneTrace) -> None:
         """A budget no sample with images can meet is an error, not a silent keep-all (the per-image check at
         attach covers vision-side budgets on fixed-size images; this one every stage and family)."""
@@ -73,6 +78,7 @@ class GuardsMixin:
                 self._check_generate(request)
             finally:
                 self._generate_prefills = None
+                self._forget_prompt()
             return out
 
         return guarded

@@ -192,5 +192,7 @@ class PruningHandle(ValidationMixin, ProbingMixin, DecisionsMixin, VisionMixin, 
                 if i >= llm_layers[0]:
                     hook(layer.register_forward_pre_hook(functools.partial(self._on_decoder_layer, i), with_kwargs=True))
         hook(self.model.register_forward_pre_hook(self._on_top_forward, with_kwargs=True))
+        for module in (self.model, a.multimodal_model):  # a call's prompt ids never serve a later call
+            hook(module.register_forward_hook(self._forget_prompt))
         self.model.generate = self._guarded_generate(self.model.generate)
         self._install_probe()

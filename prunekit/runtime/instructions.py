@@ -94,4 +94,7 @@ class InstructionsMixin:
                 raise PruningError("the images outnumber the prompts' image placeholders; inputs do not line up")
             samples += [(b, i)] * len(img.units)
             filled += img.track.span_length
+            if filled > counts[b]:
+                raise PruningError(f"sample {b} has {counts[b]} image tokens but its images give {filled} features; "
+                                   "prompt placeholders and images do not line up")
         return samples
