@@ -68,6 +68,9 @@ class InstructionReader:
         if not callable(getattr(self.tokenizer, "convert_tokens_to_ids", None)):
             raise TypeError(f"expected a processor or tokenizer with a tokenizer, got {type(processor).__name__}")
         self.image_token = getattr(processor, "image_token", None) or getattr(self.tokenizer, "image_token", None)
+        bos = self.tokenizer.bos_token_id
+        first = self.tokenizer(["x"], is_split_into_words=True, add_special_tokens=True)["input_ids"][:1]
+        self.bos = bos if bos is not None and first == [bos] else None  # the BOS id it puts first; None: none (Qwen)
         self.marks = None  # (user turn, assistant turn, image pattern) once a template is found
         if self.image_token and (getattr(processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)):
             self.marks = self._read_template(processor)
@@ -121,13 +124,6 @@ class InstructionReader:
         if not words:
             return [] if self.bos is None else [self.bos]
         return self.tokenizer(words, is_split_into_words=True, add_special_tokens=True, truncation=True)["input_ids"]
-
-    @property
-    def bos(self) -> int | None:
-        """The BOS id the tokenizer puts first, or None if it adds none (Qwen)."""
-        bos = self.tokenizer.bos_token_id
-        first = self.tokenizer(["x"], is_split_into_words=True, add_special_tokens=True)["input_ids"][:1]
-        return bos if bos is not None and first == [bos] else None
 
 
 def _loose(mark: str) -> str:

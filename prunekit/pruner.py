@@ -228,14 +228,13 @@ class PruneContext:
 class Instruction:
     """One sample's instruction, as a pre-LLM strategy sees it (docs/architecture.md, "Instructions").
 
-    ``text`` is the user's text of the sample's last turn with the image placeholders and the chat template
-    removed: what follows the last image, up to the assistant's turn (LLaVA-1.5: "What is ...?\nAnswer the
-    question using a single word or phrase."), or the text given with ``handle.instructions([...])``. ``ids`` are
-    its token ids in the language model's vocabulary (no special tokens). ``encode(text)`` tokenizes any text the
-    same way; ``encode_words(words)`` tokenizes pre-split words as one sequence with the special tokens (``bos``
-    first where the tokenizer adds one; ``bos`` is None where it adds none); ``embed(ids)`` gives rows of the language model's input-embedding table, (m, D)
-    in the model's dtype and device. ``image`` numbers the unit's image in the batch: the crops of one LLaVA-NeXT
-    image share it.
+    ``text`` is the user's text of the sample's last turn with the images and the chat template removed (LLaVA-1.5:
+    "What is ...?\nAnswer the question using a single word or phrase."), or the text given with
+    ``handle.instructions([...])``. ``ids`` are its token ids in the language model's vocabulary (no special
+    tokens). ``encode(text)`` tokenizes any text the same way; ``encode_words(words)`` tokenizes pre-split words as
+    one sequence with the special tokens (``bos`` first where the tokenizer adds one; ``bos`` is None where it adds
+    none); ``embed(ids)`` gives rows of the language model's input-embedding table, (m, D) in the model's dtype and
+    device. ``image`` numbers the unit's image in the batch: the crops of one LLaVA-NeXT image share it.
     """
 
     text: str

@@ -83,7 +83,8 @@ class PruningHandle(ValidationMixin, ProbingMixin, DecisionsMixin, VisionMixin, 
             if isinstance(e, PruningError):
                 raise
             raise KnobError(f"{strategy.name}: {e}") from e
-        self._reader = InstructionReader(processor) if processor is not None else None
+        needs_reader = processor is not None and any(self._needs_instruction(site) for site in self.sites)
+        self._reader = InstructionReader(processor) if needs_reader else None  # renders the template: only if asked
         self._given_instructions: list[str] | None = None  # handle.instructions([...]) for the calls inside
         self._prompt: tuple[Tensor | None, Tensor | None] = (None, None)  # prompt ids and mask of the current call
         self._validate()

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from ..errors import PruningError
 from ..pruner import Instruction, Site
+from .layout import match_images
 from .state import VisionPass
 
 
@@ -31,16 +32,20 @@ class InstructionsMixin:
         return request is not None and request.instruction
 
     def _instruction_source(self, site: Site, vision: VisionPass):
-        """A callable unit -> Instruction for a site that declared it (else None), resolved on first use."""
+        """A callable unit -> Instruction for a site that declared it (else None), resolved on first use; the units
+        of one image share one Instruction."""
         if not self._needs_instruction(site):
             return None
-        cache: dict[int, Instruction] = {}
+        cache: list[Instruction] = []
 
         def instruction(unit: int) -> Instruction:
             if not cache:
                 texts = self._sample_instructions()
-                for u, (b, image) in enumerate(self._unit_samples(vision, len(texts))):
-                    cache[u] = self._instruction(texts[b], image)
+                made: dict[int, Instruction] = {}
+                for b, image in self._unit_samples(vision, len(texts)):
+                    if image not in made:
+                        made[image] = self._instruction(texts[b], image)
+                    cache.append(made[image])
             return cache[unit]
 
         return instruction
@@ -75,26 +80,20 @@ class InstructionsMixin:
         return [self._reader.text(row.tolist(), image_id) for row in rows]
 
     def _unit_samples(self, vision: VisionPass, batch: int) -> list[tuple[int, int]]:
-        """(sample, image) of each vision unit: images fill the placeholder spans in batch order (as at the LM
-        entry)."""
+        """(sample, image) of each vision unit: images fill the placeholder spans in batch order, as at the LM entry
+        (``layout.match_images``)."""
         ids = self._prompt[0]
         images = self._images(vision)
+        lengths = [img.track.span_length for img in images]
         if ids is None:  # explicit texts and no ids: one image per row is the only unambiguous reading
             if len(images) != batch:
                 raise PruningError(f"{len(images)} images for {batch} instructions and no input_ids to match them: "
                                    "pass input_ids")
-            counts = [img.track.span_length for img in images]
+            counts = lengths
         else:
             counts = self.adapter.image_token_mask(ids, None).sum(1).tolist()
-        samples, b, filled = [], 0, 0
-        for i, img in enumerate(images):
-            while b < len(counts) and filled >= counts[b]:
-                b, filled = b + 1, 0
-            if b >= len(counts):
-                raise PruningError("the images outnumber the prompts' image placeholders; inputs do not line up")
-            samples += [(b, i)] * len(img.units)
-            filled += img.track.span_length
-            if filled > counts[b]:
-                raise PruningError(f"sample {b} has {counts[b]} image tokens but its images give {filled} features; "
-                                   "prompt placeholders and images do not line up")
-        return samples
+        per_sample, remaining = match_images(counts, lengths)
+        if remaining:
+            raise PruningError("the images outnumber the prompts' image placeholders; inputs do not line up")
+        image_sample = {i: b for b, mine in enumerate(per_sample) for i in mine}
+        return [(image_sample[i], i) for i, img in enumerate(images) for _ in img.units]

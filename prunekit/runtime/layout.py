@@ -28,22 +28,9 @@ class LayoutMixin:
                 )
             return [SampleTrack.full([c] if c else []) for c in counts], [[] for _ in counts]
         images = self._images(vision)
-        remaining = list(range(len(images)))
-        tracks, sample_units, sample_images = [], [], []
-        for b, count in enumerate(counts):
-            mine, total = [], 0
-            while total < count and remaining:
-                i = remaining.pop(0)
-                mine.append(i)
-                total += images[i].track.span_length
-            if total != count:
-                raise PruningError(
-                    f"sample {b} has {count} image tokens but its images give {total} features; "
-                    "prompt placeholders and images do not line up"
-                )
-            tracks.append(SampleTrack.from_images([images[i].track for i in mine]))
-            sample_images.append(mine)
-            sample_units.append([u for i in mine for u in images[i].units])
+        sample_images, remaining = match_images(counts, [img.track.span_length for img in images])
+        tracks = [SampleTrack.from_images([images[i].track for i in mine]) for mine in sample_images]
+        sample_units = [[u for i in mine for u in images[i].units] for mine in sample_images]
         if remaining:
             raise compat.seam_error(
                 f"the vision tower encoded {len(images)} images but the language model's input has image-token "
@@ -88,6 +75,24 @@ class LayoutMixin:
             start += lay.units
             images.append(_Image(lay, units, [vision.images[u] for u in units], newlines))
         return images
+
+
+def match_images(counts: list[int], lengths: list[int]) -> tuple[list[list[int]], list[int]]:
+    """Images fill the samples' placeholder spans in batch order: each sample's images (their span ``lengths`` add
+    up to its ``counts`` image tokens) and the images left over. A sample whose images do not add up is refused."""
+    remaining = list(range(len(lengths)))
+    per_sample = []
+    for b, count in enumerate(counts):
+        mine, total = [], 0
+        while total < count and remaining:
+            i = remaining.pop(0)
+            mine.append(i)
+            total += lengths[i]
+        if total != count:
+            raise PruningError(f"sample {b} has {count} image tokens but its images give {total} features; "
+                               "prompt placeholders and images do not line up")
+        per_sample.append(mine)
+    return per_sample, remaining
 
 
 def _sample_grid(track: SampleTrack, adapter: ModelAdapter) -> tuple[int, int] | None:
