@@ -15,6 +15,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 import transformers
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
@@ -201,6 +202,30 @@ class GenerateRequest:
         return cls(setting("num_beams") or 1,
                    kwargs.get("assistant_model") is not None or bool(setting("prompt_lookup_num_tokens")),
                    setting("prefill_chunk_size"), setting("cache_implementation"), ids)
+
+
+def continuation_logits(model: nn.Module, inputs: dict, forced: Tensor) -> Tensor:
+    """Teacher forcing through ``generate``: the prompt ``inputs`` is prefilled once, then ``forced[:, t]`` is fed
+    at decode step ``t``. Returns the raw logits that predicted each forced token, ``(batch, steps, vocab)``.
+
+    The continuation only ever enters as decode steps: a strategy attached to the model decides at the prefill,
+    from the prompt alone (lmms-eval's loglikelihood must not let the answer choose the kept tokens)."""
+
+    steps = forced.shape[1]
+    start = inputs["input_ids"].shape[1]
+
+    class Force(transformers.LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            step = input_ids.shape[1] - start
+            out = torch.full_like(scores, float("-inf"))
+            return out.scatter_(1, forced[:, step : step + 1].to(scores.device), 0.0)
+
+    out = model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, num_beams=1,
+                         logits_processor=transformers.LogitsProcessorList([Force()]), output_logits=True,
+                         return_dict_in_generate=True)
+    if len(out.logits) != steps:
+        raise SeamError(f"generate returned {len(out.logits)} steps of logits for {steps} forced tokens")
+    return torch.stack(out.logits, dim=1)
 
 
 # --- attention backends -------------------------------------------------------------------------------------

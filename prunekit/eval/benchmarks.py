@@ -16,7 +16,8 @@ POST_PROMPT = "\nAnswer the question using a single word or phrase."
 class Benchmark:
     name: ClassVar[str]
     max_new_tokens: ClassVar[int]
-    stop: ClassVar[tuple[str, ...]] = ()  # generation stops (lmms-eval ``until``); the text is cut there
+    # the answer is cut at these (lmms-eval's ``until``: the task's, else its default, the few-shot delimiter "\n\n")
+    stop: ClassVar[tuple[str, ...]] = ("\n\n",)
 
     def prompt(self, question: str) -> str:
         return question.strip() + POST_PROMPT
@@ -27,11 +28,6 @@ class Benchmark:
     def aggregate(self, records: list[dict]) -> dict:
         """Benchmark metrics over scored records; GQA and TextVQA: the mean score (lmms-eval's ``exact_match``)."""
         return {"accuracy": metrics.mean(r["score"] for r in records)}
-
-    def postprocess(self, text: str) -> str:
-        for stop in self.stop:
-            text = text.split(stop, 1)[0]
-        return text
 
 
 class Pope(Benchmark):
@@ -73,7 +69,7 @@ class GQA(Benchmark):
 class TextVQA(Benchmark):
     name = "textvqa"
     max_new_tokens = 32  # lmms-eval sets only ``until``; answers are single words or phrases
-    stop = ("ASSISTANT:",)
+    stop = ("ASSISTANT:",)  # the task's own ``until``, which replaces the default
 
     def prompt(self, question):
         return question.capitalize() + POST_PROMPT

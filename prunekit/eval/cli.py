@@ -60,7 +60,7 @@ def _plugins(overrides) -> list[str]:
 
 
 def prepare(argv: list[str] | None = None) -> None:
-    """Call before ``@hydra.main`` runs: import plugins, register config nodes and resolvers, check names."""
+    """Call before ``@hydra.main`` runs: import plugins, register config nodes, check names."""
     from hydra.core.config_store import ConfigStore
 
     argv = sys.argv[1:] if argv is None else argv
@@ -71,8 +71,6 @@ def prepare(argv: list[str] | None = None) -> None:
     for name in registered:
         if not (CONFIG_DIR / "strategy" / f"{name}.yaml").exists():
             store.store(group="strategy", name=name, node=strategy_node(name))
-    if not OmegaConf.has_resolver("prunekit_run_name"):
-        OmegaConf.register_new_resolver("prunekit_run_name", run_name)
     _check_strategies(overrides, registered)
 
 
@@ -141,3 +139,9 @@ def summary_line(results: dict) -> str:
     if results["counts"]["skipped"]:
         parts.append(f"skipped {results['counts']['skipped']} corrupt samples")
     return " | ".join(parts)
+
+
+# Registered on import, not in ``prepare``: a job that a launcher runs in another process (submitit on Slurm)
+# unpickles the task function, which imports this module, and resolves its sweep subdir there.
+if not OmegaConf.has_resolver("prunekit_run_name"):
+    OmegaConf.register_new_resolver("prunekit_run_name", run_name)

@@ -23,6 +23,7 @@ from ..registry import build_strategy
 from ..runtime import attach
 from .benchmarks import get_benchmark
 from .data import Sample
+from .prompting import chat_inputs, cut_at_stops
 from ..loading import load_model
 from .records import encode_positions, gather_records, summarise
 from ..timing import PrefillTimer
@@ -105,17 +106,7 @@ class PruningEvalModule(L.LightningModule):
                 "answer": answer}
 
     def _inputs(self, samples: list[Sample], prompts: list[str]):
-        texts = [
-            self.processor.apply_chat_template(
-                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}],
-                add_generation_prompt=True,
-            )
-            for prompt in prompts
-        ]
-        inputs = self.processor(images=[s.image for s in samples], text=texts, return_tensors="pt", padding=True)
-        inputs = inputs.to(self.device)
-        inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
-        return inputs
+        return chat_inputs(self.processor, [[s.image] for s in samples], prompts, self.device, self.model.dtype)
 
     def _generate(self, inputs) -> dict:
         timer = PrefillTimer(self.model, self.adapter.vision_tower)
@@ -123,8 +114,7 @@ class PruningEvalModule(L.LightningModule):
             out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1,
                                       output_logits=True, return_dict_in_generate=True)
         new = out.sequences[:, inputs["input_ids"].shape[1]:]
-        texts = [self.benchmark.postprocess(t).strip()
-                 for t in self.processor.batch_decode(new, skip_special_tokens=True)]
+        texts = [cut_at_stops(t, self.benchmark.stop) for t in self.processor.batch_decode(new, skip_special_tokens=True)]
         return {"texts": texts, "first_logits": out.logits[0].float(), "timing": timer.result,
                 "steps": new.shape[1]}
 

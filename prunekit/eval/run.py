@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .. import compat
 from ..loading import resolve_model_path
+from ..registry import load_plugins
 from .cli import fingerprint
 
 log = logging.getLogger("prunekit")
@@ -116,10 +117,14 @@ def evaluate(cfg: DictConfig, output_dir: str | os.PathLike) -> dict:
     """Run the evaluation described by ``cfg`` (the composed ablate config) and return its metrics."""
     import lightning as L
 
+    from lightning.pytorch.utilities import rank_zero_only
+
     from .datamodule import BenchmarkDataModule
+    from .faults import fault_callbacks
     from .loggers import build_loggers, finish_loggers
     from .module import PruningEvalModule
 
+    load_plugins(cfg.get("plugins") or [])  # again: a launcher may run this job in a fresh process (submitit)
     output_dir = Path(output_dir)
     done = _complete_metrics(output_dir)
     if done is not None:
@@ -127,8 +132,9 @@ def evaluate(cfg: DictConfig, output_dir: str | os.PathLike) -> dict:
         if problem is None:
             log.info("skipping: %s already holds a complete run (delete it to re-run)", output_dir)
             return done
-        log.warning("re-running %s: its finished run was %s; the old files are kept in %s", output_dir, problem,
-                    supersede(output_dir, problem))
+        if rank_zero_only.rank == 0:  # under Slurm every rank of the job runs this function
+            log.warning("re-running %s: its finished run was %s; the old files are kept in %s", output_dir,
+                        problem, supersede(output_dir, problem))
     output_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -146,7 +152,7 @@ def evaluate(cfg: DictConfig, output_dir: str | os.PathLike) -> dict:
         log.warning(RANDOM_WEIGHTS_NOTE)
     loggers = build_loggers(cfg, output_dir)
     trainer = L.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), logger=loggers or False,
-                        default_root_dir=str(output_dir))
+                        default_root_dir=str(output_dir), callbacks=fault_callbacks(output_dir))
     trainer.test(module, datamodule=data, verbose=False)
 
     results = module.results | {

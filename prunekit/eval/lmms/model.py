@@ -1,0 +1,292 @@
+"""``PrunekitLMM``: any prunekit strategy on any supported family, as an lmms-eval "simple" model.
+
+Model args (``--model_args k=v,...``; lmms-eval passes ``batch_size`` and ``device`` itself):
+
+- ``pretrained``: a name from configs/model (``tiny``, ``tiny_576``, ``pocket``, ``llava15_7b``, ...: its path,
+  dtype, attention backend, default budget and CLIP text encoder), an embedded model name (``tiny-next``), a local
+  directory or a hub id. The family comes from the checkpoint's config.
+- ``strategy`` (default ``keep_all``: the unpruned model, with prunekit's token accounting), ``budget``, and any
+  knob of the strategy (``relay=mean_query``); a knob the strategy lacks is refused with the list of its knobs.
+- ``dtype``, ``attn_implementation``: override the model config's.
+- ``stats_path``: append one JSON line per sample (``doc_id``, ``task``, ``n_in``, ``n_final``, ``n_avg``,
+  ``prefill_ms``, ...); unset, ``$PRUNEKIT_LMMS_STATS`` names the file.
+
+Requests are answered as prunekit's own evaluator answers them (``prompting``: the images first, then the
+context, under the processor's chat template; greedy unless the task asks to sample; the text cut at the task's
+``until``). Each ``generate_until`` answer carries lmms-eval's ``TokenCounts`` (the prompt's tokens as tokenized,
+the generated tokens) with prunekit's counts added under ``"prunekit"``, which lmms-eval writes into each logged
+sample's ``token_counts``; their means go into the ``throughput`` summary of lmms-eval's results.json (and so into
+its W&B artifact), and into the W&B run's summary when one is active.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
+from lmms_eval.api.model import lmms
+from lmms_eval.models.model_utils.gen_metrics import log_metrics
+from omegaconf import OmegaConf
+
+from ... import compat
+from ...adapters import adapter_for
+from ...loading import TINY, load_model
+from ...registry import build_strategy
+from ...runtime import attach
+from ...timing import PrefillTimer
+from ..cli import CONFIG_DIR, strategy_node
+from ..prompting import chat_inputs, chat_text, cut_at_stops
+from ..records import encode_positions
+from ..run import RANDOM_WEIGHTS_NOTE, strategy_config
+
+log = logging.getLogger("prunekit")
+STATS_ENV = "PRUNEKIT_LMMS_STATS"
+OWN_ARGS = ("pretrained", "strategy", "budget", "dtype", "attn_implementation", "device", "batch_size", "stats_path")
+DEFAULT_MAX_NEW_TOKENS = 1024  # lmms-eval's Hugging Face models, for a task that sets none
+
+
+def model_settings(pretrained: str) -> dict:
+    """A configs/model name's settings, else ``pretrained`` as a path or hub id with the defaults."""
+    path = CONFIG_DIR / "model" / f"{pretrained}.yaml"
+    if "/" not in pretrained and path.exists():
+        return OmegaConf.to_container(OmegaConf.load(path), resolve=True)  # type: ignore[return-value]
+    return {"name": pretrained, "path": pretrained, "dtype": None, "attn_implementation": "sdpa",
+            "random_weights": pretrained in TINY, "default_budget": None}
+
+
+def strategy_settings(name: str, knobs: dict, model: dict, budget) -> dict:
+    """The strategy's config as ablate.py composes it: its YAML (or constructor defaults), the knobs given, the
+    budget (else the model config's default) and checkpoint knobs resolved (CDPruner's ``text_encoder``)."""
+    node = strategy_node(name)
+    unknown = sorted(set(knobs) - set(node))
+    if unknown:
+        raise ValueError(f"strategy {name!r} has no knob {', '.join(map(repr, unknown))}; its knobs: "
+                         f"{', '.join(k for k in node if k != 'name')}. The model's own args: {', '.join(OWN_ARGS)}.")
+    budget = model.get("default_budget") if budget is None else budget
+    return strategy_config(OmegaConf.create({"strategy": node | knobs, "model": model, "budget": budget}))
+
+
+@dataclass
+class PrunedTokenCounts(TokenCounts):
+    """lmms-eval's per-request token counters, plus prunekit's record of the sample (``to_dict`` is what it logs)."""
+
+    prunekit: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return super().to_dict() | {"prunekit": self.prunekit}
+
+
+def _device(device: str | None) -> torch.device:
+    if device in (None, "", "cuda"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class PrunekitLMM(lmms):
+    is_simple = True
+
+    def __init__(self, pretrained: str = "tiny", strategy: str = "keep_all", budget: int | None = None,
+                 dtype: str | None = None, attn_implementation: str | None = None, device: str | None = None,
+                 batch_size: int | str = 1, stats_path: str | None = None, max_batch_size=None, **knobs):
+        # max_batch_size: lmms-eval passes it for batch_size=auto, which is refused below
+        super().__init__()
+        settings = model_settings(str(pretrained))
+        self.strategy = build_strategy(strategy_settings(strategy, knobs, settings, budget))  # before the model loads
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+            raise NotImplementedError(
+                "prunekit's lmms-eval model runs in one process. For several GPUs, run one lmms-eval per GPU on a "
+                "shard (--limit / --offset), or prunekit's own evaluator with trainer=ddp (docs/lmms_eval.md).")
+        self._device = _device(device)
+        dtype = dtype or settings.get("dtype") or ("bfloat16" if self._device.type == "cuda" else "float32")
+        self.model, self.processor = load_model(settings.get("path"), dtype,
+                                                attn_implementation or settings.get("attn_implementation") or "sdpa")
+        self.model.to(self._device)
+        self.vision_tower = adapter_for(self.model).vision_tower
+        if str(batch_size).startswith("auto"):
+            raise ValueError("batch_size=auto is not supported by prunekit's model; give a number (--batch_size 8)")
+        self.batch_size = int(batch_size)
+        stats_path = stats_path or os.environ.get(STATS_ENV)
+        self.stats_path = Path(stats_path) if stats_path else None
+        self.image_token = getattr(self.processor, "image_token", None)
+        if settings.get("random_weights"):
+            log.warning(RANDOM_WEIGHTS_NOTE)
+
+    # --- generate_until -------------------------------------------------------------------------------
+    def generate_until(self, requests: list[Instance]) -> list[GenerationResult]:
+        answers: list[GenerationResult | None] = [None] * len(requests)
+        stats = []
+        for batch in self._batches(requests, by_generation=True):
+            gen = batch[0][1].args[1]
+            batch, contexts, images, skipped = self._readable(batch)
+            for i, record in skipped:
+                answers[i] = GenerationResult("", PrunedTokenCounts(prunekit=record))
+                stats.append(record)
+            if not batch:
+                continue
+            inputs = chat_inputs(self.processor, images, contexts, self._device, self.model.dtype)
+            timer = PrefillTimer(self.model, self.vision_tower)
+            with attach(self.model, self.strategy, processor=self.processor) as handle, \
+                    handle.instructions(contexts), timer:
+                sequences = self.model.generate(**inputs, **self._decoding(gen))
+            new = sequences[:, inputs["input_ids"].shape[1]:]
+            texts = self.processor.batch_decode(new, skip_special_tokens=True)
+            pad = self.model.generation_config.pad_token_id
+            until = gen.get("until") or []
+            prompt_tokens = inputs["attention_mask"].sum(1).tolist()
+            for b, (i, request) in enumerate(batch):
+                record = self._record(request, handle.trace, b, timer.result, len(batch))
+                record["new_tokens"] = int((new[b] != pad).sum()) if pad is not None else new.shape[1]
+                counts = PrunedTokenCounts(input_tokens=prompt_tokens[b], output_tokens=record["new_tokens"],
+                                           prunekit=record)
+                answers[i] = GenerationResult(cut_at_stops(texts[b], [until] if isinstance(until, str) else until),
+                                              counts)
+                stats.append(record)
+        self._report(stats)
+        return answers  # type: ignore[return-value]
+
+    def _decoding(self, gen: dict) -> dict:
+        """The task's generation kwargs as ``generate`` takes them: greedy unless it asks to sample."""
+        temperature = float(gen.get("temperature") or 0)
+        sample = bool(gen.get("do_sample")) or temperature > 0
+        settings = {"max_new_tokens": int(gen.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS), "do_sample": sample,
+                    "num_beams": int(gen.get("num_beams") or 1)}  # beams: the runtime refuses them, saying why
+        if sample:
+            settings |= {"temperature": temperature or 1.0, "top_p": gen.get("top_p") or 1.0}
+        return settings
+
+    # --- loglikelihood --------------------------------------------------------------------------------
+    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
+        """log p(continuation | context, images) summed over its tokens, and whether greedy decoding gives it.
+
+        The strategy prunes on the context alone: the continuation is fed as teacher-forced decode steps after
+        the prefill (``compat.continuation_logits``), so it cannot change which visual tokens are kept."""
+        results: list[tuple[float, bool] | None] = [None] * len(requests)
+        stats = []
+        tokenizer = self.processor.tokenizer
+        for batch in self._batches(requests, by_generation=False):
+            batch, contexts, images, skipped = self._readable(batch)
+            for i, record in skipped:
+                results[i] = (float("-inf"), False)
+                stats.append(record)
+            if not batch:
+                continue
+            inputs = chat_inputs(self.processor, images, contexts, self._device, self.model.dtype)
+            continuations = [self._continuation_ids(tokenizer, chat_text(self.processor, len(row), context),
+                                                    self._continuation(r))
+                             for row, context, (_, r) in zip(images, contexts, batch)]
+            longest = max(len(c) for c in continuations)
+            forced = torch.tensor([c + [c[-1]] * (longest - len(c)) for c in continuations], device=self._device)
+            timer = PrefillTimer(self.model, self.vision_tower)
+            with attach(self.model, self.strategy, processor=self.processor) as handle, \
+                    handle.instructions(contexts), timer:
+                logits = compat.continuation_logits(self.model, inputs, forced)
+            logprobs = logits.float().log_softmax(-1)
+            for b, (i, request) in enumerate(batch):
+                n = len(continuations[b])
+                target = forced[b, :n]
+                total = logprobs[b, torch.arange(n), target].sum().item()
+                results[i] = (total, bool((logits[b, :n].argmax(-1) == target).all()))
+                stats.append(self._record(request, handle.trace, b, timer.result, len(batch)) | {"new_tokens": 0})
+        self._report(stats)
+        return results  # type: ignore[return-value]
+
+    def _continuation(self, request: Instance) -> str:
+        target = request.args[1]
+        if not isinstance(target, str):
+            doc = self.task_dict[request.args[4]][request.args[5]][request.args[3]]
+            target = target(doc)
+        if isinstance(target, list):
+            target = target[0]
+        return str(target)
+
+    @staticmethod
+    def _continuation_ids(tokenizer, prompt: str, continuation: str) -> list[int]:
+        """The continuation's tokens as they follow the prompt (the whole tokenized, minus the prompt's tokens)."""
+        head = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        whole = tokenizer(prompt + continuation, add_special_tokens=False)["input_ids"]
+        tail = whole[len(head):] if whole[:len(head)] == head else tokenizer(continuation, add_special_tokens=False)[
+            "input_ids"]
+        if not tail:
+            raise ValueError(f"the continuation {continuation!r} tokenizes to nothing; loglikelihood needs a token")
+        return tail
+
+    def generate_until_multi_round(self, requests) -> list[str]:
+        raise NotImplementedError(
+            "prunekit's lmms-eval model does not run multi-round tasks: each round would continue a pruned KV cache "
+            "with a whole new turn, which the runtime refuses. Run single-round tasks (generate_until, loglikelihood)."
+        )
+
+    # --- shared -----------------------------------------------------------------------------------------
+    def _batches(self, requests: list[Instance], *, by_generation: bool):
+        """Batches of ``(index, request)`` in request order, one task (and generation setting) per batch."""
+        groups: dict[str, list] = defaultdict(list)
+        for i, r in enumerate(requests):
+            key = r.args[4]  # the task, in both request kinds' arguments
+            if by_generation:
+                key = f"{key}|{json.dumps(r.args[1], sort_keys=True, default=str)}"
+            groups[key].append((i, r))
+        for group in groups.values():
+            for start in range(0, len(group), self.batch_size):
+                yield group[start:start + self.batch_size]
+
+    def _readable(self, batch: list):
+        """``batch`` split into the requests whose images decode (with their contexts and RGB images) and the
+        others, ``(index, record)``: a corrupt image is skipped and counted, never the end of the run. lmms-eval
+        still scores a skipped request (an empty answer, log-probability -inf), as wrong."""
+        readable, contexts, images, skipped = [], [], [], []
+        for i, r in batch:
+            doc_to_visual, doc_id, task, split = r.args[2], r.args[3], r.args[4], r.args[5]
+            try:
+                visuals = doc_to_visual(self.task_dict[task][split][doc_id]) or []
+                visuals = [v for item in visuals for v in (item if isinstance(item, list) else [item])]
+                if any(isinstance(v, str) for v in visuals):
+                    raise NotImplementedError(f"task {task!r} gives videos; prunekit's lmms-eval model takes images")
+                rgb = [v.convert("RGB") for v in visuals]
+            except NotImplementedError:
+                raise
+            except Exception as error:
+                log.warning("skipping doc %s of %s: its image cannot be read (%s)", doc_id, task, error)
+                skipped.append((i, {"doc_id": doc_id, "task": task, "skipped": True, "error": str(error)}))
+                continue
+            context = r.args[0]
+            if self.image_token and self.image_token in context:  # the template places the images itself
+                context = context.replace(self.image_token, "").strip()
+            readable.append((i, r))
+            contexts.append(context)
+            images.append(rgb)
+        return readable, contexts, images, skipped
+
+    def _record(self, request: Instance, trace, row: int, timing, batch_size: int) -> dict:
+        """One sample's token counts (n_in / n_final / n_avg, docs/evaluation.md) and its batch's timings."""
+        return {"doc_id": request.doc_id, "task": request.task_name, "n_vanilla": trace.n_vanilla[row],
+                "n_in": trace.n_in[row], "n_final": trace.n_final[row], "n_avg": trace.n_avg[row],
+                "prefill_ms": timing.prefill_ms, "call_ms": timing.prefill_ms + timing.decode_ms,
+                "batch_size": batch_size,
+                "kept": encode_positions(trace.kept_positions(row).tolist())}
+
+    def _report(self, records: list[dict]) -> None:
+        """The per-sample file, lmms-eval's throughput summary and the W&B run's summary."""
+        if self.stats_path is not None and records:
+            self.stats_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.stats_path, "a") as f:
+                for record in records:
+                    f.write(json.dumps(record) + "\n")
+        stats = [r for r in records if not r.get("skipped")]
+        if not stats:
+            return
+        means = {f"prunekit_{k}": sum(s[k] for s in stats) / len(stats)
+                 for k in ("n_vanilla", "n_in", "n_final", "n_avg", "prefill_ms")}
+        seconds = sum(s["call_ms"] / s["batch_size"] for s in stats) / 1e3  # each batch's call counted once
+        tokens = sum(s["new_tokens"] for s in stats)
+        log_metrics(total_elapsed_time=seconds, total_gen_tokens=tokens, avg_speed=tokens / seconds if seconds else 0.0,
+                    additional_metrics={**means, "prunekit_samples": len(stats),
+                                        "prunekit_skipped": len(records) - len(stats)})
+        wandb = sys.modules.get("wandb")
+        if wandb is not None and getattr(wandb, "run", None) is not None:
+            wandb.run.summary.update({k.replace("prunekit_", "prunekit/"): v for k, v in means.items()})

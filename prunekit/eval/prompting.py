@@ -1,0 +1,35 @@
+"""How a sample becomes model inputs and an answer, shared by prunekit's evaluator and its lmms-eval model.
+
+One definition, so the two harnesses cannot drift apart: the user turn holds the sample's images first, then
+the prompt, rendered by the processor's own chat template with the generation prompt appended; answers are
+cut at the task's stop strings (lmms-eval's ``until``) and stripped.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+
+def chat_text(processor, n_images: int, prompt: str) -> str:
+    """The rendered prompt: one user turn holding ``n_images`` images then ``prompt``, and the generation prompt."""
+    content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": prompt}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+
+def chat_inputs(processor, images: Sequence[Sequence], prompts: Sequence[str], device, dtype):
+    """Processor outputs for a left-padded batch: row ``b`` holds ``images[b]`` (any number) and ``prompts[b]``."""
+    if len(images) != len(prompts):
+        raise ValueError(f"{len(images)} image lists for {len(prompts)} prompts")
+    texts = [chat_text(processor, len(row), prompt) for row, prompt in zip(images, prompts)]
+    flat = [image for row in images for image in row]
+    inputs = processor(images=flat or None, text=texts, return_tensors="pt", padding=True).to(device)
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    return inputs
+
+
+def cut_at_stops(text: str, stops: Sequence[str]) -> str:
+    """The answer: ``text`` up to the first stop string (lmms-eval's ``until``), stripped."""
+    for stop in stops:
+        if stop:
+            text = text.split(stop, 1)[0]
+    return text.strip()
