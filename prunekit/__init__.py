@@ -18,7 +18,7 @@ __all__ = [
     "UnsupportedModelError",
     "adapter_for", "supported_families", "support_matrix",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def __getattr__(name):  # support_matrix builds tiny models: import it on first use only

@@ -21,7 +21,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 from torch import Tensor, nn
 
-from .errors import SeamError
+from .errors import SeamError, UnsupportedInputError
 
 # The minors the CI matrix has passed on; pyproject's transformers requirement says the same (a test keeps
 # them equal). The upper bound is the first minor not yet tested.
@@ -204,15 +204,34 @@ class GenerateRequest:
                    setting("prefill_chunk_size"), setting("cache_implementation"), ids)
 
 
+def _eos_ids(model: nn.Module) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    return set() if eos is None else {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
+
+
+def generated_lengths(model: nn.Module, new_tokens: Tensor) -> list[int]:
+    """Per row of ``generate``'s new tokens, how many it generated: up to and including its first end-of-sequence
+    token (a row that finished early is padded after it)."""
+    eos = _eos_ids(model)
+    lengths = []
+    for row in new_tokens.tolist():
+        stop = next((t for t, token in enumerate(row) if token in eos), None)
+        lengths.append(len(row) if stop is None else stop + 1)
+    return lengths
+
+
 def continuation_logits(model: nn.Module, inputs: dict, forced: Tensor) -> Tensor:
     """Teacher forcing through ``generate``: the prompt ``inputs`` is prefilled once, then ``forced[:, t]`` is fed
     at decode step ``t``. Returns the raw logits that predicted each forced token, ``(batch, steps, vocab)``.
 
     The continuation only ever enters as decode steps: a strategy attached to the model decides at the prefill,
-    from the prompt alone (lmms-eval's loglikelihood must not let the answer choose the kept tokens)."""
-
+    from the prompt alone (lmms-eval's loglikelihood must not let the answer choose the kept tokens). A forced
+    end-of-sequence token is refused: ``generate`` would end that row and feed padding after it."""
     steps = forced.shape[1]
     start = inputs["input_ids"].shape[1]
+    if _eos_ids(model) & set(forced.flatten().tolist()):
+        raise UnsupportedInputError("the continuation holds the end-of-sequence token, which would end the row "
+                                    "during teacher forcing; score a continuation without it")
 
     class Force(transformers.LogitsProcessor):
         def __call__(self, input_ids, scores):

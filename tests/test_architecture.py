@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+import prunekit
+
 ROOT = Path(__file__).resolve().parents[1]
 MAX_LINES = 500
 
@@ -72,6 +74,7 @@ def test_the_wheel_installs_one_top_level_package_and_lists_the_strategies(tmp_p
     assert top == {"prunekit"}, top
     assert "prunekit/strategies/flowcut.py" in names and not any(n.startswith("strategies/") for n in names)
     assert "prunekit/configs/strategy/flowcut.yaml" in names and "prunekit/configs/ablate.yaml" in names
+    assert "prunekit/configs/hydra/launcher/slurm.yaml" in names
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
@@ -90,4 +93,4 @@ def test_the_wheel_installs_one_top_level_package_and_lists_the_strategies(tmp_p
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "'flowcut'" in proc.stdout and "'visionzip'" in proc.stdout
-    assert proc.stdout.strip().endswith("64 prunekit 0.1.0 (installed, no checkout)")  # flowcut.yaml's budget
+    assert proc.stdout.strip().endswith(f"64 prunekit {prunekit.__version__} (installed, no checkout)")  # budget: flowcut.yaml

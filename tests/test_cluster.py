@@ -4,7 +4,6 @@ import json
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
 
 from test_ablate import CONFIGS, DEFAULT_RUN, ablate, env  # noqa: F401  (env: the runner's environment fixture)
 
@@ -38,7 +37,8 @@ def test_a_submitit_sweep_equals_the_basic_one_and_redoes_only_the_killed_job(en
     assert first.returncode != 0  # the killed job is reported; the other three finished
     done = finished(sweep)
     assert len(done) == 3 and not any(KILLED in name for name in done)
-    assert any(KILLED in d.name for d in sweep.iterdir())  # it had started: its directory exists, unfinished
+    (killed,) = [d for d in sweep.iterdir() if KILLED in d.name]  # it had started: its directory exists, unfinished
+    assert "killed after 2 samples (PRUNEKIT_KILL_AFTER_SAMPLES)" in (killed / "ablate.log").read_text()
     stamps = {name: (d / "metrics.json").stat().st_mtime_ns for name, d in done.items()}
 
     second = ablate(env, *cluster_args)
@@ -53,10 +53,17 @@ def test_a_submitit_sweep_equals_the_basic_one_and_redoes_only_the_killed_job(en
         assert outcome(theirs[name]) == outcome(ours[name]), name
 
 
-def test_the_slurm_launcher_config_gives_one_task_per_gpu():
-    slurm = OmegaConf.load(CONFIGS / "hydra" / "launcher" / "slurm.yaml")
-    assert slurm.defaults == ["submitit_slurm"]
-    assert slurm.tasks_per_node == slurm.gpus_per_node == 1
-    slurm.gpus_per_node = 4
-    assert slurm.tasks_per_node == 4  # Lightning's ddp under Slurm: one process per GPU, rank from Slurm
-    assert slurm.max_num_timeout > 0  # a pre-empted job is requeued
+def test_the_slurm_launcher_composes_with_one_task_per_gpu():
+    """Composed by Hydra against the launcher's own schema (SlurmQueueConf), as ``-m hydra/launcher=slurm`` does."""
+    from hydra import compose, initialize_config_dir
+
+    from prunekit.eval import cli
+
+    cli.prepare([])
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        one = compose("ablate", overrides=["hydra/launcher=slurm"], return_hydra_config=True).hydra.launcher
+        four = compose("ablate", overrides=["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=4",
+                                            "hydra.launcher.partition=gpu"], return_hydra_config=True).hydra.launcher
+    assert one._target_.endswith("SlurmLauncher") and one.tasks_per_node == one.gpus_per_node == 1
+    assert (four.tasks_per_node, four.partition) == (4, "gpu")  # ddp under Slurm: one process per GPU
+    assert one.max_num_timeout > 0 and one.submitit_folder.endswith(".submitit/%j")

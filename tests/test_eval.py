@@ -1,6 +1,7 @@
 """The Lightning evaluation module on the tiny model: records, fidelity, accounting, skipped samples."""
 import lightning as L
 import pytest
+import torch
 
 from helpers import png, write
 from prunekit.eval.data import write_synthetic_pope
@@ -115,3 +116,37 @@ def test_embedded_models_have_64_and_576_visual_tokens(tmp_path, monkeypatch):
     for name, tokens in (("tiny", 64), ("tiny-576", 576)):
         vision = AutoConfig.from_pretrained(resolve_model_path(name)).vision_config
         assert (vision.image_size // vision.patch_size) ** 2 == tokens
+
+
+def test_generated_lengths_stop_at_the_first_end_of_sequence_token():
+    from types import SimpleNamespace
+
+    from prunekit import compat
+
+    model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[2, 7]))
+    rows = torch.tensor([[5, 2, 0, 0], [5, 6, 8, 9], [7, 7, 0, 0], [4, 9, 3, 7]])
+    assert compat.generated_lengths(model, rows) == [2, 4, 1, 4]
+
+
+def test_teacher_forcing_refuses_an_end_of_sequence_token(tiny_dir):
+    from prunekit import compat
+    from prunekit.errors import UnsupportedInputError
+    from prunekit.loading import load_model
+    from prunekit.tiny import synthetic_image
+
+    model, processor = load_model(str(tiny_dir))
+    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text",
+                                                                                          "text": "hi"}]}],
+                                         add_generation_prompt=True)
+    inputs = processor(images=[synthetic_image(0)], text=[text], return_tensors="pt")
+    eos = model.generation_config.eos_token_id
+    eos = eos[0] if isinstance(eos, list) else eos
+    with pytest.raises(UnsupportedInputError, match="end-of-sequence"):
+        compat.continuation_logits(model, inputs, torch.tensor([[5, eos]]))
+    logits = compat.continuation_logits(model, inputs, torch.tensor([[5, 6, 8]]))
+    with torch.no_grad():
+        full = processor(images=[synthetic_image(0)], text=[text], return_tensors="pt")
+        ids = torch.cat([full["input_ids"], torch.tensor([[5, 6]])], 1)
+        plain = model(input_ids=ids, pixel_values=full["pixel_values"],
+                      attention_mask=torch.ones_like(ids)).logits[0, -3:]
+    assert torch.allclose(logits[0], plain, atol=1e-4)  # step t's logits come after forced tokens < t

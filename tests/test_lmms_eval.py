@@ -21,9 +21,11 @@ from lmms_eval.api.instance import Instance  # noqa: E402
 from helpers import prompt  # noqa: E402
 from prunekit.eval.data import SYNTHETIC_FILE, write_synthetic_pope  # noqa: E402
 from prunekit.eval.datamodule import BenchmarkDataModule  # noqa: E402
+from prunekit.errors import PruningError  # noqa: E402
 from prunekit.eval.lmms.model import PrunekitLMM  # noqa: E402
 from prunekit.eval.lmms.tasks import write_pope_task  # noqa: E402
 from prunekit.eval.module import PruningEvalModule  # noqa: E402
+from prunekit.eval.benchmarks import POST_PROMPT  # noqa: E402
 
 pytestmark = pytest.mark.lmms
 TASK = "t"
@@ -74,11 +76,12 @@ def test_prunekit_resolves_through_lmms_evals_registry():
 def test_lmms_eval_cli_on_a_local_pope_task_equals_prunekits_evaluator(tiny_dir, pope_root, tmp_path):
     tasks = tmp_path / "tasks"
     write_pope_task(tasks, [pope_root / SYNTHETIC_FILE], task="local_pope", max_new_tokens=6)
+    write_pope_task(tasks, [pope_root / SYNTHETIC_FILE], task="local_pope_mc", choice=True)
     env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled",
                         "PRUNEKIT_LMMS_STATS": str(tmp_path / "stats.jsonl")}
     run = subprocess.run(
         [sys.executable, "-m", "lmms_eval", "--model", "prunekit",
-         "--model_args", f"pretrained={tiny_dir},strategy=mmtok,budget=16", "--tasks", "local_pope",
+         "--model_args", f"pretrained={tiny_dir},strategy=mmtok,budget=16", "--tasks", "local_pope,local_pope_mc",
          "--include_path", str(tasks), "--batch_size", "2", "--output_path", str(tmp_path / "out"),
          "--log_samples"], env=env, capture_output=True, text=True, timeout=600)
     results = glob.glob(str(tmp_path / "out" / "*" / "*_results.json"))
@@ -107,13 +110,34 @@ def test_lmms_eval_cli_on_a_local_pope_task_equals_prunekits_evaluator(tiny_dir,
     assert summary["throughput"]["avg_prunekit_n_in"] == 16.0
     assert summary["throughput"]["avg_prunekit_n_vanilla"] == 64.0
     lines = [json.loads(line) for line in (tmp_path / "stats.jsonl").read_text().splitlines()]
-    assert sorted(line["doc_id"] for line in lines) == list(range(8))
+    generated = [line for line in lines if line["task"] == "local_pope"]
+    assert sorted(line["doc_id"] for line in generated) == list(range(8))
     assert all(line["n_in"] == 16 and line["prefill_ms"] > 0 for line in lines)
+
+    # the multiple-choice twin: lmms-eval scores " yes" / " no" through the plugin's loglikelihood and takes the
+    # argmin of the losses; its accuracy is what the losses say, worked out here from the plugin called directly
+    choice = {s["doc_id"]: s for s in map(json.loads, Path(glob.glob(
+        str(tmp_path / "out" / "*" / "*_samples_local_pope_mc.jsonl"))[0]).read_text().splitlines())}
+    direct = PrunekitLMM(pretrained=str(tiny_dir), strategy="mmtok", budget=16, batch_size=2)
+    data = BenchmarkDataModule("pope", root=str(pope_root), batch_size=1)
+    data.setup("test")
+    samples = [data.dataset[i] for i in range(8)]
+    direct.task_dict = {TASK: {"test": [{"image": s.image} for s in samples]}}
+    requests = [loglikelihood_request(s.question.strip() + POST_PROMPT, f" {answer}", i)
+                for i, s in enumerate(samples) for answer in ("yes", "no")]
+    losses = [r.text[0] for r in direct.loglikelihood(requests)]
+    correct = []
+    for i, s in enumerate(samples):
+        logged = [float(loss) for loss, _ in choice[i]["filtered_resps"]]
+        assert logged == pytest.approx(losses[2 * i:2 * i + 2], abs=1e-5)
+        correct.append(("yes", "no")[losses[2 * i + 1] < losses[2 * i]] == s.answer)
+    assert summary["results"]["local_pope_mc"]["acc,none"] == pytest.approx(sum(correct) / 8)
 
 
 # --- loglikelihood ---------------------------------------------------------------------------------------
-def reference_logprob(model, processor, image, context: str, continuation: str) -> float:
-    """log p(continuation | context) from one plain forward of the unpruned model over the whole text."""
+def reference_loss(model, processor, image, context: str, continuation: str) -> float:
+    """The mean negative log-likelihood of the continuation's tokens, from one plain forward of the unpruned model
+    over the whole text."""
     text = prompt(processor, context)
     head = processor(images=[image], text=[text], return_tensors="pt")
     whole = processor(images=[image], text=[text + continuation], return_tensors="pt")
@@ -121,25 +145,26 @@ def reference_logprob(model, processor, image, context: str, continuation: str) 
     with torch.no_grad():
         logits = model(**whole).logits[0].float().log_softmax(-1)
     targets = whole["input_ids"][0, -n:]
-    return logits[-n - 1:-1].gather(1, targets[:, None]).sum().item()
+    return -logits[-n - 1:-1].gather(1, targets[:, None]).mean().item()
 
 
-def test_keep_all_loglikelihood_is_the_unpruned_models_log_probability(tiny_dir, images):
+def test_keep_all_loglikelihood_is_the_unpruned_models_loss(tiny_dir, images):
     model = lmm(tiny_dir, images, "keep_all", batch_size=2)
     requests = [loglikelihood_request("Is there a red circle?", " yes", 0),
                 loglikelihood_request("How many shapes?", " two shapes", 1),
                 loglikelihood_request("Is there a red circle?", " no", 2)]
     got = model.loglikelihood(requests)
-    for (logprob, _), r in zip(got, requests):
+    for result, r in zip(got, requests):
         ctx, cont, doc_id = r.args[0], r.args[1], r.args[3]
-        expected = reference_logprob(model.model, model.processor, images[doc_id], ctx, cont)
-        assert logprob == pytest.approx(expected, abs=1e-4)
-        assert logprob < 0
+        loss, _ = result.text
+        assert loss == pytest.approx(reference_loss(model.model, model.processor, images[doc_id], ctx, cont), abs=1e-4)
+        assert loss > 0
 
 
 def test_the_continuation_never_chooses_the_kept_tokens(tiny_dir, images, tmp_path):
-    """FastV ranks by the last prompt token's attention, MMTok by the instruction's words: were the continuation
-    part of the prefill, its tokens would change the kept set."""
+    """FastV ranks by the last prompt token's attention: were the continuation part of the prefill, its last token
+    would change the kept set. MMTok ranks by the instruction's words: were the continuation passed as part of the
+    instruction, they would."""
     for strategy in ("fastv", "mmtok"):
         stats = tmp_path / f"{strategy}.jsonl"
         model = lmm(tiny_dir, images, strategy, budget=8, batch_size=1, stats_path=str(stats))
@@ -150,7 +175,7 @@ def test_the_continuation_never_chooses_the_kept_tokens(tiny_dir, images, tmp_pa
         kept = [json.loads(line)["kept"] for line in stats.read_text().splitlines()]
         assert len(kept) == 4 and len(set(kept)) == 1, strategy  # generate_until's and each continuation's
         assert answers[0].token_counts.prunekit["kept"] == kept[0]
-        assert len({s for s, _ in scores}) == 3
+        assert len({s.text[0] for s in scores}) == 3
 
 
 def test_is_greedy_says_whether_greedy_decoding_gives_the_continuation(tiny_dir, images):
@@ -177,7 +202,7 @@ def test_is_greedy_says_whether_greedy_decoding_gives_the_continuation(tiny_dir,
     other = "zz" if string != "zz" else "yy"
     got = model.loglikelihood([loglikelihood_request(context, string, doc_id),
                                loglikelihood_request(context, other, doc_id)])
-    assert got[0][1] is True and got[1][1] is False
+    assert got[0].text[1] is True and got[1].text[1] is False
 
 
 # --- the rest of the interface ---------------------------------------------------------------------------
@@ -206,7 +231,10 @@ def test_a_corrupt_image_is_skipped_and_counted_and_the_rest_answered(tiny_dir, 
     assert answers[0].text == alone.text and answers[0].token_counts.prunekit["n_final"] == 8
     assert answers[0].token_counts.prunekit["kept"] == alone.token_counts.prunekit["kept"]
     scores = model.loglikelihood([loglikelihood_request("Any?", " yes", 4), loglikelihood_request("Any?", " yes", 1)])
-    assert scores[0] == (float("-inf"), False) and scores[1][0] > float("-inf")
+    assert scores[0].text == (float("inf"), False) and scores[1].text[0] < float("inf")
+    model.task_dict[TASK]["test"].append({"image": None})
+    with pytest.raises(PruningError, match="no image of this batch of 2 requests could be read"):
+        model.generate_until([generate_request("Any?", 4), generate_request("Any?", 5)])
     lines = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
     assert [(line["doc_id"], line.get("skipped", False)) for line in lines] == [(0, False), (4, True), (0, False),
                                                                              (4, True), (1, False)]
@@ -245,9 +273,9 @@ def test_every_family_answers_and_scores_through_the_plugin(family, images):
     model = lmm(family, images, "keep_all", batch_size=2)
     requests = [loglikelihood_request("Is there a red circle?", " yes", 0),
                 loglikelihood_request("What is it?", " a square", 1)]
-    for (logprob, _), r in zip(model.loglikelihood(requests), requests):
-        expected = reference_logprob(model.model, model.processor, images[r.args[3]], r.args[0], r.args[1])
-        assert logprob == pytest.approx(expected, abs=1e-4)
+    for result, r in zip(model.loglikelihood(requests), requests):
+        expected = reference_loss(model.model, model.processor, images[r.args[3]], r.args[0], r.args[1])
+        assert result.text[0] == pytest.approx(expected, abs=1e-4)
     pruned = lmm(family, images, "fastv", budget=8, batch_size=2)
     answers = pruned.generate_until([generate_request("Is there a red circle?", 0), generate_request("Why?", 1)])
     for answer in answers:
@@ -265,4 +293,6 @@ def test_the_means_reach_an_active_wandb_runs_summary(tiny_dir, images, monkeypa
     model.generate_until([generate_request("Is there a red circle?", 0), generate_request("Why?", 1)])
     summary = sys.modules["wandb"].run.summary
     assert summary["prunekit/n_vanilla"] == 64 and summary["prunekit/n_final"] == 8
-    assert summary["prunekit/prefill_ms"] > 0
+    assert summary["prunekit/prefill_ms"] > 0 and summary["prunekit/samples"] == 2
+    model.generate_until([generate_request("Is there a red circle?", 0)])
+    assert sys.modules["wandb"].run.summary["prunekit/samples"] == 3  # the run's means so far, not the last call's

@@ -6,11 +6,14 @@ runs whose output directory's name contains the text. Unset, nothing happens.
 """
 from __future__ import annotations
 
+import logging
 import os
 import signal
 from pathlib import Path
 
 import lightning as L
+
+log = logging.getLogger("prunekit")
 
 AFTER = "PRUNEKIT_KILL_AFTER_SAMPLES"
 ONLY = "PRUNEKIT_KILL_ONLY"
@@ -24,6 +27,9 @@ class KillAfterSamples(L.Callback):
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self.seen += len(batch)
         if self.seen >= self.samples:
+            log.warning("killed after %d samples (%s)", self.seen, AFTER)  # the test reads this line in the job's log
+            for handler in logging.getLogger().handlers + log.handlers:
+                handler.flush()
             os.kill(os.getpid(), signal.SIGKILL)
 
 

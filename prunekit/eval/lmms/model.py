@@ -13,10 +13,10 @@ Model args (``--model_args k=v,...``; lmms-eval passes ``batch_size`` and ``devi
 
 Requests are answered as prunekit's own evaluator answers them (``prompting``: the images first, then the
 context, under the processor's chat template; greedy unless the task asks to sample; the text cut at the task's
-``until``). Each ``generate_until`` answer carries lmms-eval's ``TokenCounts`` (the prompt's tokens as tokenized,
-the generated tokens) with prunekit's counts added under ``"prunekit"``, which lmms-eval writes into each logged
-sample's ``token_counts``; their means go into the ``throughput`` summary of lmms-eval's results.json (and so into
-its W&B artifact), and into the W&B run's summary when one is active.
+``until``). ``loglikelihood`` returns lmms-eval's loss convention (the mean negative log-likelihood). Each answer
+and score carries lmms-eval's ``TokenCounts`` with prunekit's counts added under ``"prunekit"``, which lmms-eval
+writes into each logged sample's ``token_counts``; means go into the ``throughput`` summary of lmms-eval's
+results.json (and so into its W&B artifact), and into the W&B run's summary when one is active.
 """
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ from omegaconf import OmegaConf
 
 from ... import compat
 from ...adapters import adapter_for
+from ...errors import PruningError
 from ...loading import TINY, load_model
 from ...registry import build_strategy
 from ...runtime import attach
@@ -48,6 +49,7 @@ from ..run import RANDOM_WEIGHTS_NOTE, strategy_config
 log = logging.getLogger("prunekit")
 STATS_ENV = "PRUNEKIT_LMMS_STATS"
 OWN_ARGS = ("pretrained", "strategy", "budget", "dtype", "attn_implementation", "device", "batch_size", "stats_path")
+MEANS = ("n_vanilla", "n_in", "n_final", "n_avg", "prefill_ms")  # averaged over the answered samples
 DEFAULT_MAX_NEW_TOKENS = 1024  # lmms-eval's Hugging Face models, for a task that sets none
 
 
@@ -114,6 +116,7 @@ class PrunekitLMM(lmms):
         stats_path = stats_path or os.environ.get(STATS_ENV)
         self.stats_path = Path(stats_path) if stats_path else None
         self.image_token = getattr(self.processor, "image_token", None)
+        self._totals: dict[str, float] = {}  # sums over the run, for the W&B summary
         if settings.get("random_weights"):
             log.warning(RANDOM_WEIGHTS_NOTE)
 
@@ -136,12 +139,12 @@ class PrunekitLMM(lmms):
                 sequences = self.model.generate(**inputs, **self._decoding(gen))
             new = sequences[:, inputs["input_ids"].shape[1]:]
             texts = self.processor.batch_decode(new, skip_special_tokens=True)
-            pad = self.model.generation_config.pad_token_id
+            lengths = compat.generated_lengths(self.model, new)
             until = gen.get("until") or []
             prompt_tokens = inputs["attention_mask"].sum(1).tolist()
             for b, (i, request) in enumerate(batch):
                 record = self._record(request, handle.trace, b, timer.result, len(batch))
-                record["new_tokens"] = int((new[b] != pad).sum()) if pad is not None else new.shape[1]
+                record["new_tokens"] = lengths[b]
                 counts = PrunedTokenCounts(input_tokens=prompt_tokens[b], output_tokens=record["new_tokens"],
                                            prunekit=record)
                 answers[i] = GenerationResult(cut_at_stops(texts[b], [until] if isinstance(until, str) else until),
@@ -161,18 +164,20 @@ class PrunekitLMM(lmms):
         return settings
 
     # --- loglikelihood --------------------------------------------------------------------------------
-    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
-        """log p(continuation | context, images) summed over its tokens, and whether greedy decoding gives it.
+    def loglikelihood(self, requests: list[Instance]) -> list[GenerationResult]:
+        """Per request ``(loss, is_greedy)``: the mean negative log-likelihood of the continuation's tokens given the
+        context and images, as lmms-eval's own models return it (its multiple-choice scoring takes the argmin),
+        and whether greedy decoding gives the continuation.
 
         The strategy prunes on the context alone: the continuation is fed as teacher-forced decode steps after
         the prefill (``compat.continuation_logits``), so it cannot change which visual tokens are kept."""
-        results: list[tuple[float, bool] | None] = [None] * len(requests)
+        results: list[GenerationResult | None] = [None] * len(requests)
         stats = []
         tokenizer = self.processor.tokenizer
         for batch in self._batches(requests, by_generation=False):
             batch, contexts, images, skipped = self._readable(batch)
             for i, record in skipped:
-                results[i] = (float("-inf"), False)
+                results[i] = GenerationResult((float("inf"), False), PrunedTokenCounts(prunekit=record))
                 stats.append(record)
             if not batch:
                 continue
@@ -187,12 +192,15 @@ class PrunekitLMM(lmms):
                     handle.instructions(contexts), timer:
                 logits = compat.continuation_logits(self.model, inputs, forced)
             logprobs = logits.float().log_softmax(-1)
+            prompt_tokens = inputs["attention_mask"].sum(1).tolist()
             for b, (i, request) in enumerate(batch):
                 n = len(continuations[b])
                 target = forced[b, :n]
-                total = logprobs[b, torch.arange(n), target].sum().item()
-                results[i] = (total, bool((logits[b, :n].argmax(-1) == target).all()))
-                stats.append(self._record(request, handle.trace, b, timer.result, len(batch)) | {"new_tokens": 0})
+                loss = -logprobs[b, torch.arange(n), target].mean().item()
+                record = self._record(request, handle.trace, b, timer.result, len(batch)) | {"new_tokens": 0}
+                counts = PrunedTokenCounts(input_tokens=prompt_tokens[b] + n, output_tokens=0, prunekit=record)
+                results[i] = GenerationResult((loss, bool((logits[b, :n].argmax(-1) == target).all())), counts)
+                stats.append(record)
         self._report(stats)
         return results  # type: ignore[return-value]
 
@@ -242,17 +250,16 @@ class PrunekitLMM(lmms):
         readable, contexts, images, skipped = [], [], [], []
         for i, r in batch:
             doc_to_visual, doc_id, task, split = r.args[2], r.args[3], r.args[4], r.args[5]
+            doc = self.task_dict[task][split][doc_id]
             try:
-                visuals = doc_to_visual(self.task_dict[task][split][doc_id]) or []
+                visuals = doc_to_visual(doc) or []
                 visuals = [v for item in visuals for v in (item if isinstance(item, list) else [item])]
                 if any(isinstance(v, str) for v in visuals):
                     raise NotImplementedError(f"task {task!r} gives videos; prunekit's lmms-eval model takes images")
                 rgb = [v.convert("RGB") for v in visuals]
-            except NotImplementedError:
-                raise
-            except Exception as error:
+            except (OSError, ValueError, AttributeError, SyntaxError) as error:  # PIL's ways to fail on bad bytes
                 log.warning("skipping doc %s of %s: its image cannot be read (%s)", doc_id, task, error)
-                skipped.append((i, {"doc_id": doc_id, "task": task, "skipped": True, "error": str(error)}))
+                skipped.append((i, {"doc_id": doc_id, "task": task, "skipped": True, "error": repr(error)}))
                 continue
             context = r.args[0]
             if self.image_token and self.image_token in context:  # the template places the images itself
@@ -260,6 +267,9 @@ class PrunekitLMM(lmms):
             readable.append((i, r))
             contexts.append(context)
             images.append(rgb)
+        if len(batch) > 1 and not readable:  # a whole batch unreadable is a wrong task or layout, not bad luck
+            raise PruningError(f"no image of this batch of {len(batch)} requests could be read, e.g. "
+                               f"{skipped[0][1]['error']}; check the task's doc_to_visual against the dataset")
         return readable, contexts, images, skipped
 
     def _record(self, request: Instance, trace, row: int, timing, batch_size: int) -> dict:
@@ -271,22 +281,29 @@ class PrunekitLMM(lmms):
                 "kept": encode_positions(trace.kept_positions(row).tolist())}
 
     def _report(self, records: list[dict]) -> None:
-        """The per-sample file, lmms-eval's throughput summary and the W&B run's summary."""
+        """The per-sample file; the call's means into lmms-eval's throughput summary (lmms-eval makes one call per
+        request type); the run's means so far into the active W&B run's summary."""
         if self.stats_path is not None and records:
             self.stats_path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.stats_path, "a") as f:
                 for record in records:
                     f.write(json.dumps(record) + "\n")
-        stats = [r for r in records if not r.get("skipped")]
-        if not stats:
+        answered = [r for r in records if not r.get("skipped")]
+        if not records:
             return
-        means = {f"prunekit_{k}": sum(s[k] for s in stats) / len(stats)
-                 for k in ("n_vanilla", "n_in", "n_final", "n_avg", "prefill_ms")}
-        seconds = sum(s["call_ms"] / s["batch_size"] for s in stats) / 1e3  # each batch's call counted once
-        tokens = sum(s["new_tokens"] for s in stats)
+        means = {f"prunekit_{k}": sum(s[k] for s in answered) / len(answered) for k in MEANS} if answered else {}
+        seconds = sum(s["call_ms"] / s["batch_size"] for s in answered) / 1e3  # each batch's call counted once
+        tokens = sum(s["new_tokens"] for s in answered)
         log_metrics(total_elapsed_time=seconds, total_gen_tokens=tokens, avg_speed=tokens / seconds if seconds else 0.0,
-                    additional_metrics={**means, "prunekit_samples": len(stats),
-                                        "prunekit_skipped": len(records) - len(stats)})
+                    additional_metrics={**means, "prunekit_samples": len(answered),
+                                        "prunekit_skipped": len(records) - len(answered)})
+        for s in answered:
+            for k in MEANS:
+                self._totals[k] = self._totals.get(k, 0.0) + s[k]
+        self._totals["samples"] = self._totals.get("samples", 0) + len(answered)
+        self._totals["skipped"] = self._totals.get("skipped", 0) + len(records) - len(answered)
         wandb = sys.modules.get("wandb")
-        if wandb is not None and getattr(wandb, "run", None) is not None:
-            wandb.run.summary.update({k.replace("prunekit_", "prunekit/"): v for k, v in means.items()})
+        if wandb is not None and getattr(wandb, "run", None) is not None and self._totals["samples"]:
+            n = self._totals["samples"]
+            wandb.run.summary.update({f"prunekit/{k}": self._totals[k] / n for k in MEANS}
+                                     | {"prunekit/samples": n, "prunekit/skipped": self._totals["skipped"]})
