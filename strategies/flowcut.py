@@ -29,6 +29,7 @@ takes the batch max like the reference); zero probabilities give 0 log 0 = 0 ins
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -41,6 +42,16 @@ from prunekit.ops import gather_rows, select_top
 from prunekit.scoring import ScoreInputs, get_relay, get_score, normalise
 
 SCHEDULES = ("adaptive", "uniform", "single_layer")
+STACK_ELEMENTS = 1 << 24  # values scored in one stacked call (64 MB in fp32): bounds the extra peak memory
+
+
+class LayerSignals(NamedTuple):
+    """One layer's recorded signals (or several layers' stacked along the units); None where not needed."""
+
+    attention: Tensor  # (U, N) the relay's head-mean attention
+    values: Tensor | None  # (U, H, N, d)
+    relay_value: Tensor | None  # (U, H, d)
+    prefix_values: Tensor | None  # (U, H, P, d): CLS
 
 
 @register_strategy("flowcut")
@@ -94,6 +105,8 @@ class FlowCut(TokenPruner):
         self._final: int | None = final_layer
         self._sites: list[Site] | None = None
         self._cumulative: Tensor | None = None
+        self._pending: list[LayerSignals] = []  # layers scored since the last cut, not yet folded into C
+        self._tokens_key, self._tokens = None, None  # current_tokens() of the live set, while it lasts
 
     # --- where ----------------------------------------------------------------------------------------
     def bind(self, adapter) -> None:
@@ -142,31 +155,81 @@ class FlowCut(TokenPruner):
         return Signals(rows=(AttentionRows(self._relay.query, "mean"),),
                        values=self.value_norm_term or self._semantic)
 
-    # --- per layer ------------------------------------------------------------------------------------
+    # --- per layer ---------------------------------------------------------------------------------------
     def prune(self, ctx: PruneContext) -> Keep | None:
         if ctx.stage is Stage.LLM_LAYER:
             return self.prune_llm(ctx)
         if ctx.layer == self.sites()[0].layer:
-            self._cumulative = None  # a new pass through the encoder
-        lengths = ctx.lengths.to(ctx.tokens.device)
-        live = torch.arange(ctx.tokens.shape[1], device=lengths.device)[None] < lengths[:, None]
-        target = torch.tensor([ctx.target(u) if self._unit_target is None else min(self._unit_target, int(n))
-                               for u, n in enumerate(ctx.lengths.tolist())], device=lengths.device)
-        if not bool((lengths > target).any()):
+            self._cumulative, self._pending, self._tokens_key = None, [], None  # a new pass through the encoder
+        lengths, live, target, excess = self.current_tokens(ctx)
+        if not bool(excess.any()):
             return None
-        criteria, attention = self.criteria(ctx, live)
-        current = self.score_fn(criteria).float()
-        w = self.history_weight
-        self._cumulative = current if self._cumulative is None else w * self._cumulative + (1 - w) * current
+        # Step 1 is recorded now and scored later: the live set cannot change before the next cut, so the
+        # layers between two cuts are scored in one stacked call (issue 24: per-layer small ops dominated).
+        layer = self.layer_signals(ctx)
+        self._pending.append(layer)
         if not self.prunes_at(ctx.layer):
             return None
-        dropped = self.prune_counts(attention, live, lengths, target, self._final - ctx.layer)
+        dropped = self.prune_counts(layer.attention.float(), live, excess, self._final - ctx.layer)
         if not bool(dropped.any()):
             return None  # P = 0 everywhere: nothing leaves at this layer
         keep_counts = torch.maximum(lengths - dropped, target)
-        indices = select_top(self._cumulative, live, keep_counts)
+        indices = select_top(self.cumulative(live), live, keep_counts)
         self._cumulative = gather_rows(self._cumulative, indices)
         return Keep(indices)
+
+    def current_tokens(self, ctx: PruneContext) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Lengths (U,), live mask (U, N), per-unit target (U,) and excess N - T >= 0 (U,); computed once per
+        live set (they change only at a cut)."""
+        key = (ctx.tokens.shape[1], tuple(ctx.lengths.tolist()))
+        if self._tokens_key != key:
+            lengths = ctx.lengths.to(ctx.tokens.device)
+            live = torch.arange(ctx.tokens.shape[1], device=lengths.device)[None] < lengths[:, None]
+            target = torch.tensor([ctx.target(u) if self._unit_target is None else min(self._unit_target, n)
+                                   for u, n in enumerate(key[1])], device=lengths.device)
+            self._tokens_key, self._tokens = key, (lengths, live, target, (lengths - target).clamp(min=0))
+        return self._tokens
+
+    def layer_signals(self, ctx: PruneContext) -> "LayerSignals":
+        """One layer's signals as recorded (views, any dtype): what its score needs."""
+        values = relay_value = prefix_values = None
+        if self._semantic or self.value_norm_term:
+            values = ctx.values()  # (U, H, N, d), zero past each unit's length
+            if self._semantic and self._relay.value is not None:
+                relay_value, prefix_values = ctx.query_values(self._relay.value), ctx.prefix_values()
+        return LayerSignals(ctx.attention(self._relay.query, "mean"), values, relay_value, prefix_values)
+
+    def cumulative(self, live: Tensor) -> Tensor:
+        """C over the current tokens (U, N), after folding in the layers scored since the last cut, in layer
+        order: C = S at the pass's first layer, then C = w C + (1 - w) S."""
+        w = self.history_weight
+        for current in self.scores(self._pending, live):
+            self._cumulative = current if self._cumulative is None else w * self._cumulative + (1 - w) * current
+        self._pending = []
+        return self._cumulative
+
+    def scores(self, layers: list["LayerSignals"], live: Tensor):
+        """S of each layer (U, N), fp32; layers are stacked into one call, STACK_ELEMENTS values at a time."""
+        if not layers:
+            return
+        per_layer = layers[0].values.numel() if layers[0].values is not None else live.numel()
+        step = max(STACK_ELEMENTS // max(per_layer, 1), 1)
+        for start in range(0, len(layers), step):
+            chunk = layers[start : start + step]
+            stacked = LayerSignals(*(None if xs[0] is None else torch.stack(xs).flatten(0, 1).float()
+                                     for xs in zip(*chunk)))
+            yield from self.score_fn(self.criteria(stacked, live.repeat(len(chunk), 1))).float().unflatten(
+                0, (len(chunk), -1))
+
+    def criteria(self, layer: "LayerSignals", live: Tensor) -> ScoreInputs:
+        """The three criteria (U, N) of one layer's signals, or of several stacked along the units."""
+        semantic = value_norm = None
+        if self.value_norm_term:
+            value_norm = layer.values.mean(1).abs().sum(-1)
+        if layer.relay_value is not None:
+            semantic = semantic_attention(layer.relay_value, layer.prefix_values, layer.values, live,
+                                          self.semantic_scaled)
+        return ScoreInputs(layer.attention if self.attention_term else None, semantic, value_norm, live)
 
     def prune_llm(self, ctx: PruneContext) -> Keep:
         """Stage 2: each sample's visual tokens cut to exactly T by the last prompt token's view."""
@@ -183,32 +246,18 @@ class FlowCut(TokenPruner):
         target = lengths.clamp(max=self.budget.tokens)
         return Keep(select_top(score, live, target))
 
-    def criteria(self, ctx: PruneContext, live: Tensor) -> tuple[ScoreInputs, Tensor]:
-        """The three criteria of layer ``ctx.layer`` (fp32), and the raw relay attention for the count."""
-        attention = ctx.attention(self._relay.query, "mean").float()
-        semantic = value_norm = None
-        if self._semantic or self.value_norm_term:
-            values = ctx.values().float()  # (U, H, N, d), zero past each unit's length
-            if self.value_norm_term:
-                value_norm = values.mean(1).abs().sum(-1)
-            if self._semantic and self._relay.value is not None:
-                semantic = semantic_attention(ctx.query_values(self._relay.value).float(),
-                                              ctx.prefix_values().float(), values, live, self.semantic_scaled)
-        inputs = ScoreInputs(attention if self.attention_term else None, semantic, value_norm, live)
-        return inputs, attention
-
-    def prune_counts(self, attention: Tensor, live: Tensor, lengths: Tensor, target: Tensor, rpl: int) -> Tensor:
-        """P per unit: tokens to drop at this layer (before the max with the target)."""
-        excess = (lengths - target).clamp(min=0).float()
+    def prune_counts(self, attention: Tensor, live: Tensor, excess: Tensor, rpl: int) -> Tensor:
+        """P per unit: tokens to drop at this layer (before the max with the target); ``excess`` = N - T."""
         if rpl == 0:
-            return excess.long()  # the forced final cut
+            return excess  # the forced final cut
+        dropped_max, excess = excess, excess.float()
         if self.schedule == "uniform":
             raw = excess / (rpl // self.interval + 1)
         else:
             raw = adaptive_count(attention, live, excess, rpl, self.entropy_exponent)
         if self.batch_coupled:
             raw = raw.max().expand_as(raw)
-        return torch.round(raw).clamp(min=0).long().minimum(excess.long())
+        return torch.round(raw).clamp(min=0).long().minimum(dropped_max)
 
     def params(self):
         return {

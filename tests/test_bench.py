@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import prunekit
-from prunekit.bench.measure import Clock, ScoringTimer
+from prunekit.bench.measure import Clock, ScoringTimer, median_interval
 from prunekit.bench.oracle import oracle_prefill, schedule
 from prunekit.bench.runner import markdown, run
 from prunekit.bench.shapes import build
@@ -20,6 +20,18 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def llava():
     return build("llava15_tiny")
+
+
+def test_median_interval_is_the_binomial_order_statistics():
+    """95 % interval of a median from order statistics, worked out from Binomial(n, 1/2):
+    n = 10: P(X < 2) = 11/1024 = 0.011 <= 0.025 < P(X < 3) = 56/1024 -> the 2nd and 9th values;
+    n = 20: P(X < 6) = 21700/2^20 = 0.021 <= 0.025 < P(X < 7) = 60460/2^20 -> the 6th and 15th;
+    n = 6: P(X < 1) = 1/64 -> min and max; n = 5: P(X < 1) = 1/32 > 0.025 -> no interval."""
+    ten = [7.0, 3.0, 10.0, 1.0, 5.0, 9.0, 2.0, 8.0, 6.0, 4.0]
+    assert median_interval(ten) == [2.0, 9.0]
+    assert median_interval([float(v) for v in range(20, 0, -1)]) == [6.0, 15.0]
+    assert median_interval([3.0, 1.0, 2.0, 6.0, 5.0, 4.0]) == [1.0, 6.0]
+    assert median_interval([1.0, 2.0, 3.0, 4.0, 5.0]) is None
 
 
 def test_oracle_with_every_token_is_the_model_itself(llava):
@@ -76,6 +88,7 @@ def test_runner_rows_oracle_reference_style_and_refusals(tmp_path):
         assert flowcut[key] is not None and flowcut[key] > 0, key
     assert "reference_ms" not in by["llava15_tiny", "visionzip"] or by["llava15_tiny", "visionzip"]["reference_ms"] > 0
     assert by["llava15_tiny", "vanilla"]["speedup"] == 1.0
+    assert flowcut["pruned_over_oracle_ci"] is None  # one round: too few for a 95 % interval of the median
     lines = (tmp_path / "results.jsonl").read_text().splitlines()
     assert [json.loads(line)["strategy"] for line in lines] == [r["strategy"] for r in rows]
     table = markdown(rows)

@@ -209,42 +209,70 @@ def test_qwen_kept_tokens_keep_their_mrope_positions(families):
     torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_qwen25_window_attention_is_rebuilt_after_a_cut(families):
-    """A cut inside Qwen2.5-VL's ViT leaves windows of different sizes: the windowed blocks must see exactly the
-    surviving rows of each window (checked against a hand-run tower on the kept rows)."""
-    model, processor, sizes, budget = families["qwen2.5-vl"]
-    x = batch(processor, sizes, [0])  # 224x224: 4 windows
-    tower = model.model.visual
-    with torch.no_grad(), prunekit.attach(model, "random", budget=budget, stage="vision_layer", layer=0) as h:
-        model(**x)
-        kept = h.trace.kept_positions(0)
-        out = tower(x["pixel_values"], grid_thw=x["image_grid_thw"]).pooler_output
-    # by hand: run block 0 on everything, then the later blocks on the kept groups only, with windows rebuilt
-    from transformers.vision_utils import get_vision_window_index
+class TwoCuts(prunekit.TokenPruner):
+    """Cuts after vision blocks 0 and 1: a seeded random 3/4, then 1/2, of each image's live groups."""
+
+    name = "two_cuts"
+
+    def sites(self):
+        return [prunekit.Site("vision_layer", 0), prunekit.Site("vision_layer", 1)]
+
+    def prune(self, ctx):
+        share = 0.75 if ctx.layer == 0 else 0.5
+        return prunekit.Keep([torch.randperm(int(n), generator=ctx.generator(u))[: int(share * int(n))].sort().values
+                              for u, n in enumerate(ctx.lengths)])
+
+
+def qwen25_tower_by_hand(tower, x, kept_after: dict[int, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """The Qwen2.5-VL tower of one image run block by block, keeping after block b only the merge groups in
+    ``kept_after[b]`` (global raster ids), with the windows and rotary rows rebuilt by hand. Returns the merged
+    tokens in raster order of the surviving groups, their ids, and each cut's window sizes."""
+    from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
 
     grid = x["image_grid_thw"]
     window_index, cu_windows = get_vision_window_index(grid, tower.spatial_merge_size, tower.window_size, tower.patch_size)
     hidden = tower.patch_embed(x["pixel_values"])
     hidden = tower.permute_input_for_window_attn(hidden, window_index, hidden.shape[0])
-    from transformers.vision_utils import get_vision_position_ids
-
     pos = tower.rotary_pos_emb(hidden, get_vision_position_ids(grid, tower.spatial_merge_size))
     pos = tuple(tower.permute_input_for_window_attn(p, window_index, hidden.shape[0]) for p in pos)
-    full = torch.tensor([0, hidden.shape[0]], dtype=torch.int32)
-    hidden = tower.blocks[0](hidden, cu_seqlens=cu_windows, position_embeddings=pos)
     group_of_row = window_index[torch.arange(hidden.shape[0]) // 4]
-    rows = torch.isin(group_of_row, kept)
-    hidden, pos = hidden[rows], tuple(p[rows] for p in pos)
-    window_of_row = torch.bucketize(torch.arange(len(rows)), cu_windows[1:].long(), right=True)[rows]
-    counts = torch.unique_consecutive(window_of_row, return_counts=True)[1]
-    windows = torch.nn.functional.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
-    full = torch.tensor([0, int(rows.sum())], dtype=torch.int32)
-    for i, block in enumerate(tower.blocks[1:], start=1):
+    window_of_row = torch.bucketize(torch.arange(hidden.shape[0]), cu_windows[1:].long(), right=True)
+    windows, full, sizes = cu_windows, torch.tensor([0, hidden.shape[0]], dtype=torch.int32), []
+    for i, block in enumerate(tower.blocks):
         hidden = block(hidden, cu_seqlens=full if i in tower.fullatt_block_indexes else windows, position_embeddings=pos)
-    merged = tower.merger(hidden)
-    order = torch.argsort(group_of_row[rows][::4])  # window order -> raster order of the kept groups
-    torch.testing.assert_close(out[kept], merged[order], rtol=1e-5, atol=1e-5)
-    assert len(counts) > 1 and len(set(counts.tolist())) > 1, "the cut should leave unequal windows"
+        if i in kept_after:
+            rows = torch.isin(group_of_row, kept_after[i])
+            hidden, pos = hidden[rows], tuple(p[rows] for p in pos)
+            group_of_row, window_of_row = group_of_row[rows], window_of_row[rows]
+            counts = torch.unique_consecutive(window_of_row, return_counts=True)[1]
+            windows = torch.nn.functional.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
+            full = torch.tensor([0, hidden.shape[0]], dtype=torch.int32)
+            sizes.append(counts.tolist())
+    order = torch.argsort(group_of_row[::4])  # window order -> raster order of the kept groups
+    return tower.merger(hidden)[order], group_of_row[::4][order], sizes
+
+
+@pytest.mark.parametrize("cuts", ["one", "two"])
+def test_qwen25_window_attention_is_rebuilt_after_each_cut(families, cuts):
+    """A cut inside Qwen2.5-VL's ViT leaves windows of different sizes: the windowed blocks must see exactly the
+    surviving rows of each window, with their own rotary rows, after every cut (checked against a hand-run
+    tower on the kept rows). Two cuts: the second one's rows are a subset of the first one's."""
+    model, processor, sizes, budget = families["qwen2.5-vl"]
+    x = batch(processor, sizes, [0])  # 224x224: 4 windows
+    tower = model.model.visual
+    strategy = TwoCuts() if cuts == "two" else prunekit.build_strategy(
+        "random", budget=budget, stage="vision_layer", layer=0)
+    with torch.no_grad(), prunekit.attach(model, strategy) as h:
+        model(**x)
+        events = h.trace.events
+        out = tower(x["pixel_values"], grid_thw=x["image_grid_thw"]).pooler_output
+    assert len(events) == (2 if cuts == "two" else 1)
+    kept_after = {int(e.site.split("[")[1][:-1]): e.kept[0] for e in events}
+    with torch.no_grad():
+        merged, groups, windows = qwen25_tower_by_hand(tower, x, kept_after)
+    assert torch.equal(groups, h.trace.kept_positions(0))
+    torch.testing.assert_close(out[groups], merged, rtol=1e-5, atol=1e-5)
+    assert all(len(w) > 1 and len(set(w)) > 1 for w in windows), "each cut should leave unequal windows"
 
 
 def test_next_kept_positions_index_the_models_anyres_layout(families):

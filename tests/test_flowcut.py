@@ -136,10 +136,10 @@ def test_prune_count_rounds_half_to_even_and_survives_zeros():
         live = torch.ones(1, n, dtype=torch.bool)
         a = torch.zeros(1, n)
         a[0, 3] = 1.0
-        count = strategy.prune_counts(a, live, torch.tensor([n]), torch.tensor([1]), rpl=4)
+        count = strategy.prune_counts(a, live, torch.tensor([n - 1]), rpl=4)  # excess N - T = n - 1
         assert count.tolist() == [expected]
-    # rpl = 0 forces the cut to the target
-    assert strategy.prune_counts(a, live, torch.tensor([10]), torch.tensor([3]), rpl=0).tolist() == [7]
+    # rpl = 0 forces the cut to the target: 10 tokens, T = 3
+    assert strategy.prune_counts(a, live, torch.tensor([7]), rpl=0).tolist() == [7]
 
 
 def test_uniform_schedule_splits_the_excess_evenly():
@@ -189,9 +189,9 @@ def test_ema_with_constant_scores_equals_the_score():
         ctx = PruneContext(site=Site(Stage.VISION_LAYER, layer), tokens=torch.zeros(1, 16, 1), lengths=lengths,
                            grids=[None], sample_of=[0], budget=strategy.budget, signals=FakeSignals(a, v, cls_v))
         assert strategy.prune(ctx) is None
-        torch.testing.assert_close(strategy._cumulative, score_by_hand(a, v, cls_v))
+        torch.testing.assert_close(strategy.cumulative(live), score_by_hand(a, v, cls_v))
     # and with changing scores the history weight mixes them: C = 0.5 C + 0.5 S
-    previous = strategy._cumulative.clone()
+    previous = strategy.cumulative(live).clone()
     v2 = v.flip(2)
     ctx = PruneContext(site=Site(Stage.VISION_LAYER, 5), tokens=torch.zeros(1, 16, 1), lengths=lengths,
                        grids=[None], sample_of=[0], budget=strategy.budget, signals=FakeSignals(a, v2, cls_v))
@@ -199,6 +199,39 @@ def test_ema_with_constant_scores_equals_the_score():
     keep = strategy.prune(ctx)
     mixed = 0.5 * previous + 0.5 * current
     assert torch.equal(keep.indices[0], select_top(mixed, live, torch.tensor([4]))[0])
+
+
+def test_layers_scored_together_at_the_cut_equal_the_ema_layer_by_layer():
+    """The layers between two cuts are scored in one stacked call when the cut comes (issue 24). The EMA must
+    be the one worked out layer by layer, C = 0.5 C + 0.5 S_l in layer order, with every layer's own signals,
+    and bit-identical to folding each layer in as it arrives. Three units of different lengths."""
+    lengths = torch.tensor([16, 11, 13])
+    live = torch.arange(16)[None] < lengths[:, None]
+    g = torch.Generator().manual_seed(7)
+    layers = [signals_for(lengths, "uniform", g) for _ in range(6)]  # uniform: rho = 1, only the final cut
+    deferred, eager = build_strategy("flowcut", budget=4), build_strategy("flowcut", budget=4)
+    keeps = []
+    for strategy, fold_each_layer in ((deferred, False), (eager, True)):
+        strategy.bind(FakeAdapter(8))  # final cut after layer 5
+        for layer, (a, v, cls_v) in enumerate(layers):
+            ctx = PruneContext(site=Site(Stage.VISION_LAYER, layer), tokens=torch.zeros(3, 16, 1), lengths=lengths,
+                               grids=[None] * 3, sample_of=[0, 1, 2], budget=strategy.budget,
+                               signals=FakeSignals(a, v, cls_v))
+            keep = strategy.prune(ctx)
+            if fold_each_layer and keep is None:
+                strategy.cumulative(live)
+        keeps.append(keep)
+    by_hand = None
+    for a, v, cls_v in layers:
+        s = torch.stack([torch.nn.functional.pad(  # each unit alone, over its live patches, zero past them
+            score_by_hand(a[u : u + 1, :n], v[u : u + 1, :, :n], cls_v[u : u + 1])[0], (0, 16 - n))
+            for u, n in enumerate(lengths.tolist())])
+        by_hand = s if by_hand is None else 0.5 * by_hand + 0.5 * s
+    expected = select_top(by_hand, live, torch.tensor([4, 4, 4]))
+    for keep in keeps:
+        assert all(torch.equal(k, e) for k, e in zip(keep.indices, expected))
+    assert torch.equal(deferred.cumulative(torch.ones(3, 4, dtype=torch.bool)),
+                       eager.cumulative(torch.ones(3, 4, dtype=torch.bool)))
 
 
 def test_batch_coupled_flag_reproduces_the_batch_max():

@@ -2,6 +2,7 @@
 synchronisation on CPU; warm-up calls excluded; median and p90 over repeats; peak CUDA memory."""
 from __future__ import annotations
 
+import math
 import statistics
 from contextlib import contextmanager
 from typing import Callable
@@ -27,6 +28,24 @@ def repeat(fn: Callable[[], object], clock: Clock, repeats: int, warmup: int) ->
 def summary(times: list[float]) -> dict:
     ordered = sorted(times)
     return {"median": statistics.median(ordered), "p90": ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]}
+
+
+def median_interval(values: list[float], level: float = 0.95) -> list[float] | None:
+    """A distribution-free confidence interval for the median: the order statistics x_(k) and x_(n+1-k), k the
+    largest rank with P(Binomial(n, 1/2) < k) <= (1 - level) / 2, so the coverage is at least ``level`` whatever
+    the distribution (e.g. n = 10 at 95 %: the 2nd and 9th values, 97.9 %). None when n is too small (n < 6 at
+    95 %: even the extremes cover less)."""
+    n, tail = len(values), (1 - level) / 2
+    k, below = 0, 0.0  # below = P(Bin(n, 1/2) < k + 1) as k grows
+    while k < n // 2:
+        below += math.comb(n, k) / 2**n
+        if below > tail:
+            break
+        k += 1
+    if k == 0:
+        return None
+    ordered = sorted(values)
+    return [ordered[k - 1], ordered[n - k]]
 
 
 @contextmanager

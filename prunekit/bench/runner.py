@@ -21,7 +21,7 @@ from ..timing import PrefillTimer
 from ..flops import FlopsModel, trace_flops
 from ..registry import build_strategy
 from ..runtime import PruningError, attach
-from .measure import Clock, ScoringTimer, peak_memory, repeat, summary
+from .measure import Clock, ScoringTimer, median_interval, peak_memory, repeat, summary
 from .oracle import oracle_prefill, schedule
 from .shapes import Shape, build
 
@@ -122,7 +122,8 @@ class _Bench:
         prefill = summary(times)
         return {**self.base, "strategy": "vanilla", "budget": None, "prefill_ms": prefill["median"],
                 "prefill_p90_ms": prefill["p90"], "oracle_ms": summary(oracle)["median"],
-                "pruned_over_oracle": _median_ratio(times, oracle), "peak_mem_gb": _gb(peak()),
+                "pruned_over_oracle": _median_ratio(times, oracle),
+                "pruned_over_oracle_ci": _ratio_interval(times, oracle), "peak_mem_gb": _gb(peak()),
                 "tflops": self.vanilla_tflops, "speedup": 1.0, "flops_ratio": 1.0, **self.timed_generate()}
 
     def strategy(self, spec, budget: int, reference_style: bool) -> dict:
@@ -182,6 +183,7 @@ class _Bench:
         row = dict(
             prefill_ms=pruned["median"], prefill_p90_ms=pruned["p90"], oracle_ms=summary(rounds["oracle"])["median"],
             pruned_over_oracle=_median_ratio(rounds["pruned"], rounds["oracle"]),
+            pruned_over_oracle_ci=_ratio_interval(rounds["pruned"], rounds["oracle"]),
             scoring_ms=summary(rounds["scoring"])["median"],
             scoring_share=_median_ratio(rounds["scoring"], rounds["pruned"]), peak_mem_gb=_gb(peaks["pruned"]),
             tflops=tflops, speedup=_median_ratio(rounds["vanilla"], rounds["pruned"]),
@@ -207,6 +209,11 @@ def _bench_tokenizer():
 
 def _median_ratio(a: list[float], b: list[float]) -> float:
     return summary([x / y for x, y in zip(a, b)])["median"]
+
+
+def _ratio_interval(a: list[float], b: list[float]) -> list[float] | None:
+    """95 % interval of the median per-round ratio (the decision rule: median of >= 10 rounds, with its interval)."""
+    return median_interval([x / y for x, y in zip(a, b)])
 
 
 @contextmanager
@@ -235,6 +242,7 @@ def _knobs(spec) -> dict:
 
 COLUMNS = [("shape", "{}"), ("batch", "{}"), ("strategy", "{}"), ("budget", "{}"), ("n_avg", "{:.0f}"),
            ("prefill_ms", "{:.1f}"), ("oracle_ms", "{:.1f}"), ("pruned_over_oracle", "{:.2f}"),
+           ("pruned_over_oracle_ci", "[{:.2f}, {:.2f}]"),
            ("scoring_share", "{:.1%}"), ("speedup", "{:.2f}"), ("floor_speedup", "{:.2f}"),
            ("flops_ratio", "{:.2f}"), ("tflops", "{:.3g}"), ("generate_ms", "{:.0f}"),
            ("decode_tokens_per_s", "{:.0f}"), ("peak_mem_gb", "{:.2f}"), ("reference_ms", "{:.1f}"),
@@ -244,7 +252,11 @@ COLUMNS = [("shape", "{}"), ("batch", "{}"), ("strategy", "{}"), ("budget", "{}"
 def format_row(row: dict) -> str:
     if "refused" in row:
         return f"{row['shape']} b{row['batch']} {row['strategy']}@{row['budget']}: refused ({row['refused']})"
-    return " ".join(f"{k}={fmt.format(row[k])}" for k, fmt in COLUMNS if row.get(k) is not None)
+    return " ".join(f"{k}={_cell(fmt, row[k])}" for k, fmt in COLUMNS if row.get(k) is not None)
+
+
+def _cell(fmt: str, value) -> str:
+    return fmt.format(*value) if isinstance(value, (list, tuple)) else fmt.format(value)
 
 
 def markdown(rows: list[dict]) -> str:
@@ -252,6 +264,6 @@ def markdown(rows: list[dict]) -> str:
     kept = [r for r in rows if "refused" not in r]
     lines = ["| " + " | ".join(k for k, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in kept:
-        lines.append("| " + " | ".join("" if r.get(k) is None else fmt.format(r[k]) for k, fmt in COLUMNS) + " |")
+        lines.append("| " + " | ".join("" if r.get(k) is None else _cell(fmt, r[k]) for k, fmt in COLUMNS) + " |")
     refused = [f"- {r['shape']} b{r['batch']} {r['strategy']}@{r['budget']}: {r['refused']}" for r in rows if "refused" in r]
     return "\n".join(lines + (["", "Not measured (attach or the first prefill refused):"] + refused if refused else [])) + "\n"

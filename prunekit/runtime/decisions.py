@@ -38,8 +38,7 @@ class DecisionsMixin:
         return keep if keep is not None else Keep([torch.arange(int(n), device=ctx.tokens.device) for n in ctx.lengths])
 
     def _site(self, stage: Stage, layer: int | None = None) -> Site | None:
-        site = Site(stage, layer)
-        return site if site in self.sites else None
+        return self._site_of.get((Stage(stage), layer))
 
 
 def _normalise(keep: Keep, ctx: PruneContext, name: str) -> Keep:

@@ -79,6 +79,7 @@ class PruningHandle(ValidationMixin, ProbingMixin, DecisionsMixin, VisionMixin, 
         try:
             strategy.bind(self.adapter)  # model-dependent knobs (depths, layers) are checked here
             self.sites = list(strategy.sites())
+            self._site_of = {(site.stage, site.layer): site for site in self.sites}  # hooks look sites up per layer
         except (ValueError, TypeError) as e:
             if isinstance(e, PruningError):
                 raise

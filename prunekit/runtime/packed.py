@@ -91,10 +91,12 @@ class PackedState:
         self.rows = self.rows[mask]
         return mask
 
-    def rebuild(self, rotary: tuple[Tensor, Tensor], max_seqlen, mask: Tensor) -> None:
-        """The blocks' kwargs for the current rows: sliced rotary tables and new sequence boundaries."""
+    def rebuild(self, rotary: tuple[Tensor, Tensor], max_seqlen) -> None:
+        """The blocks' kwargs for the current rows: the model's rotary tables (one row per original encoder row)
+        at the surviving rows, and new sequence boundaries. Indexing the original tables by ``rows`` keeps a
+        second cut right (its mask is over the rows the first cut left)."""
         device = rotary[0].device
-        cos, sin = (t[mask.to(t.device)] for t in rotary)
+        cos, sin = (t[self.rows.to(t.device)] for t in rotary)
         full = self.image_chunks()
         window = None
         if self.images.row_window is not None:

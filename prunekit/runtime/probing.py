@@ -71,13 +71,13 @@ class ProbingMixin:
         segment = prefill.segments[-1] if prefill.segments else prefill.entry
         return segment.mask, segment.types == TokenType.TEXT
 
-    def _signals(self, site: Site, batch_rows: list[int], columns: Tensor, valid: Tensor,
-                 contiguous: bool | None = None) -> SiteSignals | None:
+    def _signals(self, site: Site, batch_rows: list[int], columns: Tensor | None, valid: Tensor | None,
+                 run: slice | None = None) -> SiteSignals | None:
         source = self._scored.get(site)
         if source is None:
             return None
         prefix = self.adapter.vision_prefix_tokens if site.stage is not Stage.LLM_LAYER else 0
-        return SiteSignals(self._probe, source, str(site), batch_rows, columns, valid, prefix, contiguous)
+        return SiteSignals(self._probe, source, str(site), batch_rows, columns, valid, prefix, run)
 
     def _capture_block_input(self, site: Site, hidden: Tensor, call: compat.LayerCall) -> None:
         """``pre`` signals of ``site``: its block on the current sequence, with the RoPE tables and mask that

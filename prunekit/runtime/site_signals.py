@@ -23,19 +23,21 @@ class SiteSignals:
     """
 
     def __init__(self, probe: AttentionProbe, source: nn.Module | BlockInput, site: str, batch_rows: list[int],
-                 columns: Tensor, valid: Tensor, prefix: int = 0, contiguous: bool | None = None):
+                 columns: Tensor | None, valid: Tensor | None, prefix: int = 0, run: slice | None = None):
         self.probe, self.source, self.site, self.prefix = probe, source, site, prefix
         self.batch_rows = torch.as_tensor(batch_rows, dtype=torch.long)
         self.columns, self.valid = columns, valid
-        # fast paths (every unit of the layer's batch; tokens a contiguous run of columns, all live): slices
+        # fast paths (every unit of the layer's batch; tokens a contiguous run of columns, all live): slices.
+        # ``run``: the caller knows the tokens are columns run.start.. of every unit, all live (vision sites
+        # without padding); ``columns`` and ``valid`` may then be None (per-layer index tensors cost time).
         self._all_rows = self.batch_rows.tolist() == list(range(len(batch_rows)))
-        if contiguous is None:  # the caller may know (vision sites without padding)
+        if run is None:
             n = columns.shape[1] if columns.dim() == 2 else -1
             first = columns[:, :1] if n > 0 else None
-            contiguous = (first is not None and bool((first == first[:1]).all()) and bool(valid.all())
-                          and bool((columns == first + torch.arange(n)).all()))
-        start = int(columns[0, 0]) if contiguous else 0
-        self._run = slice(start, start + columns.shape[1]) if contiguous else None
+            if (first is not None and bool((first == first[:1]).all()) and bool(valid.all())
+                    and bool((columns == first + torch.arange(n)).all())):
+                run = slice(int(columns[0, 0]), int(columns[0, 0]) + n)
+        self._run = run
 
     def _recorded(self, store: dict, key, what: str) -> Tensor:
         if key not in store:
@@ -103,6 +105,8 @@ class SiteSignals:
             return self._recorded(self.probe.synthetic_values, self.source, "the mean_hidden token's value")
         values = self._recorded(self.probe.values, self.source, "values")
         live, _ = self.probe.masks[self.source]
+        if live is None and query in ("first", "last"):  # no padding: the first / last row
+            return values[:, :, 0 if query == "first" else -1]
         if live is None:
             live = torch.ones(values.shape[0], values.shape[2], dtype=torch.bool)
         else:

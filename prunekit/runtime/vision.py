@@ -93,7 +93,7 @@ class VisionMixin:
             if mask is not None:
                 vision.layer_counts[:, site.layer + 1 :] = vision.lengths()[:, None]
                 hidden = hidden[mask.to(hidden.device)]
-                packed.rebuild(*self.adapter.read_packed_block_call(kwargs), mask)
+                packed.rebuild(*self.adapter.read_packed_block_call(kwargs))  # the model's own tables
         if packed.block_kwargs is None:
             return None
         self.adapter.write_packed_block_call(packed.call_for(self.adapter.block_windowed(index)), kwargs)
@@ -211,14 +211,15 @@ class VisionMixin:
         if site in self._scored:
             if vision.packed is not None:
                 self._flush_packed(site, vision)
-            contiguous = None
+            run = columns = valid = None
             if view is not None:
                 columns, valid = view.columns()
+            elif n_tokens > 0 and all(n == n_tokens for n in lengths.tolist()):
+                run = slice(prefix, prefix + n_tokens)  # every unit whole: signals are slices
             else:
                 columns = prefix + torch.arange(n_tokens).expand(n_images, n_tokens)
                 valid = torch.arange(n_tokens)[None] < lengths[:, None]
-                contiguous = n_tokens > 0 and bool((lengths == n_tokens).all())
-            signals = self._signals(site, list(range(n_images)), columns, valid, contiguous)
+            signals = self._signals(site, list(range(n_images)), columns, valid, run)
         return PruneContext(
             site=site, tokens=tokens, lengths=lengths, grids=grids, sample_of=list(range(n_images)),
             budget=self.strategy.budget, num_layers=len(self.adapter.vision_layers), signals=signals,
