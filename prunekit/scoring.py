@@ -5,7 +5,8 @@ towers without CLS, the last prompt token inside a language model. It names the 
 (``AttentionRows.query``) and the value vector used as the semantic reference.
 
 A *score function* turns the per-token criteria (``ScoreInputs``) into one score per token, higher =
-keep. Add either without touching a strategy::
+keep. It must work row by row (each unit's scores from its own row only): FlowCut stacks the layers between
+two cuts along the units and scores them in one call. Add either without touching a strategy::
 
     @register_score("attention_times_norm")
     def attention_times_norm(x: ScoreInputs) -> Tensor:

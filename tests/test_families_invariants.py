@@ -394,3 +394,32 @@ def test_packed_vit_signals_equal_attention_computed_by_hand(families, family):
         torch.testing.assert_close(strategy.seen["attention"][u, : n // 4], want, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(strategy.seen["values"][u, :, : n // 4], value.transpose(0, 1), rtol=1e-5, atol=1e-6)
         start += n
+
+
+@pytest.mark.parametrize("newlines", [True, False])
+def test_next_span_tracks_vectorised_equal_the_loop(families, newlines):
+    """LLaVA-NeXT's span (crops, unpadding, newlines) from per-crop kept sets: the vectorised path for tokens of
+    one member each gives the same kept positions and members as the general loop, for random ragged cuts."""
+    from prunekit.adapters import adapter_for
+    from prunekit.runtime.layout import _span_track, _span_track_single
+    from prunekit.trace import SampleTrack
+
+    model, processor, sizes, budget = families["llava-next"]
+    x = batch(processor, sizes, [2])  # 200x150: unpadding drops rows
+    adapter = adapter_for(model)
+    layout = adapter.image_layouts([64] * x["pixel_values"].shape[1], {"image_sizes": x["image_sizes"]})[0]
+    span_of = torch.full((layout.units * layout.tokens,), -1, dtype=torch.long)
+    placed = (layout.source >= 0).nonzero().squeeze(1)
+    span_of[layout.source[placed]] = placed
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        tracks = []
+        for _ in range(layout.units):
+            track = SampleTrack.full([layout.tokens])
+            track.select(torch.randperm(layout.tokens, generator=g)[: int(torch.randint(1, layout.tokens, (1,), generator=g))].sort().values)
+            tracks.append(track)
+        kept, members = _span_track(layout, tracks, span_of, newlines)
+        fast_kept, fast_members = _span_track_single(layout, tracks, span_of, newlines)
+        assert torch.equal(kept, fast_kept) and len(members) == len(fast_members)
+        assert all(torch.equal(a, b) for a, b in zip(members, fast_members))
+    assert bool((span_of < 0).any()) and bool((layout.source < 0).any())  # the case has unpadding and newlines

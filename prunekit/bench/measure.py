@@ -2,6 +2,7 @@
 synchronisation on CPU; warm-up calls excluded; median and p90 over repeats; peak CUDA memory."""
 from __future__ import annotations
 
+import gc
 import math
 import statistics
 from contextlib import contextmanager
@@ -13,15 +14,22 @@ from ..timing import Clock
 
 
 def repeat(fn: Callable[[], object], clock: Clock, repeats: int, warmup: int) -> list[float]:
-    """Milliseconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones."""
+    """Milliseconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones. As ``timeit`` does, Python's
+    garbage collector stays out of the timed calls (collected before each, paused during it): otherwise a
+    collection triggered by one measurement's allocations lands in whichever call comes next."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
+        gc.collect()
         clock.sync()
-        start = clock.mark()
-        fn()
-        times.append(clock.elapsed_ms(start, clock.mark()))
+        gc.disable()
+        try:
+            start = clock.mark()
+            fn()
+            times.append(clock.elapsed_ms(start, clock.mark()))
+        finally:
+            gc.enable()
     return times
 
 

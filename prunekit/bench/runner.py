@@ -62,8 +62,8 @@ def _emit(row: dict, out: Path | None) -> dict:
 
 class _Bench:
     """One (shape, batch): vanilla, then each strategy x budget. Ratios are taken per round from calls made back
-    to back (vanilla, pruned, oracle, reference style), then the median over rounds, so drifting machine speed
-    (shared CPUs, GPU clocks) cancels in the ratios."""
+    to back (vanilla, then pruned and oracle in alternating order, then reference style), then the median over
+    rounds, so drifting machine speed (shared CPUs, GPU clocks) cancels in the ratios."""
 
     def __init__(self, shape: Shape, batch: int, flops: FlopsModel, repeats: int, warmup: int, new_tokens: int):
         self.shape, self.batch, self.flops = shape, batch, flops
@@ -153,9 +153,13 @@ class _Bench:
         where = REFERENCE_STYLE.get(strategy.name) if reference_style else None
         rounds = {"vanilla": [], "pruned": [], "oracle": [], "scoring": [], "reference": []}
         peaks = {}
+        plan = None
         for r in range(self.warmup + self.repeats):
             keep = r >= self.warmup
             vanilla = self.time(self.prefill)
+            oracle_first = plan is not None and r % 2 == 1  # alternate the order: neither gets the same slot
+            if oracle_first:
+                oracle = self.time(lambda: oracle_prefill(self.model, self.x, plan))
             with self.pruned(strategy) as handle, peak_memory(self.shape.device) as peak:
                 timer = ScoringTimer(handle, self.clock)
                 try:
@@ -164,8 +168,9 @@ class _Bench:
                 finally:
                     timer.remove()
             peaks["pruned"], trace = peak(), handle.trace
-            plan = schedule(trace)
-            oracle = self.time(lambda: oracle_prefill(self.model, self.x, plan))
+            plan = schedule(trace)  # deterministic strategies: the same every round
+            if not oracle_first:
+                oracle = self.time(lambda: oracle_prefill(self.model, self.x, plan))
             if where is not None:
                 with _reference_style(self.model, handle.adapter, where), self.pruned(strategy), \
                         peak_memory(self.shape.device) as ref_peak:
