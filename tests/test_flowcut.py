@@ -234,6 +234,30 @@ def test_layers_scored_together_at_the_cut_equal_the_ema_layer_by_layer():
                        eager.cumulative(torch.ones(3, 4, dtype=torch.bool)))
 
 
+def test_stacked_scoring_in_chunks_equals_one_call(monkeypatch):
+    """A stacked call takes at most STACK_ELEMENTS values (the bound on its extra memory); scoring the pending
+    layers one per chunk must give bit-for-bit the C of scoring them all in one call."""
+    import prunekit.strategies.flowcut as flowcut_module
+
+    lengths = torch.tensor([16, 11, 13])
+    live = torch.arange(16)[None] < lengths[:, None]
+    g = torch.Generator().manual_seed(3)
+    layers = [signals_for(lengths, "uniform", g) for _ in range(5)]
+    results = []
+    for stack_elements in (flowcut_module.STACK_ELEMENTS, 1):  # 1: every layer in a chunk of its own
+        monkeypatch.setattr(flowcut_module, "STACK_ELEMENTS", stack_elements)
+        strategy = build_strategy("flowcut", budget=4)
+        strategy.bind(FakeAdapter(8))
+        for layer, (a, v, cls_v) in enumerate(layers):
+            ctx = PruneContext(site=Site(Stage.VISION_LAYER, layer), tokens=torch.zeros(3, 16, 1), lengths=lengths,
+                               grids=[None] * 3, sample_of=[0, 1, 2], budget=strategy.budget,
+                               signals=FakeSignals(a, v, cls_v))
+            assert strategy.prune(ctx) is None  # layers 0-4: rho = 1, nothing leaves before the final cut
+        assert len(strategy._pending) == 5
+        results.append(strategy.cumulative(live))
+    assert torch.equal(results[0], results[1])
+
+
 def test_batch_coupled_flag_reproduces_the_batch_max():
     """T10 parity flag: one count per batch (the max over images); the default counts per image."""
     per_image, _ = simulate(build_strategy("flowcut", budget=64), units=3, seed=3)
