@@ -352,16 +352,18 @@ class _Signals(prunekit.TokenPruner):
         return None
 
 
+@pytest.mark.parametrize("images", [[0, 1], [0, 4], [2]], ids=["ragged", "equal", "one"])
 @pytest.mark.parametrize("family", ["qwen2-vl", "qwen2.5-vl"])
-def test_packed_vit_signals_equal_attention_computed_by_hand(families, family):
+def test_packed_vit_signals_equal_attention_computed_by_hand(families, family, images):
     """On a packed ViT the strategy sees, per image and merge group (raster order): the mean query's softmax over
     the image's keys summed over the group's 4 patches, and the group's mean value; with the q, k, v the block's
-    own attention computed (windowed block on 2.5: the image's keys, not the window's)."""
+    own attention computed (windowed block on 2.5: the image's keys, not the window's). Images of different
+    token counts (padded layout), of equal counts and a single image (no padding: the groups are read in place)."""
     import sys as _sys
     from transformers.vision_utils import get_vision_window_index
 
     model, processor, sizes, budget = families[family]
-    x = batch(processor, sizes, [0, 1])  # 224x224 and 224x112: different token counts
+    x = batch(processor, sizes, images)  # 224x224 and 224x112: different token counts; twice 224x224; 200x150
     block = model.model.visual.blocks[1]
     captured = {}
     hook = block.attn.register_forward_pre_hook(
@@ -423,3 +425,32 @@ def test_next_span_tracks_vectorised_equal_the_loop(families, newlines):
         assert torch.equal(kept, fast_kept) and len(members) == len(fast_members)
         assert all(torch.equal(a, b) for a, b in zip(members, fast_members))
     assert bool((span_of < 0).any()) and bool((layout.source < 0).any())  # the case has unpadding and newlines
+
+
+@pytest.mark.parametrize("lengths", [[6, 6], [6, 2, 4], [5]], ids=["equal", "ragged", "one"])
+@pytest.mark.parametrize("calls", ["per_image", "per_window", "one_call"])
+def test_packed_attention_calls_are_laid_out_per_image(lengths, calls):
+    """A packed encoder's attention calls (per image, per window, or one flash call for all) become one
+    zero-padded (images, H, n_max, d) tensor, row r of image u being flat row start_u + r; the live mask marks
+    the real rows and is None when no image is padded."""
+    from prunekit.runtime.packed import lay_out_calls, live_rows
+
+    flat = torch.arange(sum(lengths) * 2 * 3, dtype=torch.float32).view(1, 2, sum(lengths), 3)  # (1, H, rows, d)
+    bounds = torch.tensor([0] + lengths).cumsum(0)
+    if calls == "per_image":
+        pieces = list(flat.split(lengths, dim=2))
+    elif calls == "per_window":  # windows of at most 2 rows inside each image
+        pieces = [w for image in flat.split(lengths, dim=2) for w in image.split(2, dim=2)]
+    else:
+        pieces = [flat]
+    out, live = lay_out_calls(pieces, bounds), live_rows(bounds)
+    assert out.shape == (len(lengths), 2, max(lengths), 3) and out.is_contiguous()
+    start = 0
+    for u, n in enumerate(lengths):
+        assert torch.equal(out[u, :, :n], flat[0, :, start : start + n])
+        assert not out[u, :, n:].any()
+        start += n
+    if len(set(lengths)) == 1:
+        assert live is None
+    else:
+        assert live.tolist() == [[r < n for r in range(max(lengths))] for n in lengths]

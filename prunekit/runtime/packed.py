@@ -28,25 +28,40 @@ class GroupView:
     groups: list[Tensor]  # per image: local group id of each live group (ascending)
     starts: list[int]  # per image: flat position of its first live row (its rows are contiguous)
     size: int  # rows per group
+    _columns: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
 
     def tokens(self, hidden: Tensor) -> tuple[Tensor, Tensor]:
         """(U, G, D) group means (zero-padded) and (U,) live group counts."""
         lengths = torch.tensor([len(f) for f in self.first])
-        out = hidden.new_zeros(len(self.first), int(lengths.max()) if len(lengths) else 0, hidden.shape[-1])
+        means = []
         for u, first in enumerate(self.first):
-            rows = first.to(hidden.device)[:, None] + torch.arange(self.size, device=hidden.device)
-            out[u, : len(first)] = hidden[rows].mean(1)
+            if self._in_raster_run(u) and hidden.is_contiguous():  # Qwen2-VL: groups lie in raster order
+                rows = hidden[self.starts[u] : self.starts[u] + len(first) * self.size].view(len(first), self.size, -1)
+            else:  # Qwen2.5-VL's window order: gather (the same layout, so the same bits)
+                rows = hidden[first.to(hidden.device)[:, None] + torch.arange(self.size, device=hidden.device)]
+            means.append(rows.mean(1))
+        if len(means) == 1:
+            return means[0][None], lengths
+        out = hidden.new_zeros(len(self.first), int(lengths.max()) if len(lengths) else 0, hidden.shape[-1])
+        for u, mean in enumerate(means):
+            out[u, : len(mean)] = mean
         return out, lengths
+
+    def _in_raster_run(self, u: int) -> bool:
+        first = self.first[u]
+        return len(first) == 0 or bool((first == self.starts[u] + self.size * torch.arange(len(first))).all())
 
     def columns(self) -> tuple[Tensor, Tensor]:
         """(U, G, size) positions of each group's rows inside its image's chunk, and (U, G) validity."""
-        n = max((len(f) for f in self.first), default=0)
-        cols = torch.zeros(len(self.first), n, self.size, dtype=torch.long)
-        valid = torch.zeros(len(self.first), n, dtype=torch.bool)
-        for u, first in enumerate(self.first):
-            cols[u, : len(first)] = (first - self.starts[u])[:, None] + torch.arange(self.size)
-            valid[u, : len(first)] = True
-        return cols, valid
+        if self._columns is None:
+            n = max((len(f) for f in self.first), default=0)
+            cols = torch.zeros(len(self.first), n, self.size, dtype=torch.long)
+            valid = torch.zeros(len(self.first), n, dtype=torch.bool)
+            for u, first in enumerate(self.first):
+                cols[u, : len(first)] = (first - self.starts[u])[:, None] + torch.arange(self.size)
+                valid[u, : len(first)] = True
+            self._columns = cols, valid
+        return self._columns
 
 
 @dataclass
@@ -57,6 +72,8 @@ class PackedState:
     image_of_row: Tensor = field(init=False)
     group_offsets: Tensor = field(init=False)
     block_kwargs: dict | None = None  # {"full": cu_seqlens, "window": cu_window_seqlens, "pos": (cos, sin)}
+    _view: GroupView | None = field(default=None, init=False, repr=False)  # of the current rows (a cut resets it)
+    _chunks: Tensor | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         patches = torch.tensor(self.images.patches)
@@ -69,6 +86,12 @@ class PackedState:
         return pixel_values[start : start + self.images.patches[image]]
 
     def view(self) -> GroupView:
+        """The live groups; computed once per live set (rows change only at a cut)."""
+        if self._view is None:
+            self._view = self._group_view()
+        return self._view
+
+    def _group_view(self) -> GroupView:
         image = self.image_of_row[self.rows]
         local = self.images.row_group[self.rows] - self.group_offsets[image]
         first, groups, starts = [], [], []
@@ -89,6 +112,7 @@ class PackedState:
             first = view.first[u][idx.cpu()]
             mask[(first[:, None] + torch.arange(self.size)).reshape(-1)] = True
         self.rows = self.rows[mask]
+        self._view = self._chunks = None
         return mask
 
     def rebuild(self, rotary: tuple[Tensor, Tensor], max_seqlen) -> None:
@@ -115,8 +139,10 @@ class PackedState:
 
     def image_chunks(self) -> Tensor:
         """(images + 1,) boundaries of each image's rows in the current flat sequence."""
-        image = self.image_of_row[self.rows]
-        return _cumulative(torch.bincount(image, minlength=len(self.images.patches)))
+        if self._chunks is None:
+            image = self.image_of_row[self.rows]
+            self._chunks = _cumulative(torch.bincount(image, minlength=len(self.images.patches)))
+        return self._chunks
 
     def encoder_slot_of_group(self) -> Tensor:
         """(groups,) where each group (global raster id) sits in the merger's unpruned output (window order on 2.5)."""
@@ -140,13 +166,24 @@ def _longest(cu: Tensor) -> int:
     return int((cu[1:] - cu[:-1]).max()) if len(cu) > 1 else 0
 
 
-def pad_images(x: Tensor, bounds: Tensor) -> tuple[Tensor, Tensor]:
-    """(rows, H, d) flat -> (images, H, n_max, d) zero-padded, and the (images, n_max) live mask."""
+def lay_out_calls(calls: list[Tensor], bounds: Tensor) -> Tensor:
+    """A packed encoder's attention calls (1, H, n_c, d), consecutive pieces of its flat sequence (one per image,
+    per window, or one in all), as (images, H, n_max, d) zero-padded per image; one copy, contiguous."""
     lengths = (bounds[1:] - bounds[:-1]).tolist()
-    n = max(lengths, default=0)
-    out = x.new_zeros(len(lengths), x.shape[1], n, x.shape[2])
-    live = torch.zeros(len(lengths), n, dtype=torch.bool, device=x.device)
-    for u, (start, length) in enumerate(zip(bounds[:-1].tolist(), lengths)):
-        out[u, :, :length] = x[start : start + length].transpose(0, 1)
-        live[u, :length] = True
-    return out, live
+    if [c.shape[2] for c in calls] != lengths:  # windows, or one call for all: re-split by image
+        calls = list(torch.cat(calls, dim=2).split(lengths, dim=2))
+    if len(set(lengths)) <= 1:
+        return torch.cat(calls, dim=0)
+    head = calls[0]
+    out = head.new_zeros(len(lengths), head.shape[1], max(lengths), head.shape[3])
+    for u, call in enumerate(calls):
+        out[u, :, : call.shape[2]] = call[0]
+    return out
+
+
+def live_rows(bounds: Tensor) -> Tensor | None:
+    """(images, n_max) mask of each image's real rows in ``lay_out_calls``' layout; None when there is no padding."""
+    lengths = bounds[1:] - bounds[:-1]
+    if len(lengths) == 0 or bool((lengths == lengths[0]).all()):
+        return None
+    return torch.arange(int(lengths.max())) < lengths[:, None]

@@ -265,15 +265,19 @@ class AttentionProbe:
         value = attention.heads("v", x) if source in self.keep_values else None
         self._record(source, module, query, key, value, mask, attention.scaling, masks, attention.causal)
 
-    def flush(self, module: nn.Module, layout: Callable[[Tensor], "tuple[Tensor, Tensor]"]) -> None:
-        """Join a chunked module's calls into its flat sequence (rows, H, d), lay it out per unit with ``layout``
-        ((units, H, n, d) and the (units, n) live mask) and record its rows, keys and values."""
+    def flush(self, module: nn.Module, layout: Callable[[list[Tensor]], Tensor], live: Tensor | None) -> None:
+        """Lay out a chunked module's calls per unit with ``layout`` (its calls' (1, H, n, d) pieces of one
+        tensor -> (units, H, n_max, d); ``live`` (units, n_max) marks real rows, None: no padding) and record its
+        rows, keys and values. Only what the module's requests read is laid out."""
         calls, self.chunked[module] = self.chunked[module], []
         if not calls:
             return
-        flat = [torch.cat([c[i] for c in calls], dim=2)[0].transpose(0, 1) for i in range(3)]  # (rows, H, d)
-        (query, live), (key, _), (value, _) = (layout(x) for x in flat)
-        self._record(module, module, query, key, value, live[:, None, None, :], calls[0][3], (live, None), False)
+        rows = bool(self.requests.get(module))
+        needed = (rows, rows or module in self.keep_keys, module in self.keep_values)
+        query, key, value = (layout([c[i] for c in calls]) if need else None for i, need in enumerate(needed))
+        live = None if live is None else live.to(calls[0][0].device)
+        mask = None if live is None else live[:, None, None, :]
+        self._record(module, module, query, key, value, mask, calls[0][3], (live, None), False)
 
     def _record(self, source, module, query, key, value, mask, scaling, masks, causal: bool, synthetic=None) -> None:
         live, text = masks

@@ -38,6 +38,13 @@ class SiteSignals:
                     and bool((columns == first + torch.arange(n)).all())):
                 run = slice(int(columns[0, 0]), int(columns[0, 0]) + n)
         self._run = run
+        # merge groups (U, G, g) that tile every unit's rows 0.. in order, all live (Qwen2-VL before a cut):
+        # a token's rows are a reshape of the recorded tensor, if it holds exactly G x g rows
+        self._groups = None
+        if run is None and columns.dim() == 3 and bool(valid.all()):
+            n, g = columns.shape[1:]
+            if bool((columns == torch.arange(n * g).view(n, g)).all()):
+                self._groups = (n, g)
 
     def _recorded(self, store: dict, key, what: str) -> Tensor:
         if key not in store:
@@ -58,6 +65,8 @@ class SiteSignals:
         rows = self._recorded(self.probe.rows, (self.source, which), f"attention rows {which}")
         if self._run is not None:
             return rows[..., self._run]
+        if self._grouped(rows, -1):
+            return rows.unflatten(-1, self._groups).sum(-1)
         cols = self.columns.to(rows.device)
         n, group = cols.shape[1], (cols.shape[2] if cols.dim() == 3 else 1)
         cols = cols.reshape(cols.shape[0], n * group)
@@ -117,10 +126,16 @@ class SiteSignals:
         rows, _ = _row_index(query, live, None)
         return values.gather(2, rows[:, None, :, None].expand(-1, values.shape[1], 1, values.shape[3])).squeeze(2)
 
+    def _grouped(self, x: Tensor, dim: int) -> bool:
+        """Whether x's ``dim`` holds exactly the units' merge groups in order (gathering them would copy x)."""
+        return self._groups is not None and x.shape[dim] == self._groups[0] * self._groups[1] and x.is_contiguous()
+
     def _gather_tokens(self, x: Tensor) -> Tensor:
         """Per-token rows of x (U, H, kv, d); a merge group's rows are averaged."""
         if self._run is not None:
             return x[:, :, self._run]
+        if self._grouped(x, 2):
+            return x.unflatten(2, self._groups).mean(3)
         cols = self.columns.to(x.device)
         n, group = cols.shape[1], (cols.shape[2] if cols.dim() == 3 else 1)
         index = cols.reshape(cols.shape[0], n * group)[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3])

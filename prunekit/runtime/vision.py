@@ -9,7 +9,7 @@ from ..errors import PruningError
 from ..pruner import Keep, PruneContext, Site, Stage
 from ..trace import SampleTrack
 from .decisions import _assemble, _in_sequence_order
-from .packed import PackedState, pad_images
+from .packed import PackedState, lay_out_calls, live_rows
 from .state import VisionPass
 
 
@@ -116,11 +116,12 @@ class VisionMixin:
         return vision.packed.keep_groups(view, keep.indices)
 
     def _flush_packed(self, site: Site, vision: VisionPass) -> None:
-        """A packed encoder's attention ran once per image (or window): join the q, k, v its calls recorded and
-        lay them out per image before the site reads its signals."""
+        """A packed encoder's attention ran once per image (or window): lay out per image the q, k, v its calls
+        recorded before the site reads its signals."""
         module = self._scored.get(site)
         if module is not None and not self.replaying:
-            self._probe.flush(module, lambda x: pad_images(x, vision.packed.image_chunks()))
+            bounds = vision.packed.image_chunks()
+            self._probe.flush(module, lambda calls: lay_out_calls(calls, bounds), live_rows(bounds))
 
     def _on_projector_input(self, module, args):
         vision = self._vision
