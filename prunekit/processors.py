@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from transformers import Qwen2_5_VLProcessor, Qwen2VLProcessor
+from transformers import InternVLProcessor, Qwen2_5_VLProcessor, Qwen2VLProcessor
 from transformers.processing_utils import ProcessorMixin
 
 from .errors import PruningError
@@ -49,7 +49,26 @@ class Qwen2_5_VLImageOnlyProcessor(_ImageOnly, Qwen2_5_VLProcessor):
     """``Qwen2_5_VLProcessor`` without the (torchvision-only) video processor."""
 
 
-IMAGE_ONLY_PROCESSORS = {"qwen2_vl": Qwen2VLImageOnlyProcessor, "qwen2_5_vl": Qwen2_5_VLImageOnlyProcessor}
+class InternVLImageOnlyProcessor(InternVLProcessor):
+    """``InternVLProcessor`` without the (torchvision-only) video processor: the same tile expansion
+    (``<img>`` + ``<IMG_CONTEXT>`` x image_seq_length x tiles + ``</img>``) and pixel values."""
+
+    @classmethod
+    def get_attributes(cls):
+        return ["image_processor", "tokenizer"]
+
+    def __init__(self, image_processor=None, tokenizer=None, image_seq_length: int = 256, chat_template=None, **kwargs):
+        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+        self.image_seq_length = image_seq_length
+        self.start_image_token, self.end_image_token = tokenizer.start_image_token, tokenizer.end_image_token
+        self.start_image_token_id, self.end_image_token_id = tokenizer.start_image_token_id, tokenizer.end_image_token_id
+        self.image_token, self.image_token_id = tokenizer.context_image_token, tokenizer.context_image_token_id
+        self.video_token = tokenizer.video_token
+        self.multimodal_pattern = re.compile(f"(?P<image>{re.escape(self.image_token)})|(?P<video>{re.escape(self.video_token)})")
+
+
+IMAGE_ONLY_PROCESSORS = {"qwen2_vl": Qwen2VLImageOnlyProcessor, "qwen2_5_vl": Qwen2_5_VLImageOnlyProcessor,
+                         "internvl": InternVLImageOnlyProcessor}
 
 
 class InstructionReader:
@@ -94,8 +113,11 @@ class InstructionReader:
             common += 1
         user, assistant = head[len(head) - common:], one[one.index(b) + len(b):]
         before, _, after = image.partition(self.image_token)
-        image_run = _loose(before) + r"\s*(?:" + _loose(self.image_token) + r"\s*)+" + _loose(after)
-        return _loose(user), _loose(assistant), re.compile(image_run)
+        run = r"\s*(?:" + _loose(self.image_token) + r"\s*)+"
+        start, end = (getattr(processor, f"{e}_image_token", None) for e in ("start", "end"))
+        if start and end:  # InternVL's processor wraps each expanded run in <img> ... </img>
+            run = r"\s*(?:" + _loose(start) + r")?" + run + r"(?:" + _loose(end) + r")?\s*"
+        return _loose(user), _loose(assistant), re.compile(_loose(before) + run + _loose(after))
 
     def text(self, ids: list[int], image_token_id: int) -> str:
         """The instruction of one sample from its live prompt ids (no padding)."""

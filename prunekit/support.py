@@ -20,19 +20,22 @@ from .runtime import PruningError, attach
 VARIANTS = {  # strategies whose support depends on a knob: extra rows besides their defaults
     "pooling (stage=projector_output)": {"name": "pooling", "stage": "projector_output"},
     "pooling (stage=llm_layer)": {"name": "pooling", "stage": "llm_layer"},
+    "visionzip (cls=false)": {"name": "visionzip", "cls": False},
 }
 
 
 @functools.cache
 def family_models() -> dict:
     """family -> (model, processor): a structural twin of its 7B checkpoint (random weights, tiny widths)."""
-    from .tiny import build_tiny_llava, build_tiny_llava_next, build_tiny_qwen2_5_vl, build_tiny_qwen2_vl
+    from .tiny import (build_tiny_internvl, build_tiny_llava, build_tiny_llava_next, build_tiny_qwen2_5_vl,
+                       build_tiny_qwen2_vl)
 
     return {
         "llava-1.5": build_tiny_llava(image_size=336, vision_layers=24, text_layers=32),
         "llava-next": build_tiny_llava_next(image_size=336, vision_layers=24, text_layers=32),
         "qwen2-vl": build_tiny_qwen2_vl(vision_layers=32, text_layers=28),
         "qwen2.5-vl": build_tiny_qwen2_5_vl(vision_layers=32, text_layers=28, fullatt_block_indexes=[7, 15, 23, 31]),
+        "internvl": build_tiny_internvl(tile_size=448, max_tiles=12, vision_layers=24, text_layers=28),
     }
 
 

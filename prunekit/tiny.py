@@ -1,8 +1,8 @@
 """Tiny random-weight VLMs with offline processors: the embedded default and the test models.
 
-Four families, each a ~1M-parameter model built from config with a processor made in memory:
-LLaVA-1.5 (``build_tiny_llava``), LLaVA-NeXT (``build_tiny_llava_next``), Qwen2-VL (``build_tiny_qwen2_vl``)
-and Qwen2.5-VL (``build_tiny_qwen2_5_vl``). No hub access: the tokenizer vocabulary, image processor and
+Five families, each a ~1M-parameter model built from config with a processor made in memory:
+LLaVA-1.5 (``build_tiny_llava``), LLaVA-NeXT (``build_tiny_llava_next``), Qwen2-VL (``build_tiny_qwen2_vl``),
+Qwen2.5-VL (``build_tiny_qwen2_5_vl``) and InternVL (``build_tiny_internvl``). No hub access: the tokenizer vocabulary, image processor and
 chat template are saved next to the weights (``tiny_model_dir``), so ``from_pretrained(path)`` exercises the
 same loading code as a real checkpoint. A random-weight model's answers are meaningless; use it for
 mechanics and fidelity.
@@ -198,6 +198,53 @@ def build_tiny_qwen2_5_vl(vision_layers: int = 6, text_layers: int = 4, min_pixe
     return model, _qwen_processor(Qwen2_5_VLImageOnlyProcessor, tok, min_pixels, max_pixels)
 
 
+# InternVL (-hf): Qwen-style chat; an image item is <IMG_CONTEXT>\n, which the processor expands to
+# <img><IMG_CONTEXT> x (tokens per tile x tiles)</img>.
+INTERNVL_TOKENS = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+                   "video_token": "<video>"}
+INTERNVL_CHAT_TEMPLATE = QWEN_CHAT_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<IMG_CONTEXT>\n")
+
+
+def build_internvl_tokenizer():
+    """The Qwen byte-level tokenizer with InternVL's named image tokens (``tokenizer.start_image_token`` etc.)."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import Qwen2Tokenizer
+
+    vocab = {c: i for i, c in enumerate(sorted(ByteLevel.alphabet()))}
+    tok = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=None, bos_token=None, eos_token="<|im_end|>",
+                         pad_token="<|endoftext|>", padding_side="left", extra_special_tokens=dict(INTERNVL_TOKENS))
+    tok.add_tokens(["<|im_start|>"] + list(INTERNVL_TOKENS.values()), special_tokens=True)
+    return tok
+
+
+def build_tiny_internvl(tile_size: int = 112, max_tiles: int = 4, vision_layers: int = 6, text_layers: int = 4,
+                        attn_implementation: str = "sdpa", seed: int = 0):
+    """(model, processor): a ~1M-parameter InternVL (the -hf layout of InternVL3): an InternViT with [CLS] on
+    ``tile_size`` px tiles of 14 px patches, dynamic tiling into 1..``max_tiles`` tiles plus a thumbnail when there
+    is more than one, pixel shuffle 0.5 (2x2 patches -> one token) before the MLP projector, a Qwen2 language model.
+    A tile gives (tile_size / 28)^2 tokens: 16 at 112 px."""
+    from transformers import GotOcr2ImageProcessorPil, InternVLConfig, InternVLForConditionalGeneration
+
+    from .processors import InternVLImageOnlyProcessor
+
+    tok = build_internvl_tokenizer()
+    tokens_per_tile = (tile_size // 28) ** 2
+    vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=vision_layers, num_attention_heads=4,
+                  image_size=[tile_size, tile_size], patch_size=[14, 14], use_mean_pooling=True)
+    text = dict(_qwen_text_config(tok, text_layers), model_type="qwen2")
+    text.pop("rope_parameters")  # a 1-D RoPE language model
+    cfg = InternVLConfig(vision_config=vision, text_config=text, image_seq_length=tokens_per_tile,
+                         image_token_id=tok.convert_tokens_to_ids(INTERNVL_TOKENS["context_image_token"]),
+                         downsample_ratio=0.5, vision_feature_layer=-1, vision_feature_select_strategy="default")
+    cfg.max_dynamic_patch = max_tiles  # the processor's max_patches, under InternVL's own config name (the adapter reads it)
+    model = _qwen_finish(_instantiate(InternVLForConditionalGeneration, cfg, attn_implementation, seed, tok), tok)
+    image_processor = GotOcr2ImageProcessorPil(size={"height": tile_size, "width": tile_size}, crop_to_patches=True,
+                                               min_patches=1, max_patches=max_tiles)
+    processor = InternVLImageOnlyProcessor(image_processor=image_processor, tokenizer=tok,
+                                           image_seq_length=tokens_per_tile, chat_template=INTERNVL_CHAT_TEMPLATE)
+    return model, processor
+
+
 # name -> (directory name under the cache, builder, kwargs). "tiny"/"tiny-576" keep their historic names.
 TINY_MODELS = {
     "tiny": (f"tiny-llava-{VERSION}", build_tiny_llava, {"image_size": 112}),
@@ -205,6 +252,7 @@ TINY_MODELS = {
     "tiny-next": ("tiny-llava-next-v1", build_tiny_llava_next, {}),
     "tiny-qwen2-vl": ("tiny-qwen2-vl-v1", build_tiny_qwen2_vl, {}),
     "tiny-qwen2.5-vl": ("tiny-qwen2.5-vl-v1", build_tiny_qwen2_5_vl, {}),
+    "tiny-internvl": ("tiny-internvl-v1", build_tiny_internvl, {}),
 }
 
 
@@ -216,7 +264,7 @@ def tiny_model_dir(name: str = "tiny", cache_dir: str | os.PathLike | None = Non
     """A saved tiny model (weights + processor) named ``name``, built once and cached under ``cache_dir``
     (default ``$PRUNEKIT_CACHE`` or ~/.cache/prunekit). Names: ``tiny`` (LLaVA-1.5, 112 px, 64 visual
     tokens), ``tiny-576`` (LLaVA-1.5, 336 px, 576), ``tiny-next`` (LLaVA-NeXT), ``tiny-qwen2-vl``,
-    ``tiny-qwen2.5-vl``."""
+    ``tiny-qwen2.5-vl``, ``tiny-internvl``."""
     if name not in TINY_MODELS:
         raise ValueError(f"unknown tiny model {name!r}; choose one of {sorted(TINY_MODELS)}")
     dirname, builder, kwargs = TINY_MODELS[name]

@@ -56,7 +56,7 @@ class CDPruner(TokenPruner):
         self._patches: list[Tensor] = []
 
     def supports(self, adapter) -> str | None:
-        if adapter.vision_prefix_tokens < 1:
+        if adapter.vision_prefix_tokens < 1 or not adapter.clip_tower:
             return ("CDPruner's relevance needs a CLIP vision tower and its CLIP text encoder; this ViT has neither, "
                     "and the authors released no procedure for it (CDPruner#4)")
         if self.text_encoder is None:

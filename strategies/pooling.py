@@ -58,12 +58,13 @@ class Pooling(TokenPruner):
 
     def supports(self, adapter) -> str | None:
         stage = self.site.stage
-        if adapter.merge_size > 1 and stage in (Stage.VISION_LAYER, Stage.VISION_OUTPUT):
+        if adapter.packed_vision and stage in (Stage.VISION_LAYER, Stage.VISION_OUTPUT):
             return (f"pooling averages tokens at {stage}, before the PatchMerger, which needs whole 2x2 patch groups; "
                     "use stage=projector_output (pooling the merged tokens) or llm_layer")
         if not adapter.raster_images and stage is Stage.LLM_LAYER:
-            return ("pooling needs each image's tokens as one raster grid, and LLaVA-NeXT's anyres images are a base "
-                    "crop, a high-resolution grid and row newlines; use a vision-side stage (it pools every crop)")
+            return ("pooling needs each image's tokens as one raster grid, and an image is several vision units here "
+                    "(LLaVA-NeXT: a base crop, a high-resolution grid and row newlines; InternVL: tiles); use a "
+                    "vision-side stage (it pools every unit)")
         return None
 
     def prune(self, ctx: PruneContext) -> Keep:

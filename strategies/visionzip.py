@@ -66,6 +66,10 @@ class VisionZip(TokenPruner):
         return Signals(rows=(AttentionRows("first"),), keys=True, prefix=self.cls)
 
     def supports(self, adapter) -> str | None:
+        if self.cls and adapter.vision_prefix_tokens and adapter.merge_size > 1:
+            return ("VisionZip feeds [CLS]'s feature to the projector as a dominant token, and this model's projector "
+                    "takes tokens of several patches each (InternVL's pixel shuffle), where one [CLS] has no place; "
+                    "use cls=false (d dominant patch groups)")
         return needs_cls(adapter, "VisionZip")
 
     def prune(self, ctx: PruneContext) -> Keep:

@@ -1,4 +1,4 @@
-"""The tiny LLaVA-NeXT, Qwen2-VL and Qwen2.5-VL models load like real checkpoints and run the eval path's inputs."""
+"""The tiny LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL and InternVL models load like real checkpoints and run the eval path's inputs."""
 import importlib.util
 import json
 from pathlib import Path
@@ -16,6 +16,7 @@ FAMILIES = {  # name -> (model class, processor class, config file)
     "tiny-next": ("LlavaNextForConditionalGeneration", "LlavaNextProcessor", "tiny_next"),
     "tiny-qwen2-vl": ("Qwen2VLForConditionalGeneration", "Qwen2VLImageOnlyProcessor", "tiny_qwen2_vl"),
     "tiny-qwen2.5-vl": ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLImageOnlyProcessor", "tiny_qwen2_5_vl"),
+    "tiny-internvl": ("InternVLForConditionalGeneration", "InternVLImageOnlyProcessor", "tiny_internvl"),
 }
 # visual tokens per image, (width, height) -> count; measured, and equal to what the model's vision side produces
 SIZES = [(112, 112), (224, 112), (200, 150), (224, 224)]
@@ -23,6 +24,9 @@ TOKENS = {
     "tiny-next": [136, 200, 268, 336],  # 64 base + unpadded AnyRes grid + one newline per row
     "tiny-qwen2-vl": [16, 32, 35, 64],  # one per 28x28 px of the resized image
     "tiny-qwen2.5-vl": [16, 32, 35, 64],
+    # 16 a 112 px tile: 1 tile; 2x1 tiles + thumbnail; 2x2 + thumbnail (200x150 ties 1x1 and 2x2 in aspect, and its
+    # area is over half the 2x2 grid's, so InternVL's rule takes 2x2); 2x2 + thumbnail
+    "tiny-internvl": [16, 48, 80, 80],
 }
 
 
@@ -41,6 +45,8 @@ def n_features(model, inputs) -> list[int]:
     keys = ("pixel_values", "image_sizes", "image_grid_thw")
     out = model.model.get_image_features(**{k: v for k, v in inputs.items() if k in keys})
     feats = getattr(out, "pooler_output", out)
+    if torch.is_tensor(feats):  # InternVL: (tiles, tokens, D) of the one image these tests pass
+        return [feats.shape[0] * feats.shape[1]]
     return [f.shape[0] for f in feats]
 
 
@@ -171,7 +177,8 @@ def test_tiny_names_and_configs(cache):
         assert 0 < cfg["default_budget"] < TOKENS[name][0]  # a real cut at the synthetic 112 px images
     for config_name, hub_id in (("llava_next_7b", "llava-hf/llava-v1.6-vicuna-7b-hf"),
                                 ("qwen2_vl_7b", "Qwen/Qwen2-VL-7B-Instruct"),
-                                ("qwen2_5_vl_7b", "Qwen/Qwen2.5-VL-7B-Instruct")):
+                                ("qwen2_5_vl_7b", "Qwen/Qwen2.5-VL-7B-Instruct"),
+                                ("internvl3_8b", "OpenGVLab/InternVL3-8B-hf")):
         cfg = yaml.safe_load((CONFIGS / f"{config_name}.yaml").read_text())
         assert cfg["path"] == hub_id and cfg["dtype"] == "bfloat16" and cfg["default_budget"] is None
         assert cfg["random_weights"] is False and cfg["attn_implementation"] == "sdpa"

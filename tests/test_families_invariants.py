@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import prunekit
-from prunekit.tiny import (build_tiny_llava_next, build_tiny_qwen2_5_vl, build_tiny_qwen2_vl, synthetic_image,
-                           tiny_clip_text_dir)
+from prunekit.tiny import (build_tiny_internvl, build_tiny_llava_next, build_tiny_qwen2_5_vl, build_tiny_qwen2_vl,
+                           synthetic_image, tiny_clip_text_dir)
 from helpers import QUESTIONS, generate_positions, prompt
 
 pytestmark = pytest.mark.contract  # the runtime contract: CI runs it on every transformers minor
@@ -16,6 +16,7 @@ FAMILIES = {
     "llava-next": (build_tiny_llava_next, [(224, 112), (112, 112), (200, 150), (112, 224)], 40),
     "qwen2-vl": (build_tiny_qwen2_vl, [(224, 224), (224, 112), (200, 150), (112, 224)], 12),
     "qwen2.5-vl": (build_tiny_qwen2_5_vl, [(224, 224), (224, 112), (200, 150), (112, 224)], 12),
+    "internvl": (build_tiny_internvl, [(224, 224), (224, 112), (112, 112), (112, 224)], 12),
 }
 
 
@@ -50,6 +51,12 @@ def specs(family: str, budget: int) -> dict:
             "fastervlm": dict(name="fastervlm", budget=budget),
             "visionzip": dict(name="visionzip", budget=budget),
             "cdpruner": dict(name="cdpruner", budget=budget, text_encoder=str(tiny_clip_text_dir())),
+        })
+    if family == "internvl":  # no cuts inside the ViT (tests/test_internvl.py): the pixel shuffle needs whole grids
+        common = {k: v for k, v in common.items() if v.get("stage") != "vision_layer" and v["name"] != "flowcut"}
+        common.update({
+            "pooling@vision_output": dict(name="pooling", budget=4),  # 2x2 pooling of every tile's 4x4 tokens
+            "fastervlm": dict(name="fastervlm", budget=budget),
         })
     return common
 
@@ -172,7 +179,7 @@ def test_batch_of_four_equals_batch_of_one(families, family, key):
 
 
 def test_flowcut_two_stages_end_at_exactly_the_budget(families):
-    for family in FAMILIES:
+    for family in [f for f in FAMILIES if f != "internvl"]:  # InternVL: no cuts inside its ViT
         model, processor, sizes, budget = families[family]
         with torch.no_grad(), prunekit.attach(model, "flowcut", budget=budget) as h:
             model(**batch(processor, sizes, [0, 1, 2, 3]))
@@ -319,13 +326,17 @@ def test_flops_count_crops_and_patches(families):
             t = h.trace
             if family == "llava-next":
                 assert t.vision_units == [x["pixel_values"].shape[1]] and t.vision_tokens == [t.vision_units[0] * 64]
+            elif family == "internvl":  # 224x224: 4 tiles + thumbnail of 8x8 patches, 16 tokens each
+                assert t.vision_units == [5] and t.vision_tokens == [80] and t.merge_size == 4
+                assert t.vision_layer_counts[0].tolist() == [5 * 64] * len(model.model.vision_tower.encoder.layer)
             else:
                 patches = int(x["image_grid_thw"].prod())
                 assert t.vision_units == [1] and t.vision_tokens == [patches // 4] and t.merge_size == 4
                 assert t.vision_layer_counts[0].tolist() == [patches] * len(model.model.visual.blocks)
             full = trace_flops(flops, t, 0, text, unpruned=True)
             assert trace_flops(flops, t, 0, text) == full
-            with prunekit.attach(model, "random", budget=budget, stage="vision_layer", layer=1) as h:
+            stage = dict(stage="vision_output") if family == "internvl" else dict(stage="vision_layer", layer=1)
+            with prunekit.attach(model, "random", budget=budget, **stage) as h:
                 model(**x)
             cut = trace_flops(flops, h.trace, 0, text)
         assert cut["exact_vision"] < full["exact_vision"] and cut["exact_llm"] < full["exact_llm"], family

@@ -84,6 +84,7 @@ class ModelAdapter(ABC):
     merge_size: ClassVar[int] = 1
     mrope: ClassVar[bool] = False
     raster_images: ClassVar[bool] = True  # an image's visual tokens in the LM form one raster grid
+    vision_layer_refusal: ClassVar[str | None] = None  # why vision_layer sites are refused on this family, if they are
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -129,6 +130,12 @@ class ModelAdapter(ABC):
     @abstractmethod
     def vision_feature_layer(self) -> int:
         """0-based index of the vision layer whose output the projector reads."""
+
+    def feature_groups(self, n_tokens: int) -> Tensor | None:
+        """(n_tokens, g): the positions (after the prefix) in the vision feature layer's sequence of the g encoder
+        patches each projector-input token is made of, where the model groups patches before the projector
+        (InternVL's pixel shuffle: 4); None where a token is one patch."""
+        return None
 
     def vision_attention(self, layer: int) -> nn.Module:
         return self.vision_layers[layer].self_attn
@@ -198,6 +205,11 @@ class ModelAdapter(ABC):
     def language_model_device(self) -> torch.device:
         """Where the language model's input-embedding table lives (instruction ids go there)."""
         return self.language_model.embed_tokens.weight.device
+
+    @property
+    def clip_tower(self) -> bool:
+        """Whether the vision tower is a CLIP (a post-layernorm whose pooled [CLS] a CLIP visual projection reads)."""
+        return compat.clip_post_layernorm(self.vision_tower) is not None
 
     def clip_text_encoder(self, path: str, strategy: str):
         """The CLIP text encoder + visual projection at ``path`` that matches this model's vision tower (CDPruner's

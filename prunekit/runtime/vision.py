@@ -213,8 +213,13 @@ class VisionMixin:
             if vision.packed is not None:
                 self._flush_packed(site, vision)
             run = columns = valid = None
+            groups = None
+            if site.stage is not Stage.VISION_LAYER and vision.images:  # by the units' intact token count
+                groups = self.adapter.feature_groups(vision.images[0].span_length)
             if view is not None:
                 columns, valid = view.columns()
+            elif groups is not None:  # a token is several feature-layer patches (InternVL's pixel shuffle)
+                columns, valid = self._group_columns(groups, vision, lengths, n_tokens, prefix, site)
             elif n_tokens > 0 and all(n == n_tokens for n in lengths.tolist()):
                 run = slice(prefix, prefix + n_tokens)  # every unit whole: signals are slices
             else:
@@ -229,6 +234,19 @@ class VisionMixin:
             _instruction_source=self._instruction_source(site, vision),
             _seed_source=vision.seed, _grid_source=lambda u: vision.images[u].grid_positions(self.adapter.image_grid),
         )
+
+    @staticmethod
+    def _group_columns(groups: Tensor, vision: VisionPass, lengths: Tensor, n_tokens: int, prefix: int, site: Site):
+        """(U, N, g) feature-layer positions of each unit's current tokens, and their validity: a token's patches
+        are those of the unit token it stands for (a merged token: its representative's)."""
+        columns = torch.zeros(len(vision.images), n_tokens, groups.shape[1], dtype=torch.long)
+        valid = torch.zeros(len(vision.images), n_tokens, dtype=torch.bool)
+        for u, d in enumerate(vision.images):
+            if len(d.kept) != int(lengths[u]) or (len(d.kept) and int(d.kept.max()) >= len(groups)):
+                raise PruningError(f"{site}: the tokens of vision unit {u} do not line up with its track")
+            columns[u, : len(d.kept)] = prefix + groups[d.kept]
+            valid[u, : len(d.kept)] = True
+        return columns, valid
 
     @staticmethod
     def _apply_to_images(vision: VisionPass, keep: Keep, site: str) -> None:

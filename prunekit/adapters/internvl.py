@@ -1,0 +1,153 @@
+"""InternVL (``InternVLForConditionalGeneration``, the -hf checkpoints of InternVL2.5 / InternVL3): dynamic tiling,
+an InternViT with [CLS], pixel shuffle, an MLP projector and a Qwen2 language model.
+
+Vision units are tiles: an image is cut into 1..max_patches tiles plus a thumbnail when there is more than one,
+all through the ViT as one batch, so vision-side strategies decide per tile. After the ViT the model drops [CLS]
+and pixel-shuffles each tile's patch grid (0.5: every 2x2 block of patches becomes one token of 4x the width)
+before the projector, so one language-model token is 4 ViT patches. An image's placeholder span holds its tiles'
+tokens one tile after the other (``<img>`` and ``</img>`` around it are text), raster order inside a tile.
+
+Sites: ``vision_output`` is the projector's input (the shuffled tokens; its attention signals are the feature
+layer's, summed over each token's 4 patches), ``projector_output`` its output, ``llm_layer`` inside Qwen2.
+Cuts inside the ViT are refused: the pixel shuffle reshapes each tile's full patch grid.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import PruningError
+from .base import ImageLayout, ModelAdapter, register_adapter
+
+DEFAULT_MAX_TILES = 12  # the InternVL3 processors' max_patches
+
+
+@register_adapter
+class InternVLAdapter(ModelAdapter):
+    family = "internvl"
+    model_classes = ("InternVLForConditionalGeneration",)
+    raster_images = False  # tiles one after the other, not one raster grid
+    merge_size = 4  # ViT patches per language-model token (the pixel shuffle), for the trace and the FLOPs
+    vision_layer_refusal = ("InternVL pixel-shuffles each tile's full ViT patch grid before the projector, so "
+                            "prunekit cannot cut inside its ViT yet; prune at vision_output (the shuffled tokens "
+                            "entering the projector), projector_output or inside the language model")
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        cfg = model.config
+        if cfg.vision_feature_select_strategy != "default":
+            raise ValueError(f"prunekit's InternVL adapter expects vision_feature_select_strategy='default' ([CLS] "
+                             f"dropped before the pixel shuffle), this model uses {cfg.vision_feature_select_strategy!r}")
+        if not isinstance(cfg.vision_feature_layer, int):
+            raise ValueError("prunekit's InternVL adapter expects a single vision_feature_layer (an int)")
+        self._groups: dict[int, Tensor] = {}
+
+    # --- modules -----------------------------------------------------------------------------------
+    @property
+    def multimodal_model(self) -> nn.Module:
+        return self.model.model
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self.model.model.vision_tower
+
+    @property
+    def vision_layers(self) -> nn.ModuleList:
+        return self.vision_tower.encoder.layer
+
+    def vision_attention(self, layer: int) -> nn.Module:
+        return self.vision_layers[layer].attention
+
+    def vision_input_norm(self, layer: int) -> nn.Module:
+        return self.vision_layers[layer].layernorm_before
+
+    @property
+    def vision_prefix_tokens(self) -> int:
+        return 1  # [CLS]; the 'default' feature selection drops it before the pixel shuffle
+
+    @property
+    def vision_feature_layer(self) -> int:
+        k = self.model.config.vision_feature_layer % (len(self.vision_layers) + 1)  # hidden_states[k]: layer k-1's output
+        return k - 1
+
+    @property
+    def projector(self) -> nn.Module:
+        return self.model.model.multi_modal_projector
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.model.model.language_model
+
+    # --- sequence facts ------------------------------------------------------------------------------
+    def image_token_mask(self, input_ids: Tensor | None, inputs_embeds: Tensor | None) -> Tensor:
+        return self._placeholder_mask(self.language_model.embed_tokens, self.image_token_id, input_ids, inputs_embeds)
+
+    def tokens_per_image(self) -> None:
+        return None  # tiles x tokens per tile: depends on the image
+
+    def tokens_per_tile(self) -> int:
+        return self.model.config.image_seq_length
+
+    def image_grid(self, n_tokens: int) -> tuple[int, int] | None:
+        side = math.isqrt(n_tokens)  # one tile (a single-tile image) is a raster grid
+        return (side, side) if side * side == n_tokens == self.tokens_per_tile() else None
+
+    def feature_groups(self, n_tokens: int) -> Tensor:
+        """(n_tokens, 4): the patches (row-major in the tile's grid, after [CLS]) of each shuffled token, in the
+        order their features are concatenated; read off the model's own ``pixel_shuffle`` run on patch indices."""
+        if n_tokens not in self._groups:
+            ratio = self.model.config.downsample_ratio
+            side = math.isqrt(round(n_tokens / ratio**2))
+            if side * side * ratio**2 != n_tokens:
+                raise PruningError(f"InternVL: {n_tokens} tokens at the projector are not a pixel-shuffled square grid")
+            index = torch.arange(side * side, dtype=torch.float64).view(1, side, side, 1)
+            shuffled = self.model.model.pixel_shuffle(index, scale_factor=ratio)  # (1, s', s', 1 / ratio^2)
+            self._groups[n_tokens] = shuffled.reshape(n_tokens, -1).round().long()
+        return self._groups[n_tokens]
+
+    # --- tiles and images ----------------------------------------------------------------------------
+    def capture_vision_inputs(self, kwargs: dict) -> dict:
+        ids = kwargs.get("input_ids")
+        return {} if ids is None else {"input_ids": ids}
+
+    def image_layouts(self, unit_tokens: list[int], inputs: dict) -> list[ImageLayout]:
+        """Each image's tiles from its placeholder run in the prompt (the processor writes one run of
+        tiles x tokens-per-tile ``<IMG_CONTEXT>`` between ``<img>`` and ``</img>``); images in batch order."""
+        ids = inputs.get("input_ids")
+        if ids is None:
+            raise PruningError("InternVL's tiles per image are read off the prompt's placeholder runs, and this call "
+                               "passed no input_ids (pass input_ids, not inputs_embeds, with pixel_values)")
+        per_tile = self.tokens_per_tile()
+        layouts = []
+        for run in _runs(ids == self.image_token_id):
+            tiles, rest = divmod(run, per_tile)
+            if rest:
+                raise PruningError(f"an InternVL image placeholder run of {run} tokens is not a whole number of "
+                                   f"{per_tile}-token tiles; prompt and images do not line up")
+            layouts.append(ImageLayout(tiles, per_tile, torch.arange(run), self.image_grid(run)))
+        if sum(lay.units for lay in layouts) != len(unit_tokens):
+            raise PruningError(f"the prompt's image placeholders hold {sum(lay.units for lay in layouts)} tiles, "
+                               f"the vision tower encoded {len(unit_tokens)}; prompt and images do not line up")
+        return layouts
+
+    def budget_units(self) -> int:
+        """The most tiles an image can have: ``max_dynamic_patch`` (InternVL's own config name; the -hf configs leave
+        it to the processor, whose InternVL3 default is 12) plus the thumbnail."""
+        tiles = getattr(self.model.config, "max_dynamic_patch", DEFAULT_MAX_TILES)
+        return tiles + (1 if tiles > 1 and getattr(self.model.config, "use_thumbnail", True) else 0)
+
+    def unit_grid(self, unit: int, n_tokens: int) -> tuple[int, int] | None:
+        side = math.isqrt(n_tokens)
+        return (side, side) if side * side == n_tokens else None
+
+
+def _runs(mask: Tensor) -> list[int]:
+    """Lengths of the runs of True in each row of ``mask`` (B, L), rows in order."""
+    lengths = []
+    for row in mask.cpu():
+        edges = torch.diff(torch.cat([torch.zeros(1, dtype=torch.int8), row.to(torch.int8), torch.zeros(1, dtype=torch.int8)]))
+        starts, ends = (edges == 1).nonzero().squeeze(1), (edges == -1).nonzero().squeeze(1)
+        lengths += (ends - starts).tolist()
+    return lengths
