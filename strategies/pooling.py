@@ -61,6 +61,9 @@ class Pooling(TokenPruner):
         if adapter.packed_vision and stage in (Stage.VISION_LAYER, Stage.VISION_OUTPUT):
             return (f"pooling averages tokens at {stage}, before the PatchMerger, which needs whole 2x2 patch groups; "
                     "use stage=projector_output (pooling the merged tokens) or llm_layer")
+        if adapter.full_grid_features and stage is Stage.VISION_LAYER:
+            return ("pooling averages tokens, and inside this vision encoder the runtime keeps or drops whole patch "
+                    "groups (the model groups them after it, InternVL's pixel shuffle); use stage=vision_output")
         if not adapter.raster_images and stage is Stage.LLM_LAYER:
             return ("pooling needs each image's tokens as one raster grid, and an image is several vision units here "
                     "(LLaVA-NeXT: a base crop, a high-resolution grid and row newlines; InternVL: tiles); use a "

@@ -52,8 +52,7 @@ def specs(family: str, budget: int) -> dict:
             "visionzip": dict(name="visionzip", budget=budget),
             "cdpruner": dict(name="cdpruner", budget=budget, text_encoder=str(tiny_clip_text_dir())),
         })
-    if family == "internvl":  # no cuts inside the ViT (tests/test_internvl.py): the pixel shuffle needs whole grids
-        common = {k: v for k, v in common.items() if v.get("stage") != "vision_layer" and v["name"] != "flowcut"}
+    if family == "internvl":  # in the ViT whole 2x2 patch groups (the pixel shuffle's), put back before it
         common.update({
             "pooling@vision_output": dict(name="pooling", budget=4),  # 2x2 pooling of every tile's 4x4 tokens
             "fastervlm": dict(name="fastervlm", budget=budget),
@@ -179,7 +178,7 @@ def test_batch_of_four_equals_batch_of_one(families, family, key):
 
 
 def test_flowcut_two_stages_end_at_exactly_the_budget(families):
-    for family in [f for f in FAMILIES if f != "internvl"]:  # InternVL: no cuts inside its ViT
+    for family in FAMILIES:
         model, processor, sizes, budget = families[family]
         with torch.no_grad(), prunekit.attach(model, "flowcut", budget=budget) as h:
             model(**batch(processor, sizes, [0, 1, 2, 3]))
@@ -187,7 +186,7 @@ def test_flowcut_two_stages_end_at_exactly_the_budget(families):
         assert [ev.site for ev in t.events][-1] == "llm_layer[2]", family
         assert t.budget.convention == "n_final"
         assert t.n_final == [min(budget, n) for n in t.n_in], family
-        per_unit = max(budget // 2, 1) if family == "llava-next" else 2 * budget  # stage 1: int(T/2) / crop, 2T
+        per_unit = max(budget // 2, 1) if family in ("llava-next", "internvl") else 2 * budget  # int(T/2) / unit, 2T
         assert all(n <= per_unit * 5 for n in t.n_in)
 
 
@@ -335,8 +334,7 @@ def test_flops_count_crops_and_patches(families):
                 assert t.vision_layer_counts[0].tolist() == [patches] * len(model.model.visual.blocks)
             full = trace_flops(flops, t, 0, text, unpruned=True)
             assert trace_flops(flops, t, 0, text) == full
-            stage = dict(stage="vision_output") if family == "internvl" else dict(stage="vision_layer", layer=1)
-            with prunekit.attach(model, "random", budget=budget, **stage) as h:
+            with prunekit.attach(model, "random", budget=budget, stage="vision_layer", layer=1) as h:
                 model(**x)
             cut = trace_flops(flops, h.trace, 0, text)
         assert cut["exact_vision"] < full["exact_vision"] and cut["exact_llm"] < full["exact_llm"], family

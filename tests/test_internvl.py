@@ -1,6 +1,6 @@
-"""InternVL (-hf layout): tiles as vision units, the pixel shuffle's 2x2 patch groups at the projector, the tiles of each
-image read off the prompt, and cuts inside the ViT refused with the reason. (The runtime invariants on InternVL:
-tests/test_families_invariants.py.)"""
+"""InternVL (-hf layout): tiles as vision units, the pixel shuffle's 2x2 patch groups (kept whole inside the ViT and
+put back into each tile's grid before the shuffle; summed / averaged for signals at the projector), the tiles of each
+image read off the prompt. (The runtime invariants on InternVL: tests/test_families_invariants.py.)"""
 import pytest
 import torch
 
@@ -8,7 +8,7 @@ import prunekit
 from prunekit.adapters import adapter_for
 from prunekit.errors import PruningError, UnsupportedModelError
 from prunekit.tiny import build_tiny_internvl, synthetic_image
-from helpers import prompt
+from helpers import generate_positions
 
 pytestmark = pytest.mark.contract
 
@@ -20,10 +20,11 @@ def internvl():
     return model, processor
 
 
-def inputs(processor, sizes_per_sample):
-    """One prompt per sample with as many image items as it has images."""
+def inputs(processor, sizes_per_sample, first: int = 0):
+    """One prompt per sample with as many image items as it has images; sample i's pictures are seeded by
+    ``first + i``, so a sample alone gets the pictures it has in a batch."""
     texts, images = [], []
-    for i, sizes in enumerate(sizes_per_sample):
+    for i, sizes in enumerate(sizes_per_sample, first):
         content = [{"type": "image"} for _ in sizes] + [{"type": "text", "text": "what is it?"}]
         texts.append(processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True))
         images += [synthetic_image(10 * i + j, size) for j, size in enumerate(sizes)]
@@ -68,11 +69,82 @@ def test_placeholders_that_are_not_whole_tiles_are_refused(internvl):
         model(input_ids=ids, attention_mask=x["attention_mask"], pixel_values=x["pixel_values"])
 
 
-@pytest.mark.parametrize("spec", [dict(name="flowcut"), dict(name="random", stage="vision_layer", layer=1)])
-def test_cuts_inside_the_vit_are_refused_with_the_reason(internvl, spec):
-    with pytest.raises(UnsupportedModelError, match="pixel-shuffles each tile's full ViT patch grid"):
-        prunekit.attach(internvl[0], spec)
-    assert prunekit.PruningHandle.of(internvl[0]) is None
+def test_a_vit_cut_equals_the_tower_run_by_hand_on_the_kept_groups(internvl):
+    """random@vision_layer1 keeps 8 of 16 groups a tile. What enters the projector equals, per tile: layers 0-1 on
+    every patch, then [CLS] and the kept groups' patches alone through the later layers, those patches put back
+    at their places in a zero grid, the model's pixel shuffle, the kept groups' tokens."""
+    model, processor = internvl
+    x = inputs(processor, [[(224, 224)]])  # 4 tiles + thumbnail
+    tower, seen = model.model.vision_tower, {}
+    with torch.no_grad(), prunekit.attach(model, "random", budget=40, stage="vision_layer", layer=1) as h:
+        hook = model.model.multi_modal_projector.register_forward_pre_hook(lambda m, a: seen.update(features=a[0]))
+        try:
+            model(**x)
+        finally:
+            hook.remove()
+    kept = h.trace.events[0].kept[0]  # span positions: tile * 16 + group
+    groups = adapter_for(model).feature_groups(16)
+    with torch.no_grad():
+        hidden = tower.embeddings(x["pixel_values"])
+        for layer in tower.encoder.layer[:2]:
+            hidden = layer(hidden)
+        want = []
+        for tile in range(5):
+            ids = kept[kept // 16 == tile] % 16
+            assert len(ids) == 8
+            rows = torch.cat([hidden[tile, :1], hidden[tile, 1 + groups[ids].reshape(-1)]])[None]
+            for layer in tower.encoder.layer[2:]:
+                rows = layer(rows)
+            rows = tower.layernorm(rows)
+            grid = rows.new_zeros(1, 64, rows.shape[-1])
+            grid[0, groups[ids].reshape(-1)] = rows[0, 1:]
+            shuffled = model.model.pixel_shuffle(grid.view(1, 8, 8, -1), scale_factor=0.5).reshape(16, -1)
+            want.append(shuffled[ids])
+    torch.testing.assert_close(seen["features"], torch.stack(want), rtol=1e-5, atol=1e-5)
+
+
+class _RaggedGroups(prunekit.TokenPruner):
+    """Keeps 2..15 groups per tile inside the ViT, the count drawn from the tile's content seed."""
+
+    name = "ragged_groups"
+
+    def __init__(self):
+        super().__init__(budget=None)
+
+    def sites(self):
+        return [prunekit.Site("vision_layer", 1)]
+
+    def prune(self, ctx):
+        keep = []
+        for u in range(ctx.num_units):
+            g = ctx.generator(u)
+            k = int(torch.randint(2, 16, (1,), generator=g))
+            keep.append(torch.randperm(int(ctx.lengths[u]), generator=g)[:k].sort().values)
+        return prunekit.Keep(keep)
+
+
+def test_ragged_vit_cuts_mask_the_padding_and_match_each_sample_alone(internvl):
+    """Tiles keep different group counts inside the ViT: the padded rows get a key mask through the attention
+    (InternVL's layers pass none on), so each sample's logits are those it has alone, and every tile's tokens reach
+    the language model in their span slots."""
+    model, processor = internvl
+    samples = [[(224, 224)], [(224, 112)], [(112, 112)]]
+    with torch.no_grad(), prunekit.attach(model, _RaggedGroups()) as h:
+        x = inputs(processor, samples)
+        together = model(**x, position_ids=generate_positions(x["attention_mask"])).logits[:, -1]
+        counts = h.trace.vision_layer_counts[:, -1].tolist()
+        kept = [h.trace.kept_positions(b) for b in range(3)]
+        for b, sizes in enumerate(samples):
+            x1 = inputs(processor, [sizes], first=b)
+            alone = model(**x1).logits[:, -1]
+            torch.testing.assert_close(alone, together[b : b + 1], rtol=1e-5, atol=1e-5)
+    assert len(set(counts)) > 1 and all(c % 4 == 0 for c in counts)  # whole groups of 4 patches
+    assert all(int(k.max()) < n for k, n in zip(kept, [80, 48, 16]))
+
+
+def test_merges_inside_the_vit_are_refused(internvl):
+    with pytest.raises(UnsupportedModelError, match="whole patch groups"):
+        prunekit.attach(internvl[0], dict(name="pooling", budget=4, stage="vision_layer", layer=1))
 
 
 class _ClsRows(prunekit.TokenPruner):

@@ -19,9 +19,7 @@ def test_refusals_name_the_strategy_the_family_and_why():
     matrix = support_matrix()
     assert matrix["visionzip"]["qwen2-vl"] and "[CLS]" in matrix["visionzip"]["qwen2-vl"]
     assert matrix["pooling"]["qwen2.5-vl"] and "projector_output" in matrix["pooling"]["qwen2.5-vl"]
-    # FlowCut runs wherever the runtime can cut inside the ViT (two stages off LLaVA-1.5); not yet on InternVL
-    assert {f for f, reason in matrix["flowcut"].items() if reason} == {"internvl"}
-    assert "pixel-shuffles" in matrix["flowcut"]["internvl"] and "vision_layer" in matrix["flowcut"]["internvl"]
+    assert matrix["flowcut"] == dict.fromkeys(matrix["flowcut"])  # FlowCut runs everywhere (two stages off LLaVA-1.5)
     assert matrix["visionzip"]["internvl"] and "cls=false" in matrix["visionzip"]["internvl"]
     assert matrix["visionzip (cls=false)"]["internvl"] is None and matrix["cdpruner"]["internvl"]
     for row, cells in matrix.items():

@@ -84,7 +84,7 @@ class ModelAdapter(ABC):
     merge_size: ClassVar[int] = 1
     mrope: ClassVar[bool] = False
     raster_images: ClassVar[bool] = True  # an image's visual tokens in the LM form one raster grid
-    vision_layer_refusal: ClassVar[str | None] = None  # why vision_layer sites are refused on this family, if they are
+    full_grid_features: ClassVar[bool] = False  # the model reshapes each unit's full patch grid after the encoder
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -183,6 +183,16 @@ class ModelAdapter(ABC):
         """(pixel values, grid_thw or None) of a vision-tower forward."""
         pixels = args[0] if args else kwargs.get("pixel_values", kwargs.get("hidden_states"))
         return pixels, None
+
+    def vision_mask_module(self, layer: int) -> nn.Module:
+        """The module of vision layer ``layer`` whose forward takes the key-padding mask: the layer (CLIP) or, where
+        the layer passes none on, its attention (InternVL)."""
+        return self.vision_layers[layer]
+
+    def with_attention_key_mask(self, args: tuple, kwargs: dict, key_mask: Tensor):
+        """A ``vision_mask_module``'s (args, kwargs) with ``key_mask`` as its attention mask."""
+        kwargs["attention_mask"] = key_mask
+        return args, kwargs
 
     def with_vision_key_mask(self, args: tuple, kwargs: dict, hidden: Tensor, key_mask: Tensor | None):
         """A vision layer's (args, kwargs) with ``hidden`` as its input and ``key_mask`` as its attention mask."""

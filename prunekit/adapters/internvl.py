@@ -7,9 +7,10 @@ and pixel-shuffles each tile's patch grid (0.5: every 2x2 block of patches becom
 before the projector, so one language-model token is 4 ViT patches. An image's placeholder span holds its tiles'
 tokens one tile after the other (``<img>`` and ``</img>`` around it are text), raster order inside a tile.
 
-Sites: ``vision_output`` is the projector's input (the shuffled tokens; its attention signals are the feature
-layer's, summed over each token's 4 patches), ``projector_output`` its output, ``llm_layer`` inside Qwen2.
-Cuts inside the ViT are refused: the pixel shuffle reshapes each tile's full patch grid.
+Sites: ``vision_layer`` inside the ViT keeps or drops whole 2x2 patch groups (the runtime puts the survivors back
+into each tile's full grid after the last layer, for the pixel shuffle; runtime/grouped.py), ``vision_output`` is the
+projector's input (the shuffled tokens), ``projector_output`` its output, ``llm_layer`` inside Qwen2. Attention
+signals of a token are summed over its 4 patches, keys and values averaged.
 """
 from __future__ import annotations
 
@@ -29,10 +30,8 @@ class InternVLAdapter(ModelAdapter):
     family = "internvl"
     model_classes = ("InternVLForConditionalGeneration",)
     raster_images = False  # tiles one after the other, not one raster grid
-    merge_size = 4  # ViT patches per language-model token (the pixel shuffle), for the trace and the FLOPs
-    vision_layer_refusal = ("InternVL pixel-shuffles each tile's full ViT patch grid before the projector, so "
-                            "prunekit cannot cut inside its ViT yet; prune at vision_output (the shuffled tokens "
-                            "entering the projector), projector_output or inside the language model")
+    merge_size = 4  # ViT patches per language-model token (the pixel shuffle): cuts in the ViT keep whole groups
+    full_grid_features = True  # the pixel shuffle reshapes each tile's full grid: ViT cuts are scattered back first
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
@@ -62,6 +61,12 @@ class InternVLAdapter(ModelAdapter):
 
     def vision_input_norm(self, layer: int) -> nn.Module:
         return self.vision_layers[layer].layernorm_before
+
+    def vision_mask_module(self, layer: int) -> nn.Module:
+        return self.vision_layers[layer].attention  # InternVLVisionLayer takes no mask; its attention does
+
+    def with_vision_key_mask(self, args: tuple, kwargs: dict, hidden: Tensor, key_mask: Tensor | None):
+        return (hidden,) + tuple(args[1:]), kwargs  # the mask goes to the attention (vision_mask_module)
 
     @property
     def vision_prefix_tokens(self) -> int:

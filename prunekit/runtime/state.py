@@ -10,6 +10,7 @@ from torch import Tensor
 from ..errors import PruningError
 from ..pruner import content_seed
 from ..trace import SampleTrack
+from .grouped import GroupedRows
 from .packed import PackedState
 from .sequence import Segment
 
@@ -27,6 +28,7 @@ class VisionPass:
     layer_counts: Tensor | None = None  # (images, encoder layers): patches entering each layer
     prefix: Tensor | None = None  # (images, P, D) the feature layer's output at the prefix tokens, on request
     packed: PackedState | None = None  # packed encoders (Qwen2-VL): the live rows and the blocks' kwargs
+    grouped: GroupedRows | None = None  # encoders whose tokens are patch groups made after them (InternVL)
     projector_counts: Tensor | None = None  # (units,) tokens the projector maps (FLOPs)
 
     def lengths(self) -> Tensor:

@@ -27,9 +27,12 @@ class ValidationMixin:
                     f"{self.adapter.num_llm_layers} layers (0..{self.adapter.num_llm_layers - 1})"
                 )
             feature = self.adapter.vision_feature_layer
-            if site.stage is Stage.VISION_LAYER and self.adapter.vision_layer_refusal:
-                raise UnsupportedModelError(f"strategy {name!r} cannot run on {self.adapter.describe()}: it prunes at "
-                                            f"{site}, and {self.adapter.vision_layer_refusal}")
+            if (site.stage is Stage.VISION_LAYER and self.adapter.full_grid_features
+                    and feature != len(self.adapter.vision_layers) - 1):
+                raise UnsupportedModelError(
+                    f"strategy {name!r} cannot run on {self.adapter.describe()}: it prunes at {site}, and this model "
+                    f"reads its features from vision layer {feature}, not the last; the runtime puts the kept patch "
+                    "groups back into the full grid only after the last layer")
             if site.stage is Stage.VISION_LAYER and site.layer >= feature:
                 raise KnobError(
                     f"strategy {name!r} prunes after vision layer {site.layer}, but the projector reads the "

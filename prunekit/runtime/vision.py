@@ -9,6 +9,7 @@ from ..errors import PruningError
 from ..pruner import Keep, PruneContext, Site, Stage
 from ..trace import SampleTrack
 from .decisions import _assemble, _in_sequence_order
+from .grouped import GroupedRows
 from .packed import PackedState, lay_out_calls, live_rows
 from .state import VisionPass
 
@@ -42,6 +43,24 @@ class VisionMixin:
             return None
         return self.adapter.with_vision_key_mask(args, kwargs, hidden, vision.key_mask)
 
+    def _on_vision_mask(self, module, args, kwargs):
+        """Before the attention of a vision layer that passes no mask on (InternVL): the key-padding mask."""
+        vision = self._vision
+        if vision is None or vision.key_mask is None:
+            return None
+        return self.adapter.with_attention_key_mask(args, kwargs, vision.key_mask)
+
+    def _restore_vision_grid(self, module, args, output):
+        """After the feature layer of an encoder whose model reshapes full grids (InternVL): the kept patch groups
+        back at their places in each unit's grid, zeros elsewhere (dropped again before the projector)."""
+        vision = self._vision
+        if vision is None or vision.grouped is None or vision.grouped.live is None:
+            return None
+        hidden = output[0] if isinstance(output, tuple) else output
+        prefix = self.adapter.vision_prefix_tokens
+        full = torch.cat([hidden[:, :prefix], vision.grouped.restore(hidden[:, prefix:])], 1)
+        return (full,) + tuple(output[1:]) if isinstance(output, tuple) else full
+
     def _new_units(self, vision: VisionPass, n_units: int, n_tokens: int) -> None:
         vision.images = [SampleTrack.full([n_tokens], [self.adapter.unit_grid(u, n_tokens)]) for u in range(n_units)]
         vision.events = []
@@ -50,17 +69,37 @@ class VisionMixin:
         prefix = self.adapter.vision_prefix_tokens
         patches = hidden[:, prefix:]
         if vision.images is None:
-            self._new_units(vision, patches.shape[0], patches.shape[1])
+            size = self.adapter.merge_size if self.adapter.full_grid_features else 1
+            self._new_units(vision, patches.shape[0], patches.shape[1] // size)
+            if size > 1:  # tokens are the patch groups the model makes after the encoder
+                vision.grouped = GroupedRows(self.adapter.feature_groups(patches.shape[1] // size))
         lengths = vision.lengths()
         if vision.layer_counts is None:
             vision.layer_counts = lengths[:, None].repeat(1, len(self.adapter.vision_layers))
-        keep = self._decide(self._image_context(site, patches, vision, lengths, prefix))
+        grouped, ids = vision.grouped, [d.kept for d in vision.images]
+        if grouped is not None:
+            columns, valid = grouped.columns(ids)
+            ctx = self._image_context(site, grouped.tokens(patches, ids), vision, lengths, prefix,
+                                      columns=(prefix + columns, valid))
+        else:
+            ctx = self._image_context(site, patches, vision, lengths, prefix)
+        keep = self._decide(ctx)
         if keep is None:
             return hidden
+        if grouped is not None and keep.features is not None:
+            raise PruningError(
+                f"{self.strategy.name} merged tokens at {site} on {self.adapter.describe()}; inside this encoder the "
+                "runtime keeps or drops whole patch groups (the model groups them after it). Merge at vision_output.")
         self._apply_to_images(vision, keep, str(site))
         counts = vision.lengths()
         vision.layer_counts[:, site.layer + 1 :] = counts[:, None]
-        kept = _assemble(patches, keep)
+        if grouped is not None:
+            if grouped.live is None and bool((counts == lengths).all()):
+                return hidden  # every group kept: the rows stay in the model's order (keep-all is exact)
+            kept = grouped.keep(patches, [d.kept for d in vision.images])
+            counts = counts * grouped.size  # encoder rows
+        else:
+            kept = _assemble(patches, keep)
         counts = counts.to(hidden.device)
         if bool((counts == counts[0]).all()):
             vision.live = vision.key_mask = None
@@ -135,6 +174,10 @@ class VisionMixin:
         if vision.images is None or len(vision.images) != n_images:  # no vision_layer site pruned in this pass
             self._new_units(vision, n_images, n_tokens)
         lengths = vision.lengths()
+        regrouped = vision.grouped is not None and vision.grouped.live is not None
+        if regrouped:  # the model grouped the restored full grids: take each unit's surviving tokens again
+            features = _assemble(features, Keep([d.kept.to(features.device) for d in vision.images]))
+            n_tokens = features.shape[1]
         if int(lengths.max()) != n_tokens:
             raise PruningError(
                 f"the projector received {n_tokens} tokens per image but the vision encoder kept "
@@ -142,7 +185,7 @@ class VisionMixin:
             )
         if site is None:
             vision.projector_counts = lengths
-            return None
+            return (features,) + tuple(args[1:]) if regrouped else None
         ctx = self._image_context(site, features, vision, lengths, self.adapter.vision_prefix_tokens)
         keep = self._decide_all(ctx)
         self._apply_to_images(vision, keep, str(site))
@@ -203,9 +246,10 @@ class VisionMixin:
         return full
 
     def _image_context(self, site: Site, tokens: Tensor, vision: VisionPass, lengths: Tensor, prefix: int,
-                       view=None):
+                       view=None, columns: tuple[Tensor, Tensor] | None = None):
         """Context over vision units; signal columns skip the encoder's prefix (CLS) tokens, and on a packed
-        encoder list each merge group's rows (``view``)."""
+        encoder list each merge group's rows (``view``); ``columns``: (U, N, g) positions and validity, given."""
+        given = columns
         n_images, n_tokens = tokens.shape[:2]
         grids = [d.grid if d.intact_single_image else None for d in vision.images]
         signals = None
@@ -214,12 +258,16 @@ class VisionMixin:
                 self._flush_packed(site, vision)
             run = columns = valid = None
             groups = None
-            if site.stage is not Stage.VISION_LAYER and vision.images:  # by the units' intact token count
+            if given is None and site.stage is not Stage.VISION_LAYER and vision.images:  # by intact token count
                 groups = self.adapter.feature_groups(vision.images[0].span_length)
-            if view is not None:
+            if given is not None:
+                columns, valid = given
+            elif view is not None:
                 columns, valid = view.columns()
             elif groups is not None:  # a token is several feature-layer patches (InternVL's pixel shuffle)
-                columns, valid = self._group_columns(groups, vision, lengths, n_tokens, prefix, site)
+                grouped = vision.grouped if vision.grouped is not None else GroupedRows(groups)
+                cols, valid = grouped.columns([d.kept for d in vision.images])
+                columns = prefix + cols
             elif n_tokens > 0 and all(n == n_tokens for n in lengths.tolist()):
                 run = slice(prefix, prefix + n_tokens)  # every unit whole: signals are slices
             else:
@@ -234,19 +282,6 @@ class VisionMixin:
             _instruction_source=self._instruction_source(site, vision),
             _seed_source=vision.seed, _grid_source=lambda u: vision.images[u].grid_positions(self.adapter.image_grid),
         )
-
-    @staticmethod
-    def _group_columns(groups: Tensor, vision: VisionPass, lengths: Tensor, n_tokens: int, prefix: int, site: Site):
-        """(U, N, g) feature-layer positions of each unit's current tokens, and their validity: a token's patches
-        are those of the unit token it stands for (a merged token: its representative's)."""
-        columns = torch.zeros(len(vision.images), n_tokens, groups.shape[1], dtype=torch.long)
-        valid = torch.zeros(len(vision.images), n_tokens, dtype=torch.bool)
-        for u, d in enumerate(vision.images):
-            if len(d.kept) != int(lengths[u]) or (len(d.kept) and int(d.kept.max()) >= len(groups)):
-                raise PruningError(f"{site}: the tokens of vision unit {u} do not line up with its track")
-            columns[u, : len(d.kept)] = prefix + groups[d.kept]
-            valid[u, : len(d.kept)] = True
-        return columns, valid
 
     @staticmethod
     def _apply_to_images(vision: VisionPass, keep: Keep, site: str) -> None:
