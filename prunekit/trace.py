@@ -87,12 +87,16 @@ class SampleTrack:
         if members is None:
             new_members = [self.members[i] for i in indices.tolist()]
         else:
-            new_members = [  # an empty member list: a token standing for no patch (VisionZip's CLS)
-                torch.cat([self.members[j] for j in m.cpu().tolist()] or [torch.zeros(0, dtype=torch.long)]).sort().values
-                for m in members
-            ]
+            new_members = [self._merged([self.members[j] for j in m.cpu().tolist()]) for m in members]
         self.kept = self.kept[indices]
         self.members = new_members
+
+    @staticmethod
+    def _merged(parts: list[Tensor]) -> Tensor:
+        """The sorted union of members (each list sorted); none: a token standing for no patch (VisionZip's CLS)."""
+        if len(parts) == 1:
+            return parts[0]  # already sorted: most tokens of a merging decision stand for themselves
+        return torch.cat(parts).sort().values if parts else torch.zeros(0, dtype=torch.long)
 
 
 @dataclass
