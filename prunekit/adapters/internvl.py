@@ -20,13 +20,17 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import PruningError
-from .base import ImageLayout, ModelAdapter, register_adapter
+from .base import ImageLayout, register_adapter
+from .llava import LlavaAdapter
 
 DEFAULT_MAX_TILES = 12  # the InternVL3 processors' max_patches
 
 
 @register_adapter
-class InternVLAdapter(ModelAdapter):
+class InternVLAdapter(LlavaAdapter):
+    """LLaVA's module layout and feature selection ([CLS] dropped, one feature layer), with InternViT, tiles and
+    the pixel shuffle."""
+
     family = "internvl"
     model_classes = ("InternVLForConditionalGeneration",)
     raster_images = False  # tiles one after the other, not one raster grid
@@ -35,23 +39,9 @@ class InternVLAdapter(ModelAdapter):
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
-        cfg = model.config
-        if cfg.vision_feature_select_strategy != "default":
-            raise ValueError(f"prunekit's InternVL adapter expects vision_feature_select_strategy='default' ([CLS] "
-                             f"dropped before the pixel shuffle), this model uses {cfg.vision_feature_select_strategy!r}")
-        if not isinstance(cfg.vision_feature_layer, int):
-            raise ValueError("prunekit's InternVL adapter expects a single vision_feature_layer (an int)")
         self._groups: dict[int, Tensor] = {}
 
-    # --- modules -----------------------------------------------------------------------------------
-    @property
-    def multimodal_model(self) -> nn.Module:
-        return self.model.model
-
-    @property
-    def vision_tower(self) -> nn.Module:
-        return self.model.model.vision_tower
-
+    # --- InternViT ----------------------------------------------------------------------------------
     @property
     def vision_layers(self) -> nn.ModuleList:
         return self.vision_tower.encoder.layer
@@ -68,27 +58,7 @@ class InternVLAdapter(ModelAdapter):
     def with_vision_key_mask(self, args: tuple, kwargs: dict, hidden: Tensor, key_mask: Tensor | None):
         return (hidden,) + tuple(args[1:]), kwargs  # the mask goes to the attention (vision_mask_module)
 
-    @property
-    def vision_prefix_tokens(self) -> int:
-        return 1  # [CLS]; the 'default' feature selection drops it before the pixel shuffle
-
-    @property
-    def vision_feature_layer(self) -> int:
-        k = self.model.config.vision_feature_layer % (len(self.vision_layers) + 1)  # hidden_states[k]: layer k-1's output
-        return k - 1
-
-    @property
-    def projector(self) -> nn.Module:
-        return self.model.model.multi_modal_projector
-
-    @property
-    def language_model(self) -> nn.Module:
-        return self.model.model.language_model
-
     # --- sequence facts ------------------------------------------------------------------------------
-    def image_token_mask(self, input_ids: Tensor | None, inputs_embeds: Tensor | None) -> Tensor:
-        return self._placeholder_mask(self.language_model.embed_tokens, self.image_token_id, input_ids, inputs_embeds)
-
     def tokens_per_image(self) -> None:
         return None  # tiles x tokens per tile: depends on the image
 

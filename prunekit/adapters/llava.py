@@ -19,11 +19,11 @@ class LlavaAdapter(ModelAdapter):
         cfg = model.config
         if cfg.vision_feature_select_strategy != "default":
             raise ValueError(
-                f"prunekit's LLaVA adapter expects vision_feature_select_strategy='default' (CLS dropped), "
+                f"prunekit's {self.family} adapter expects vision_feature_select_strategy='default' (CLS dropped), "
                 f"this model uses {cfg.vision_feature_select_strategy!r}"
             )
         if not isinstance(cfg.vision_feature_layer, int):
-            raise ValueError("prunekit's LLaVA adapter expects a single vision_feature_layer (an int)")
+            raise ValueError(f"prunekit's {self.family} adapter expects a single vision_feature_layer (an int)")
 
     @property
     def multimodal_model(self) -> nn.Module:
