@@ -49,13 +49,9 @@ class Qwen2_5_VLImageOnlyProcessor(_ImageOnly, Qwen2_5_VLProcessor):
     """``Qwen2_5_VLProcessor`` without the (torchvision-only) video processor."""
 
 
-class InternVLImageOnlyProcessor(InternVLProcessor):
+class InternVLImageOnlyProcessor(_ImageOnly, InternVLProcessor):
     """``InternVLProcessor`` without the (torchvision-only) video processor: the same tile expansion
     (``<img>`` + ``<IMG_CONTEXT>`` x image_seq_length x tiles + ``</img>``) and pixel values."""
-
-    @classmethod
-    def get_attributes(cls):
-        return ["image_processor", "tokenizer"]
 
     def __init__(self, image_processor=None, tokenizer=None, image_seq_length: int = 256, chat_template=None, **kwargs):
         ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)

@@ -66,8 +66,7 @@ class InternVLAdapter(LlavaAdapter):
         return self.model.config.image_seq_length
 
     def image_grid(self, n_tokens: int) -> tuple[int, int] | None:
-        side = math.isqrt(n_tokens)  # one tile (a single-tile image) is a raster grid
-        return (side, side) if side * side == n_tokens == self.tokens_per_tile() else None
+        return self.unit_grid(0, n_tokens) if n_tokens == self.tokens_per_tile() else None  # a one-tile image
 
     def feature_groups(self, n_tokens: int) -> Tensor:
         """(n_tokens, 4): the patches (row-major in the tile's grid, after [CLS]) of each shuffled token, in the
@@ -114,8 +113,7 @@ class InternVLAdapter(LlavaAdapter):
         return tiles + (1 if tiles > 1 and getattr(self.model.config, "use_thumbnail", True) else 0)
 
     def unit_grid(self, unit: int, n_tokens: int) -> tuple[int, int] | None:
-        side = math.isqrt(n_tokens)
-        return (side, side) if side * side == n_tokens else None
+        return super().image_grid(n_tokens)  # a tile is a square raster grid, as a LLaVA image
 
 
 def _runs(mask: Tensor) -> list[int]:

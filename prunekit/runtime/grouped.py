@@ -41,12 +41,11 @@ class GroupedRows:
                 cols[u, : len(i)] = slot[:, None] * self.size + torch.arange(self.size)
         return cols, torch.arange(n)[None] < torch.tensor([len(i) for i in ids])[:, None]
 
-    def tokens(self, patches: Tensor, ids: list[Tensor]) -> Tensor:
-        """(U, N, D) the mean patch state of each unit's groups ``ids`` (zero past a unit's count)."""
-        cols, valid = self.columns(ids)
-        index = cols.reshape(len(ids), -1).to(patches.device)
+    def tokens(self, patches: Tensor, cols: Tensor, valid: Tensor) -> Tensor:
+        """(U, N, D) the mean patch state of the groups at ``columns(ids)`` (zero past a unit's count)."""
+        index = cols.reshape(len(cols), -1).to(patches.device)
         gathered = patches.gather(1, index[..., None].expand(-1, -1, patches.shape[-1]))
-        means = gathered.view(len(ids), -1, self.size, patches.shape[-1]).mean(2)
+        means = gathered.view(len(cols), -1, self.size, patches.shape[-1]).mean(2)
         return means * valid.to(patches.device)[..., None].to(means.dtype)
 
     def keep(self, patches: Tensor, ids: list[Tensor]) -> Tensor:

@@ -11,6 +11,7 @@ the encoder's own order (Qwen2.5-VL's window order).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -28,14 +29,13 @@ class GroupView:
     groups: list[Tensor]  # per image: local group id of each live group (ascending)
     starts: list[int]  # per image: flat position of its first live row (its rows are contiguous)
     size: int  # rows per group
-    _columns: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
 
     def tokens(self, hidden: Tensor) -> tuple[Tensor, Tensor]:
         """(U, G, D) group means (zero-padded) and (U,) live group counts."""
         lengths = torch.tensor([len(f) for f in self.first])
         means = []
         for u, first in enumerate(self.first):
-            if self._in_raster_run(u) and hidden.is_contiguous():  # Qwen2-VL: groups lie in raster order
+            if self._raster_runs[u] and hidden.is_contiguous():  # Qwen2-VL: groups lie in raster order
                 rows = hidden[self.starts[u] : self.starts[u] + len(first) * self.size].view(len(first), self.size, -1)
             else:  # Qwen2.5-VL's window order: gather (the same layout, so the same bits)
                 rows = hidden[first.to(hidden.device)[:, None] + torch.arange(self.size, device=hidden.device)]
@@ -47,21 +47,22 @@ class GroupView:
             out[u, : len(mean)] = mean
         return out, lengths
 
-    def _in_raster_run(self, u: int) -> bool:
-        first = self.first[u]
-        return len(first) == 0 or bool((first == self.starts[u] + self.size * torch.arange(len(first))).all())
+    @functools.cached_property
+    def _raster_runs(self) -> list[bool]:
+        """Per image: whether its live groups' rows lie in raster order, one group after the other (Qwen2-VL)."""
+        return [len(first) == 0 or bool((first == start + self.size * torch.arange(len(first))).all())
+                for first, start in zip(self.first, self.starts)]
 
+    @functools.cached_property
     def columns(self) -> tuple[Tensor, Tensor]:
         """(U, G, size) positions of each group's rows inside its image's chunk, and (U, G) validity."""
-        if self._columns is None:
-            n = max((len(f) for f in self.first), default=0)
-            cols = torch.zeros(len(self.first), n, self.size, dtype=torch.long)
-            valid = torch.zeros(len(self.first), n, dtype=torch.bool)
-            for u, first in enumerate(self.first):
-                cols[u, : len(first)] = (first - self.starts[u])[:, None] + torch.arange(self.size)
-                valid[u, : len(first)] = True
-            self._columns = cols, valid
-        return self._columns
+        n = max((len(f) for f in self.first), default=0)
+        cols = torch.zeros(len(self.first), n, self.size, dtype=torch.long)
+        valid = torch.zeros(len(self.first), n, dtype=torch.bool)
+        for u, first in enumerate(self.first):
+            cols[u, : len(first)] = (first - self.starts[u])[:, None] + torch.arange(self.size)
+            valid[u, : len(first)] = True
+        return cols, valid
 
 
 @dataclass

@@ -79,7 +79,7 @@ class VisionMixin:
         grouped, ids = vision.grouped, [d.kept for d in vision.images]
         if grouped is not None:
             columns, valid = grouped.columns(ids)
-            ctx = self._image_context(site, grouped.tokens(patches, ids), vision, lengths, prefix,
+            ctx = self._image_context(site, grouped.tokens(patches, columns, valid), vision, lengths, prefix,
                                       columns=(prefix + columns, valid))
         else:
             ctx = self._image_context(site, patches, vision, lengths, prefix)
@@ -263,7 +263,7 @@ class VisionMixin:
             if given is not None:
                 columns, valid = given
             elif view is not None:
-                columns, valid = view.columns()
+                columns, valid = view.columns
             elif groups is not None:  # a token is several feature-layer patches (InternVL's pixel shuffle)
                 grouped = vision.grouped if vision.grouped is not None else GroupedRows(groups)
                 cols, valid = grouped.columns([d.kept for d in vision.images])
