@@ -28,7 +28,7 @@ from prunekit import compat
 from prunekit.errors import PruningError
 
 FAMILIES = {"llava-1.5": "tiny", "llava-next": "tiny-next", "qwen2-vl": "tiny-qwen2-vl", "qwen2.5-vl": "tiny-qwen2.5-vl",
-            "internvl": "tiny-internvl"}
+            "internvl": "tiny-internvl", "qwen3-vl": "tiny-qwen3-vl", "llava-onevision": "tiny-onevision"}
 QUESTIONS = ["Is there a red box in the image?", "How many shapes can you see in this small picture?"]
 IMAGE_SIZES = [(224, 224), (200, 150)]
 BUDGET, STEPS = 8, 3

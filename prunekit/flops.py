@@ -8,7 +8,8 @@ write "FLOPs" (a true FLOP count is twice as large):
 - ``exact``: every weight matrix the prefill actually multiplies (so a gated FFN counts 3ndm and grouped-query
   attention its smaller K/V projections), plus the ``2n²d`` score/value products of each attention layer
   over the live tokens, for the vision encoder (patch embedding, every encoder layer with the tokens it
-  takes), the projector, the language model and the one LM-head row ``generate`` computes in prefill.
+  takes), the projector (and Qwen3-VL's DeepStack mergers, each over the groups of the layer it reads), the language
+  model and the one LM-head row ``generate`` computes in prefill.
 
 Decode steps are not counted: pruning changes them only through the shorter KV cache. Nor are a strategy's
 own score computations (a few O(n·d) rows per site): the count is the model's, so strategies compare on it.
@@ -45,6 +46,8 @@ class FlopsModel:
     vision_prefix: int  # CLS
     patch_embed_macs: int  # MACs per patch of the patch embedding
     projector: int  # MACs per visual token
+    merge_size: int = 1  # encoder patches per visual token
+    injections: tuple[tuple[int, int], ...] = ()  # (vision layer, MACs per visual token) of each DeepStack merger
 
     @classmethod
     def from_model(cls, model: nn.Module) -> "FlopsModel":
@@ -67,6 +70,8 @@ class FlopsModel:
             vision_prefix=adapter.vision_prefix_tokens,
             patch_embed_macs=embed.weight.numel() if embed is not None else 0,
             projector=_linear_macs(adapter.projector),
+            merge_size=adapter.merge_size,
+            injections=tuple((layer, _linear_macs(m)) for layer, m in adapter.injection_projectors),
         )
 
     def prefill(self, text_tokens: int, llm_visual: Sequence[int], images: int = 0,
@@ -96,6 +101,8 @@ class FlopsModel:
                 n_image = patches / images + self.vision_prefix
                 vision += images * (n_image * per_token + 2 * n_image * n_image * self.vision_attention_width)
             vision += images * patches_per_image * self.patch_embed_macs
+            # a merger reading vision layer i's output maps the groups that layer ran on
+            vision += sum(vision_patches[i] / self.merge_size * macs for i, macs in self.injections)
         if projector_tokens is None:
             projector_tokens = llm_visual[0] if len(llm_visual) else 0
         projector = projector_tokens * self.projector

@@ -1,5 +1,5 @@
-"""Processor pieces the embedded models share: LLaVA-1.5's chat template, and image-only Qwen2-VL / Qwen2.5-VL
-processors (the real processors minus the video processor).
+"""Processor pieces the embedded models share: LLaVA-1.5's chat template, and image-only Qwen2-VL / Qwen2.5-VL /
+Qwen3-VL / InternVL / LLaVA-OneVision processors (the real processors minus the video processor).
 
 ``Qwen2VLProcessor`` / ``Qwen2_5_VLProcessor`` insist on a video processor, and the Qwen video processor
 needs torchvision, which the CPU machines do not have (and must not get). For images these subclasses
@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import re
 
-from transformers import InternVLProcessor, Qwen2_5_VLProcessor, Qwen2VLProcessor
+from transformers import (InternVLProcessor, LlavaOnevisionProcessor, Qwen2_5_VLProcessor, Qwen2VLProcessor,
+                          Qwen3VLProcessor)
 from transformers.processing_utils import ProcessorMixin
 
 from .errors import PruningError
@@ -49,6 +50,30 @@ class Qwen2_5_VLImageOnlyProcessor(_ImageOnly, Qwen2_5_VLProcessor):
     """``Qwen2_5_VLProcessor`` without the (torchvision-only) video processor."""
 
 
+class Qwen3VLImageOnlyProcessor(_ImageOnly, Qwen3VLProcessor):
+    """``Qwen3VLProcessor`` without the (torchvision-only) video processor."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, chat_template=chat_template)
+        self.vision_start_token, self.vision_end_token = "<|vision_start|>", "<|vision_end|>"
+        self.vision_start_token_id = tokenizer.convert_tokens_to_ids(self.vision_start_token)
+        self.vision_end_token_id = tokenizer.convert_tokens_to_ids(self.vision_end_token)
+
+
+class LlavaOnevisionImageOnlyProcessor(_ImageOnly, LlavaOnevisionProcessor):
+    """``LlavaOnevisionProcessor`` without the (torchvision-only) video processor: the same anyres token count
+    (unpadding, ``anyres_max`` downscale, newlines) and ``batch_num_images``."""
+
+    def __init__(self, image_processor=None, tokenizer=None, num_image_tokens=None, vision_feature_select_strategy=None,
+                 chat_template=None, image_token="<image>", video_token="<video>", vision_aspect_ratio="anyres_max_9",
+                 **kwargs):
+        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+        self.num_image_tokens, self.vision_feature_select_strategy = num_image_tokens, vision_feature_select_strategy
+        self.image_token, self.video_token, self.vision_aspect_ratio = image_token, video_token, vision_aspect_ratio
+        self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+        self.video_token_id = tokenizer.convert_tokens_to_ids(video_token)
+
+
 class InternVLImageOnlyProcessor(_ImageOnly, InternVLProcessor):
     """``InternVLProcessor`` without the (torchvision-only) video processor: the same tile expansion
     (``<img>`` + ``<IMG_CONTEXT>`` x image_seq_length x tiles + ``</img>``) and pixel values."""
@@ -64,7 +89,8 @@ class InternVLImageOnlyProcessor(_ImageOnly, InternVLProcessor):
 
 
 IMAGE_ONLY_PROCESSORS = {"qwen2_vl": Qwen2VLImageOnlyProcessor, "qwen2_5_vl": Qwen2_5_VLImageOnlyProcessor,
-                         "internvl": InternVLImageOnlyProcessor}
+                         "qwen3_vl": Qwen3VLImageOnlyProcessor, "internvl": InternVLImageOnlyProcessor,
+                         "llava_onevision": LlavaOnevisionImageOnlyProcessor}
 
 
 class InstructionReader:

@@ -1,8 +1,9 @@
 """Tiny random-weight VLMs with offline processors: the embedded default and the test models.
 
-Five families, each a ~1M-parameter model built from config with a processor made in memory:
+Seven families, each a ~1M-parameter model built from config with a processor made in memory:
 LLaVA-1.5 (``build_tiny_llava``), LLaVA-NeXT (``build_tiny_llava_next``), Qwen2-VL (``build_tiny_qwen2_vl``),
-Qwen2.5-VL (``build_tiny_qwen2_5_vl``) and InternVL (``build_tiny_internvl``). No hub access: the tokenizer vocabulary, image processor and
+Qwen2.5-VL (``build_tiny_qwen2_5_vl``), InternVL (``build_tiny_internvl``), Qwen3-VL (``build_tiny_qwen3_vl``) and
+LLaVA-OneVision (``build_tiny_onevision``). No hub access: the tokenizer vocabulary, image processor and
 chat template are saved next to the weights (``tiny_model_dir``), so ``from_pretrained(path)`` exercises the
 same loading code as a real checkpoint. A random-weight model's answers are meaningless; use it for
 mechanics and fidelity.
@@ -198,6 +199,32 @@ def build_tiny_qwen2_5_vl(vision_layers: int = 6, text_layers: int = 4, min_pixe
     return model, _qwen_processor(Qwen2_5_VLImageOnlyProcessor, tok, min_pixels, max_pixels)
 
 
+def build_tiny_qwen3_vl(vision_layers: int = 6, text_layers: int = 4, min_pixels: int = 64 * 64,
+                        max_pixels: int = 256 * 256, attn_implementation: str = "sdpa", seed: int = 0,
+                        deepstack_visual_indexes: tuple[int, ...] = (1, 3, 4)):
+    """(model, processor): a ~1M-parameter Qwen3-VL: 16 px patches, 2x2 merge, learned positions (an 8x8 table
+    resampled per image), interleaved M-RoPE, a Qwen3 language model with q / k norms, and DeepStack: the outputs of
+    ViT blocks ``deepstack_visual_indexes`` are added after decoder layers 0, 1, 2. An image resized to H x W
+    (multiples of 32 within [min_pixels, max_pixels]) gives H*W/32^2 visual tokens."""
+    from transformers import Qwen2VLImageProcessorPil, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    from .processors import Qwen3VLImageOnlyProcessor
+
+    tok = build_qwen_tokenizer()
+    vision = dict(depth=vision_layers, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=128,
+                  patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                  deepstack_visual_indexes=list(deepstack_visual_indexes))
+    text = _qwen_text_config(tok, text_layers)
+    text.update(head_dim=32, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [8, 4, 4],
+                                              "mrope_interleaved": True})
+    cfg = Qwen3VLConfig(text_config=text, vision_config=vision, **_qwen_ids(tok))
+    model = _qwen_finish(_instantiate(Qwen3VLForConditionalGeneration, cfg, attn_implementation, seed, tok), tok)
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=16,
+                                               merge_size=2, temporal_patch_size=2)
+    return model, Qwen3VLImageOnlyProcessor(image_processor=image_processor, tokenizer=tok,
+                                            chat_template=QWEN_CHAT_TEMPLATE)
+
+
 # InternVL (-hf): Qwen-style chat; an image item is <IMG_CONTEXT>\n, which the processor expands to
 # <img><IMG_CONTEXT> x (tokens per tile x tiles)</img>.
 INTERNVL_TOKENS = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
@@ -245,6 +272,41 @@ def build_tiny_internvl(tile_size: int = 112, max_tiles: int = 4, vision_layers:
     return model, processor
 
 
+# LLaVA-OneVision: Qwen-style chat; an image item is <image>\n, which the processor expands to the image's tokens.
+ONEVISION_CHAT_TEMPLATE = QWEN_CHAT_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<image>\n")
+
+
+def build_tiny_onevision(crop_size: int = 112, vision_layers: int = 6, text_layers: int = 4, max_crops: int = 9,
+                         attn_implementation: str = "sdpa", seed: int = 0):
+    """(model, processor): a ~1M-parameter LLaVA-OneVision: a SigLIP tower without [CLS] on ``crop_size`` px crops of
+    14 px patches (64 tokens at 112 px), anyres pinpoints up to 2x2 crops, ``anyres_max_<max_crops>`` downscaling
+    (the default 9 never triggers at 2x2; 1 does), a row newline token, "full" features of the last layer, Qwen2."""
+    from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
+                              LlavaOnevisionImageProcessorPil, SiglipVisionConfig)
+
+    from .processors import LlavaOnevisionImageOnlyProcessor
+
+    s = crop_size
+    pinpoints = [[s, s], [s, 2 * s], [2 * s, s], [2 * s, 2 * s]]
+    tok = build_qwen_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL_TOKENS + [IMAGE_TOKEN, "<video>"]})
+    vision = SiglipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=vision_layers,
+                                num_attention_heads=4, image_size=s, patch_size=14, vision_use_head=False)
+    text = dict(_qwen_text_config(tok, text_layers), model_type="qwen2")
+    text.pop("rope_parameters")  # a 1-D RoPE language model
+    ratio = f"anyres_max_{max_crops}"
+    cfg = LlavaOnevisionConfig(vision_config=vision, text_config=text, image_grid_pinpoints=pinpoints,
+                               image_token_index=tok.convert_tokens_to_ids(IMAGE_TOKEN),
+                               video_token_index=tok.convert_tokens_to_ids("<video>"), vision_aspect_ratio=ratio,
+                               vision_feature_layer=-1, vision_feature_select_strategy="full")
+    model = _qwen_finish(_instantiate(LlavaOnevisionForConditionalGeneration, cfg, attn_implementation, seed, tok), tok)
+    image_processor = LlavaOnevisionImageProcessorPil(size={"height": s, "width": s}, image_grid_pinpoints=pinpoints)
+    processor = LlavaOnevisionImageOnlyProcessor(
+        image_processor=image_processor, tokenizer=tok, num_image_tokens=(s // 14) ** 2,
+        vision_feature_select_strategy="full", vision_aspect_ratio=ratio, chat_template=ONEVISION_CHAT_TEMPLATE)
+    return model, processor
+
+
 # name -> (directory name under the cache, builder, kwargs). "tiny"/"tiny-576" keep their historic names.
 TINY_MODELS = {
     "tiny": (f"tiny-llava-{VERSION}", build_tiny_llava, {"image_size": 112}),
@@ -253,6 +315,8 @@ TINY_MODELS = {
     "tiny-qwen2-vl": ("tiny-qwen2-vl-v1", build_tiny_qwen2_vl, {}),
     "tiny-qwen2.5-vl": ("tiny-qwen2.5-vl-v1", build_tiny_qwen2_5_vl, {}),
     "tiny-internvl": ("tiny-internvl-v1", build_tiny_internvl, {}),
+    "tiny-qwen3-vl": ("tiny-qwen3-vl-v1", build_tiny_qwen3_vl, {}),
+    "tiny-onevision": ("tiny-onevision-v1", build_tiny_onevision, {}),
 }
 
 
@@ -264,7 +328,7 @@ def tiny_model_dir(name: str = "tiny", cache_dir: str | os.PathLike | None = Non
     """A saved tiny model (weights + processor) named ``name``, built once and cached under ``cache_dir``
     (default ``$PRUNEKIT_CACHE`` or ~/.cache/prunekit). Names: ``tiny`` (LLaVA-1.5, 112 px, 64 visual
     tokens), ``tiny-576`` (LLaVA-1.5, 336 px, 576), ``tiny-next`` (LLaVA-NeXT), ``tiny-qwen2-vl``,
-    ``tiny-qwen2.5-vl``, ``tiny-internvl``."""
+    ``tiny-qwen2.5-vl``, ``tiny-internvl``, ``tiny-qwen3-vl``, ``tiny-onevision``."""
     if name not in TINY_MODELS:
         raise ValueError(f"unknown tiny model {name!r}; choose one of {sorted(TINY_MODELS)}")
     dirname, builder, kwargs = TINY_MODELS[name]

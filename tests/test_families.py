@@ -1,4 +1,4 @@
-"""The tiny LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL and InternVL models load like real checkpoints and run the eval path's inputs."""
+"""The tiny LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, InternVL, Qwen3-VL and LLaVA-OneVision models load like real checkpoints and run the eval path's inputs."""
 import importlib.util
 import json
 from pathlib import Path
@@ -17,6 +17,8 @@ FAMILIES = {  # name -> (model class, processor class, config file)
     "tiny-qwen2-vl": ("Qwen2VLForConditionalGeneration", "Qwen2VLImageOnlyProcessor", "tiny_qwen2_vl"),
     "tiny-qwen2.5-vl": ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLImageOnlyProcessor", "tiny_qwen2_5_vl"),
     "tiny-internvl": ("InternVLForConditionalGeneration", "InternVLImageOnlyProcessor", "tiny_internvl"),
+    "tiny-qwen3-vl": ("Qwen3VLForConditionalGeneration", "Qwen3VLImageOnlyProcessor", "tiny_qwen3_vl"),
+    "tiny-onevision": ("LlavaOnevisionForConditionalGeneration", "LlavaOnevisionImageOnlyProcessor", "tiny_onevision"),
 }
 # visual tokens per image, (width, height) -> count; measured, and equal to what the model's vision side produces
 SIZES = [(112, 112), (224, 112), (200, 150), (224, 224)]
@@ -27,6 +29,9 @@ TOKENS = {
     # 16 a 112 px tile: 1 tile; 2x1 tiles + thumbnail; 2x2 + thumbnail (200x150 ties 1x1 and 2x2 in aspect, and its
     # area is over half the 2x2 grid's, so InternVL's rule takes 2x2); 2x2 + thumbnail
     "tiny-internvl": [16, 48, 80, 80],
+    # one per 32x32 px, sides rounded to multiples of 32: 128x128, 128x224, 160x192, 224x224
+    "tiny-qwen3-vl": [16, 28, 30, 49],
+    "tiny-onevision": [136, 200, 268, 336],  # LLaVA-NeXT's geometry (SigLIP: 64 per crop too); no downscale at 2x2
 }
 
 
@@ -178,7 +183,9 @@ def test_tiny_names_and_configs(cache):
     for config_name, hub_id in (("llava_next_7b", "llava-hf/llava-v1.6-vicuna-7b-hf"),
                                 ("qwen2_vl_7b", "Qwen/Qwen2-VL-7B-Instruct"),
                                 ("qwen2_5_vl_7b", "Qwen/Qwen2.5-VL-7B-Instruct"),
-                                ("internvl3_8b", "OpenGVLab/InternVL3-8B-hf")):
+                                ("internvl3_8b", "OpenGVLab/InternVL3-8B-hf"),
+                                ("qwen3_vl_8b", "Qwen/Qwen3-VL-8B-Instruct"),
+                                ("llava_onevision_7b", "llava-hf/llava-onevision-qwen2-7b-ov-hf")):
         cfg = yaml.safe_load((CONFIGS / f"{config_name}.yaml").read_text())
         assert cfg["path"] == hub_id and cfg["dtype"] == "bfloat16" and cfg["default_budget"] is None
         assert cfg["random_weights"] is False and cfg["attn_implementation"] == "sdpa"

@@ -1,5 +1,6 @@
 """The runtime invariants (docs/architecture.md) on the other model families: LLaVA-NeXT (anyres crops, unpadding, newlines) and
-Qwen2-VL / Qwen2.5-VL (packed ViT, 2x2 merge groups, window attention, 3-D M-RoPE), for every strategy that
+Qwen2-VL / Qwen2.5-VL / Qwen3-VL (packed ViT, 2x2 merge groups, window attention, 3-D M-RoPE, DeepStack) and InternVL
+(tiles, the pixel shuffle), for every strategy that
 supports the family, at batch 1 and batch 4 with left padding and images of different sizes, with and without
 the KV cache. (LLaVA-1.5: tests/test_invariants.py.)"""
 import pytest
@@ -7,7 +8,7 @@ import torch
 
 import prunekit
 from prunekit.tiny import (build_tiny_internvl, build_tiny_llava_next, build_tiny_qwen2_5_vl, build_tiny_qwen2_vl,
-                           synthetic_image, tiny_clip_text_dir)
+                           build_tiny_onevision, build_tiny_qwen3_vl, synthetic_image, tiny_clip_text_dir)
 from helpers import QUESTIONS, generate_positions, prompt
 
 pytestmark = pytest.mark.contract  # the runtime contract: CI runs it on every transformers minor
@@ -17,6 +18,8 @@ FAMILIES = {
     "qwen2-vl": (build_tiny_qwen2_vl, [(224, 224), (224, 112), (200, 150), (112, 224)], 12),
     "qwen2.5-vl": (build_tiny_qwen2_5_vl, [(224, 224), (224, 112), (200, 150), (112, 224)], 12),
     "internvl": (build_tiny_internvl, [(224, 224), (224, 112), (112, 112), (112, 224)], 12),
+    "qwen3-vl": (build_tiny_qwen3_vl, [(224, 224), (224, 112), (200, 150), (112, 224)], 12),
+    "llava-onevision": (build_tiny_onevision, [(224, 112), (112, 112), (200, 150), (112, 224)], 40),
 }
 
 
@@ -51,6 +54,11 @@ def specs(family: str, budget: int) -> dict:
             "fastervlm": dict(name="fastervlm", budget=budget),
             "visionzip": dict(name="visionzip", budget=budget),
             "cdpruner": dict(name="cdpruner", budget=budget, text_encoder=str(tiny_clip_text_dir())),
+        })
+    if family == "llava-onevision":  # SigLIP without [CLS]: the CLS-based strategies are refused
+        common.update({
+            "pooling@vision_layer1": dict(name="pooling", budget=20, stage="vision_layer", layer=1),
+            "pooling@vision_output": dict(name="pooling", budget=20),
         })
     if family == "internvl":  # in the ViT whole 2x2 patch groups (the pixel shuffle's), put back before it
         common.update({
@@ -147,6 +155,7 @@ def test_cache_equals_recompute(families, family, key):
             for t in range(tokens.shape[1]):
                 out = recompute_last_logits(family, model, x, tokens[:, :t])
                 torch.testing.assert_close(out, step_logits[:, t], rtol=1e-5, atol=1e-5)
+                out[:, model.generation_config.eos_token_id] = -torch.inf  # greedy's min_new_tokens suppresses EOS
                 assert torch.equal(out.argmax(-1), tokens[:, t])
 
 
@@ -323,7 +332,7 @@ def test_flops_count_crops_and_patches(families):
             with prunekit.attach(model, "keep_all") as h:
                 model(**x)
             t = h.trace
-            if family == "llava-next":
+            if family in ("llava-next", "llava-onevision"):
                 assert t.vision_units == [x["pixel_values"].shape[1]] and t.vision_tokens == [t.vision_units[0] * 64]
             elif family == "internvl":  # 224x224: 4 tiles + thumbnail of 8x8 patches, 16 tokens each
                 assert t.vision_units == [5] and t.vision_tokens == [80] and t.merge_size == 4
@@ -362,7 +371,7 @@ class _Signals(prunekit.TokenPruner):
 
 
 @pytest.mark.parametrize("images", [[0, 1], [0, 4], [2]], ids=["ragged", "equal", "one"])
-@pytest.mark.parametrize("family", ["qwen2-vl", "qwen2.5-vl"])
+@pytest.mark.parametrize("family", ["qwen2-vl", "qwen2.5-vl", "qwen3-vl"])
 def test_packed_vit_signals_equal_attention_computed_by_hand(families, family, images):
     """On a packed ViT the strategy sees, per image and merge group (raster order): the mean query's softmax over
     the image's keys summed over the group's 4 patches, and the group's mean value; with the q, k, v the block's

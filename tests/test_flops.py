@@ -72,3 +72,49 @@ def test_exact_count_equals_torch_flop_counter(tiny_dir, strategy):
         assert 0 < counted_macs - analytic < 1e-3 * analytic
     else:
         assert analytic == counted_macs
+
+
+@pytest.mark.parametrize("strategy", [("keep_all", {}), ("random", {"budget": 8, "stage": "vision_layer", "layer": 2}),
+                                      ("random", {"budget": 8, "stage": "projector_output"})])
+def test_exact_count_of_qwen3_vl_counts_the_deepstack_mergers(strategy):
+    """Qwen3-VL: torch's count of an eager prefill equals the analytic one, whose vision side includes the three
+    DeepStack mergers (256 -> 256 -> 128: 98,304 MACs per merged token), each over the groups alive at the block it
+    reads; a cut after block 2 leaves block 1's merger every group and blocks 3 and 4's the kept ones."""
+    from prunekit.tiny import build_tiny_qwen3_vl, synthetic_image
+    from helpers import prompt
+
+    model, processor = build_tiny_qwen3_vl(attn_implementation="eager")
+    inputs = processor(images=[synthetic_image(5, (224, 160))], text=[prompt(processor, "what is it?")],
+                       return_tensors="pt")
+    flops = FlopsModel.from_model(model)
+    assert flops.injections == ((1, 98304), (3, 98304), (4, 98304)) and flops.merge_size == 4
+    counter = FlopCounterMode(display=False)
+    name, knobs = strategy
+    with torch.no_grad(), prunekit.attach(model, name, **knobs) as handle, counter:
+        model(**inputs, logits_to_keep=1)
+    text_tokens = int(inputs["attention_mask"].sum()) - handle.trace.n_vanilla[0]
+    # as above: transformers 5.17 builds the RoPE table with a (tiny) matmul
+    rope = sum(sum(ops.values()) for module, ops in counter.get_flop_counts().items() if module.endswith("rotary_emb"))
+    assert trace_flops(flops, handle.trace, 0, text_tokens)["exact"] == (counter.get_total_flops() - rope) / 2
+
+
+@pytest.mark.parametrize("strategy", [("keep_all", {}), ("random", {"budget": 20, "stage": "vision_layer", "layer": 2}),
+                                      ("random", {"budget": 20, "stage": "llm_layer", "layer": 2})])
+def test_exact_count_of_llava_onevision_reads_siglip_crops(strategy):
+    """LLaVA-OneVision: every crop through SigLIP (no [CLS]) and the projector, the unpadded grid and its newlines
+    into Qwen2; torch's count of an eager prefill equals the analytic one."""
+    from prunekit.tiny import build_tiny_onevision, synthetic_image
+    from helpers import prompt
+
+    model, processor = build_tiny_onevision(attn_implementation="eager")
+    inputs = processor(images=[synthetic_image(5, (224, 160))], text=[prompt(processor, "what is it?")],
+                       return_tensors="pt")
+    flops = FlopsModel.from_model(model)
+    assert flops.vision_prefix == 0 and flops.injections == ()
+    counter = FlopCounterMode(display=False)
+    name, knobs = strategy
+    with torch.no_grad(), prunekit.attach(model, name, **knobs) as handle, counter:
+        model(**inputs, logits_to_keep=1)
+    text_tokens = int(inputs["attention_mask"].sum()) - handle.trace.n_vanilla[0]
+    rope = sum(sum(ops.values()) for module, ops in counter.get_flop_counts().items() if module.endswith("rotary_emb"))
+    assert trace_flops(flops, handle.trace, 0, text_tokens)["exact"] == (counter.get_total_flops() - rope) / 2

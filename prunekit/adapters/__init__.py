@@ -1,4 +1,4 @@
-from .base import ImageLayout, ModelAdapter, adapter_for, register_adapter, supported_families
-from . import internvl, llava, llava_next, qwen2_vl  # noqa: F401  (register the families)
+from .base import ImageLayout, ModelAdapter, VisualInjections, adapter_for, register_adapter, supported_families
+from . import internvl, llava, llava_next, llava_onevision, qwen2_vl, qwen3_vl  # noqa: F401  (register the families)
 
-__all__ = ["ImageLayout", "ModelAdapter", "adapter_for", "register_adapter", "supported_families"]
+__all__ = ["ImageLayout", "ModelAdapter", "VisualInjections", "adapter_for", "register_adapter", "supported_families"]

@@ -48,12 +48,15 @@ class ImageLayout:
     ``source`` (span,) long: for each span position, the unit token it holds as ``unit * tokens + token``
     (``tokens`` = tokens per unit), or -1 for a token no unit produced (LLaVA-NeXT's row newlines).
     ``grid``: the (rows, cols) raster grid of the span when it is one (None for LLaVA-NeXT's anyres layout).
+    ``blended``: some span positions mix several unit tokens (LLaVA-OneVision's bilinear downscale of a large grid);
+    ``source`` then names each one's nearest token, and no vision-side cut can be carried into the span.
     """
 
     units: int
     tokens: int
     source: Tensor
     grid: tuple[int, int] | None
+    blended: bool = False
 
     @classmethod
     def identity(cls, tokens: int, grid: tuple[int, int] | None) -> "ImageLayout":
@@ -66,6 +69,16 @@ class ImageLayout:
     @property
     def is_identity(self) -> bool:
         return self.units == 1 and self.span_length == self.tokens and bool((self.source == torch.arange(self.tokens)).all())
+
+
+@dataclass
+class VisualInjections:
+    """Visual features a model adds to the hidden states after its first decoder layers, at the visual positions
+    (Qwen3-VL's DeepStack). ``mask`` (B, L): the positions; ``features[i]`` (n, D): what is added after decoder
+    layer ``i``, one row per True of ``mask`` in row-major order."""
+
+    mask: Tensor
+    features: list[Tensor]
 
 
 class ModelAdapter(ABC):
@@ -163,6 +176,19 @@ class ModelAdapter(ABC):
     @property
     def num_llm_layers(self) -> int:
         return len(self.decoder_layers)
+
+    # --- visual features added inside the language model (DeepStack) --------------------------------
+    @property
+    def injection_projectors(self) -> list[tuple[int, nn.Module]]:
+        """(vision layer, module) per feature added inside the language model, in decoder-layer order: the module maps
+        that vision layer's output (packed rows) to the features (Qwen3-VL's DeepStack mergers); a vision-side cut
+        before it leaves it fewer rows."""
+        return []
+
+    def take_injections(self, kwargs: dict) -> VisualInjections | None:
+        """The visual injections of a language-model call, removed from its kwargs so that the runtime adds them
+        itself at the kept tokens; None where the family has none."""
+        return None
 
     # --- calls: what the runtime reads and rewrites of each hooked forward (names: here and in compat) ---
     def read_lm_call(self, kwargs: dict) -> compat.LMCall:

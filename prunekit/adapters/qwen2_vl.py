@@ -124,7 +124,7 @@ class Qwen2VLAdapter(ModelAdapter):
         if any(t != 1 for t, _, _ in thw):
             from ..errors import PruningError
 
-            raise PruningError("prunekit prunes images on Qwen2-VL; this vision pass has a video (grid t > 1)")
+            raise PruningError(f"prunekit prunes images on {self.family}; this vision pass has a video (grid t > 1)")
         patches = [h * w for _, h, w in thw]
         grids = [(h // self.merge, w // self.merge) for _, h, w in thw]
         rows = torch.arange(sum(patches))

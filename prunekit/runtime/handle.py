@@ -183,6 +183,9 @@ class PruningHandle(ValidationMixin, ProbingMixin, DecisionsMixin, VisionMixin, 
         hook(a.multimodal_model.register_forward_pre_hook(self._on_multimodal, with_kwargs=True))
         hook(a.language_model.register_forward_pre_hook(self._on_llm_entry, with_kwargs=True))
         hook(a.language_model.register_forward_hook(self._after_llm, with_kwargs=True))
+        for i, (_, projector) in enumerate(a.injection_projectors):  # DeepStack: rows follow the cuts on both sides
+            hook(projector.register_forward_hook(self._on_injection_projector))
+            hook(a.decoder_layers[i].register_forward_hook(functools.partial(self._inject_visual, i)))
         vision_layers = sorted(s.layer for s in self.sites if s.stage is Stage.VISION_LAYER)
         if vision_layers:
             for i, layer in enumerate(a.vision_layers):

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from .. import compat
+from ..adapters import VisualInjections
 from ..errors import PruningError, UnsupportedInputError
 from ..pruner import PromptEmbeddings, PruneContext, Site, Stage, TokenType, combine_seeds
 from ..trace import PruneTrace, StageEvent
@@ -32,17 +33,21 @@ class LanguageMixin:
         stray = compat.unread_cache(module, kwargs)
         if stray is not None:
             raise compat.seam_error(f"the language model received its KV cache as {stray!r}, a name prunekit does not read")
+        injections = self.adapter.take_injections(kwargs)  # added by _inject_visual, at the kept tokens
         if compat.cache_length(call.cache) == 0:
             if call.use_cache and call.cache is None:  # create it here (as the LM would) so decode steps can be matched to it
                 call.cache = compat.new_cache(module.config)
             self._passed_cache = call.cache
-            self._start_prefill(call)
+            self._start_prefill(call, injections)
         else:
+            if injections is not None:
+                raise UnsupportedInputError("visual features arrived with a decode step (images after the prompt); "
+                                            "prunekit prunes images of the prompt only")
             self._start_decode(call)
         self.adapter.write_lm_call(call, kwargs)
         return args, kwargs
 
-    def _start_prefill(self, call: compat.LMCall) -> None:
+    def _start_prefill(self, call: compat.LMCall, injections: VisualInjections | None) -> None:
         embeds, cache = call.inputs_embeds, call.cache
         batch, length = embeds.shape[:2]
         span = self._span
@@ -91,6 +96,10 @@ class LanguageMixin:
             length_orig=length, entry=entry, segments=[], active=active, vision=vision,
             sample_images=sample_images, embeds=call.inputs_embeds if self._prompt_sites else None,
         )
+        if injections is not None:
+            self._prefill.injections = injections.features
+            self._prefill.injection_offsets = _injection_offsets(injections, span)
+            self._point_injections(entry)
 
     def _start_decode(self, call: compat.LMCall) -> None:
         embeds, cache, prefill = call.inputs_embeds, call.cache, self._prefill
@@ -150,6 +159,42 @@ class LanguageMixin:
         segment.layer_call.write(kwargs)
         return (hidden,) + tuple(args[1:]), kwargs
 
+    def _inject_visual(self, index: int, module, args, output):
+        """After decoder layer ``index`` of a prefill: add the family's injected visual features (DeepStack) at the
+        live visual tokens, each token its own row, in place of the model's addition over the unpruned positions."""
+        prefill = self._prefill
+        if prefill is None or prefill.step != 0 or prefill.injections is None or index >= len(prefill.injections):
+            return None
+        hidden = output[0] if isinstance(output, tuple) else output
+        segment = next((s for s in reversed(prefill.segments) if s.start_layer <= index), prefill.entry)
+        live = segment.visual
+        features = prefill.injections[index].to(hidden.device, hidden.dtype)
+        hidden = hidden.clone()
+        hidden[live] = hidden[live] + features[segment.rows[live]]
+        return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
+
+    def _point_injections(self, segment: Segment) -> None:
+        """``segment.rows``: the injected-feature row of each live visual slot, read off the trace, so rows follow
+        their tokens through every cut and reorder. A merged token (several members) gets a row of its own, appended:
+        the mean of its members' rows (exact for pooling; a uniform stand-in for weighted merges, docs/support.md)."""
+        prefill = self._prefill
+        offsets = prefill.injection_offsets
+        rows = torch.full(segment.visual.shape, -1, dtype=torch.long, device=segment.visual.device)
+        merged = []  # (sample, slot, member rows)
+        for b, track in enumerate(self.trace.samples):
+            slots = segment.visual[b].nonzero().squeeze(1)
+            if len(slots) != len(track.kept):
+                raise PruningError(f"sample {b} has {len(slots)} visual slots but its trace {len(track.kept)} tokens")
+            rows[b, slots] = int(offsets[b]) + track.kept.to(rows.device)
+            merged += [(b, slots[j], int(offsets[b]) + m) for j, m in enumerate(track.members) if len(m) > 1]
+        if merged:
+            first = prefill.injections[0].shape[0]
+            for k, (b, slot, _) in enumerate(merged):
+                rows[b, slot] = first + k
+            prefill.injections = [torch.cat([f, torch.stack([f[m.to(f.device)].mean(0) for _, _, m in merged])])
+                                  for f in prefill.injections]
+        segment.rows = rows
+
     def _prune_llm(self, site: Site, hidden: Tensor) -> Tensor:
         prefill = self._prefill
         current = prefill.segments[-1] if prefill.segments else prefill.entry
@@ -198,6 +243,8 @@ class LanguageMixin:
                 index = _reorder_visual(index, segment, units, decision.order)
             hidden = take(hidden, index)
         prefill.segments.append(segment)
+        if prefill.injections is not None:
+            self._point_injections(segment)
         counts = segment.visual_counts().cpu()
         trace.llm_layer_counts[:, site.layer :] = counts.unsqueeze(1)
         trace.events.append(StageEvent(str(site), n_in, counts.tolist(), [t.kept.clone() for t in trace.samples]))
@@ -255,6 +302,20 @@ def _token_types(span: Tensor, mask: Tensor) -> Tensor:
     types = torch.where(no_image, int(TokenType.TEXT), types)
     types = torch.where(span, int(TokenType.IMAGE), types)
     return torch.where(mask, types, int(TokenType.PAD)).to(torch.int8)
+
+
+def _injection_offsets(injections: VisualInjections, span: Tensor) -> Tensor:
+    """(B,) each sample's first row of the injected features: one row per image token, in row-major order."""
+    mask = injections.mask.to(span.device)
+    if not torch.equal(mask, span):
+        raise compat.seam_error("the language model's injected visual features (DeepStack) sit at other positions than "
+                                "its image tokens")
+    n = int(mask.sum())
+    if any(f.shape[0] != n for f in injections.features):
+        raise compat.seam_error(f"injected visual features with {[f.shape[0] for f in injections.features]} rows for "
+                                f"{n} image tokens")
+    counts = mask.sum(1)
+    return counts.cumsum(0) - counts
 
 
 def _text_rows(segment: Segment, units: list[int]) -> tuple[Tensor, Tensor]:

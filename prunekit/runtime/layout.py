@@ -68,6 +68,13 @@ class LayoutMixin:
         if sum(lay.units for lay in layouts) != len(vision.images):
             raise PruningError(f"the vision pass has {len(vision.images)} units but the images' layout needs "
                                f"{sum(lay.units for lay in layouts)}; inputs and images do not line up")
+        cuts = [e for e in vision.events if any(len(k) < n for n, k in zip(e[1], e[2]))]
+        if cuts and any(lay.blended for lay in layouts):
+            raise PruningError(
+                f"{self.adapter.describe()} downscaled an image's high-resolution grid (its tokens there blend up to 4 "
+                f"crop tokens each), so the vision-side cut of {self.strategy.name!r} at {cuts[0][0]} has no "
+                "place in its span. Prune such images at llm_layer, or keep the grid within the model's limit "
+                "(smaller images, or a vision_aspect_ratio allowing more crops).")
         images, start = [], 0
         newlines = self.strategy.image_newlines == "keep" or not vision.events
         for lay in layouts:
@@ -160,6 +167,9 @@ class _Image:
         if layout.is_identity:
             self.track = tracks[0]
             return
+        if layout.blended:  # no vision-side event (refused above): every span position, itself its member
+            self.track = SampleTrack.full([layout.span_length], [layout.grid])
+            return
         n, source = layout.tokens, layout.source
         self._span_of = torch.full((layout.units * n,), -1, dtype=torch.long)
         placed = (source >= 0).nonzero().squeeze(1)
@@ -173,6 +183,8 @@ class _Image:
         """Span positions alive after a vision event, given each unit's kept token indices."""
         if self.layout.is_identity:
             return kept[self.units[0]]
+        if self.layout.blended:  # only events that kept every token reach here
+            return torch.arange(self.layout.span_length)
         n = self.layout.tokens
         tokens = torch.cat([c * n + kept[u] for c, u in enumerate(self.units)])
         span = self._span_of[tokens]

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..adapters.qwen2_vl import PackedImages
+from ..errors import PruningError
 
 
 @dataclass
@@ -144,6 +145,19 @@ class PackedState:
             image = self.image_of_row[self.rows]
             self._chunks = _cumulative(torch.bincount(image, minlength=len(self.images.patches)))
         return self._chunks
+
+    def scatter_groups(self, merged: Tensor) -> Tensor | None:
+        """A merger's output over the current rows (one row per live group, encoder order) put into every group's slot
+        of its unpruned output, zeros at dropped groups; None when no group is dropped."""
+        total = int(self.group_offsets[-1])
+        if merged.shape[0] == total:
+            return None
+        heads = self.rows[:: self.size]
+        if merged.shape[0] != len(heads):
+            raise PruningError(f"a merger returned {merged.shape[0]} rows for the {len(heads)} live merge groups")
+        full = merged.new_zeros(total, merged.shape[-1])
+        full[self.encoder_slot_of_group()[self.images.row_group[heads]].to(full.device)] = merged
+        return full
 
     def encoder_slot_of_group(self) -> Tensor:
         """(groups,) where each group (global raster id) sits in the merger's unpruned output (window order on 2.5)."""

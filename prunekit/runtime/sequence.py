@@ -49,6 +49,7 @@ class Segment:
     visual: Tensor  # (B, L) bool: slots holding live visual tokens
     shift: Tensor  # (B,) long: original position - this segment's position, for decode steps
     types: Tensor | None = None  # (B, L) TokenType codes of the slots (pad / system / image / text)
+    rows: Tensor | None = None  # (B, L) long: each live visual slot's row of the injected features (DeepStack)
     # kwargs computed once per forward step and reused by every layer of the segment
     step: int = -1
     layer_call: Any = None  # compat.LayerCall

@@ -59,3 +59,5 @@ class Prefill:
     step_positions: Tensor | None = None  # original positions of the current decode step's tokens
     step_tail: Tensor | None = None  # mask columns of generated tokens, current step included
     embeds: Tensor | None = None  # the language model's (pruned) input embeddings, kept for prompt signals
+    injections: list[Tensor] | None = None  # features added after decoder layer i at the visual slots' ``rows``
+    injection_offsets: Tensor | None = None  # (B,) each sample's first row of them (rows are image tokens in order)

@@ -245,6 +245,14 @@ class VisionMixin:
             full[slot[groups].to(full.device)] = tokens[u, : len(d.kept)]
         return full
 
+    def _on_injection_projector(self, module, args, output):
+        """After a merger of features injected inside the language model (DeepStack), on a packed encoder cut before
+        it: each live group's row back at its slot of the unpruned output (the LLM entry drops the others)."""
+        vision = self._vision
+        if vision is None or vision.packed is None:
+            return None
+        return vision.packed.scatter_groups(output)
+
     def _image_context(self, site: Site, tokens: Tensor, vision: VisionPass, lengths: Tensor, prefix: int,
                        view=None, columns: tuple[Tensor, Tensor] | None = None):
         """Context over vision units; signal columns skip the encoder's prefix (CLS) tokens, and on a packed

@@ -1,0 +1,77 @@
+"""LLaVA-OneVision (``LlavaOnevisionForConditionalGeneration``, the llava-hf checkpoints): a SigLIP tower without
+[CLS], LLaVA-NeXT's anyres crops with ``anyres_max`` downscaling, row newlines, a Qwen2 language model.
+
+Vision units are crops, as on LLaVA-NeXT: the base image plus the high-resolution tiles, all through SigLIP as one
+batch; every crop's last-layer patches ("full": no token dropped) go through the projector. The model then lays an
+image out as the base crop's tokens followed by the unpadded high-resolution grid with one newline per row. Two
+differences from LLaVA-NeXT, both read off the model's own ``pack_image_features`` run on token indices:
+
+- ``anyres_max_N``: a grid larger than about N crops is bilinearly downscaled, so each of its positions blends up to
+  4 crop tokens. Such an image's layout is ``blended``: llm_layer strategies run on it, a vision-side cut is refused;
+- a sample with several images gives each image its base crop only, plus one newline (``batch_num_images``).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import PruningError
+from .base import ImageLayout, ModelAdapter, register_adapter
+from .llava_next import LlavaNextAdapter
+
+
+@register_adapter
+class LlavaOnevisionAdapter(LlavaNextAdapter):
+    family = "llava-onevision"
+    model_classes = ("LlavaOnevisionForConditionalGeneration",)
+
+    def __init__(self, model: nn.Module):
+        ModelAdapter.__init__(self, model)
+        cfg = model.config
+        if cfg.vision_feature_select_strategy != "full" or not isinstance(cfg.vision_feature_layer, int):
+            raise ValueError(f"prunekit's {self.family} adapter expects vision_feature_select_strategy='full' (SigLIP has "
+                             f"no [CLS]) and one vision_feature_layer; this model has "
+                             f"{cfg.vision_feature_select_strategy!r} and {cfg.vision_feature_layer!r}")
+        self._layouts: dict[tuple, ImageLayout] = {}
+
+    @property
+    def vision_prefix_tokens(self) -> int:
+        return 0  # SigLIP has no [CLS]
+
+    @property
+    def clip_tower(self) -> bool:
+        return False  # SigLIP: no CLIP text tower matches it
+
+    def vision_embed(self, pixels: Tensor) -> Tensor:
+        return self.vision_tower.embeddings(pixels)  # SigLIP: no pre-layernorm
+
+    def capture_vision_inputs(self, kwargs: dict) -> dict:
+        return {k: kwargs[k] for k in ("image_sizes", "batch_num_images") if kwargs.get(k) is not None}
+
+    def image_layouts(self, unit_tokens: list[int], inputs: dict) -> list[ImageLayout]:
+        sizes = inputs.get("image_sizes")
+        if sizes is None:
+            raise PruningError("LLaVA-OneVision lays images out from image_sizes, and this call passed none")
+        per_sample = inputs.get("batch_num_images")
+        whole = [True] * len(sizes) if per_sample is None else [int(n) == 1 for n in per_sample for _ in range(int(n))]
+        return [self._layout(tuple(int(v) for v in size), crops) for size, crops in zip(sizes, whole)]
+
+    def _layout(self, size: tuple[int, int], anyres: bool = True) -> ImageLayout:
+        key = (size, anyres)
+        if key not in self._layouts:
+            from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
+            cfg = self.model.config
+            crops = image_size_to_num_patches(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size) if anyres else 1
+            n = self.tokens_per_crop()
+            cpu = torch.device("cpu")  # bookkeeping: on the CPU whatever the model's device
+            index = torch.arange(crops * n, dtype=torch.float64, device=cpu).view(crops, n, 1)
+            # a position holding one token t reads (t, t^2); a blend of several reads a second value above the square
+            (packed,), _ = self.model.model.pack_image_features(
+                image_features=[torch.cat([index, index**2], -1)], image_sizes=torch.tensor([size], device=cpu),
+                image_newline=torch.tensor([-1.0, 1.0], dtype=torch.float64, device=cpu),
+                vision_aspect_ratio=cfg.vision_aspect_ratio)
+            source = packed[:, 0].round().long()
+            blended = bool(((packed[:, 1] - packed[:, 0] ** 2).abs() > 1e-6).any())
+            self._layouts[key] = ImageLayout(crops, n, source, None, blended)
+        return self._layouts[key]
