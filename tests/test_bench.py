@@ -116,10 +116,38 @@ def test_cli_writes_results(tmp_path):
 
 
 @pytest.mark.parametrize("name,params,tokens", [("llava15_7b", 7.06e9, 576), ("llava_next_7b", 7.06e9, 2928),
-                                                ("qwen2_vl_7b", 8.29e9, 576)])
+                                                ("qwen2_vl_7b", 8.29e9, 576), ("qwen3_vl_8b", 8.77e9, 576),
+                                                ("llava_onevision_7b", 8.03e9, 7371)])
 def test_7b_shapes_are_the_published_architectures(name, params, tokens):
-    """Built on the meta device (no memory): the parameter counts of LLaVA-1.5-7B, LLaVA-NeXT-7B, Qwen2-VL-7B."""
+    """Built on the meta device (no memory): the parameter counts of LLaVA-1.5-7B, LLaVA-NeXT-7B, Qwen2-VL-7B,
+    Qwen3-VL-8B (8,767,123,696 on its model card) and LLaVA-OneVision-7B (8.03 B). OneVision's image is 3x3 crops + base:
+    729 + 81 x 82 = 7,371 tokens, the largest grid anyres_max_9 keeps undownscaled."""
     shape = build(name, device="meta", dtype=torch.bfloat16)
     assert sum(p.numel() for p in shape.model.parameters()) == pytest.approx(params, rel=2e-3)
     assert shape.visual_tokens == tokens
     assert shape.inputs(2)["input_ids"].shape == (2, tokens + 40 + (2 if name.startswith("qwen") else 0) + 1)
+
+
+def test_qwen3_vl_oracle_runs_the_deepstack_mergers_on_the_recorded_schedule():
+    """The oracle floor of Qwen3-VL runs each DeepStack merger on the merge groups alive at its block (a ViT cut after
+    block 2 leaves blocks 3 and 4 the kept groups), and every decoder layer on the recorded count."""
+    shape = build("qwen3_vl_tiny")
+    x = shape.inputs(1)
+    spec = dict(name="random", budget=16, stage="vision_layer", layer=2)
+    with torch.no_grad(), prunekit.attach(shape.model, spec) as h:
+        shape.model(**x)
+    t, adapter = h.trace, h.adapter
+    seen = {"merger": [], "llm": []}
+    hooks = [m.register_forward_pre_hook(lambda m, a: seen["merger"].append(a[0].shape[0]))
+             for _, m in adapter.injection_projectors]
+    hooks += [layer.register_forward_pre_hook(lambda m, a: seen["llm"].append(a[0].shape[1])) for layer in adapter.decoder_layers]
+    try:
+        oracle_prefill(shape.model, x, schedule(t))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    patches = t.vision_layer_counts[0].tolist()  # 256 into blocks 0-2, 64 (16 groups) from block 3 on
+    assert patches[:3] == [256] * 3 and patches[3:] == [64] * 3
+    assert seen["merger"] == [256, 64, 64]  # blocks 1, 3, 4
+    text = x["input_ids"].shape[1] - t.n_vanilla[0]
+    assert seen["llm"] == [text + 16] * 4

@@ -45,6 +45,15 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     def vision_embed(self, pixels: Tensor) -> Tensor:
         return self.vision_tower.embeddings(pixels)  # SigLIP: no pre-layernorm
 
+    def budget_units(self) -> int:
+        """The base crop plus the most tiles whose grid reaches the LLM undownscaled: ``anyres_max_N`` caps the grid
+        at about N crops' tokens (9 on the released checkpoints: 10 units), and only such images take vision-side
+        cuts; fewer where the pinpoints allow fewer tiles."""
+        cfg = self.model.config
+        most = super().budget_units() - 1
+        ratio = str(cfg.vision_aspect_ratio)
+        return 1 + (min(most, int(ratio.removeprefix("anyres_max_"))) if ratio.startswith("anyres_max_") else most)
+
     def capture_vision_inputs(self, kwargs: dict) -> dict:
         return {k: kwargs[k] for k in ("image_sizes", "batch_num_images") if kwargs.get(k) is not None}
 

@@ -33,11 +33,12 @@ def schedule(trace: PruneTrace) -> dict:
 def oracle_prefill(model, inputs: dict, plan: dict | None = None) -> Tensor:
     """Last-position logits (B, V) of a hook-free prefill under ``plan`` (None: every token everywhere)."""
     adapter = adapter_for(model)
+    injections = []  # Qwen3-VL's DeepStack features, added after the first decoder layers
     if adapter.packed_vision:
-        visual = _qwen_vision(model, adapter, inputs, plan)
+        visual = _qwen_vision(model, adapter, inputs, plan, injections)
     else:
         visual = _clip_vision(model, adapter, inputs, plan)
-    return _language_model(model, adapter, inputs, visual, plan)
+    return _language_model(model, adapter, inputs, visual, plan, injections)
 
 
 def _clip_vision(model, adapter, inputs, plan) -> Tensor:
@@ -46,24 +47,26 @@ def _clip_vision(model, adapter, inputs, plan) -> Tensor:
     batch = pixels.shape[0]
     pixels = pixels.flatten(0, 1) if pixels.dim() == 5 else pixels  # LLaVA-NeXT: every crop of every image
     hidden = adapter.vision_embed(pixels)
-    feature = adapter.vision_feature_layer
+    feature, prefix = adapter.vision_feature_layer, adapter.vision_prefix_tokens
     for i, layer in enumerate(adapter.vision_layers):  # the model runs every layer, the last one unused
         if plan is not None and plan["vision"] is not None:
-            hidden = hidden[:, : 1 + plan["vision"][i]]
+            hidden = hidden[:, : prefix + plan["vision"][i]]
         hidden = adapter.run_vision_layer(layer, hidden)
         if i == feature:
-            features = hidden[:, 1:]
+            features = hidden[:, prefix:]
     if plan is not None and plan["projector"] is not None:
         features = features[:, : plan["projector"]]
     return adapter.projector(features).reshape(batch, -1, adapter.text_config.hidden_size)
 
 
-def _qwen_vision(model, adapter, inputs, plan) -> Tensor:
-    """(B, merged tokens per sample, D): the packed ViT cut to whole merge groups, one image per sample."""
+def _qwen_vision(model, adapter, inputs, plan, injections: list) -> Tensor:
+    """(B, merged tokens per sample, D): the packed ViT cut to whole merge groups, one image per sample; appends the
+    DeepStack mergers' (B, groups, D) outputs to ``injections``."""
     grid = inputs["image_grid_thw"]
     batch, size = grid.shape[0], adapter.merge_size
     hidden, (cos, sin) = adapter.vision_embed_packed(inputs["pixel_values"], grid)
     rows = hidden.shape[0] // batch
+    mergers = dict(adapter.injection_projectors)
 
     def cut(x: Tensor, n: int) -> Tensor:
         return x.view(batch, rows, -1)[:, :n].reshape(batch * n, -1)
@@ -74,13 +77,16 @@ def _qwen_vision(model, adapter, inputs, plan) -> Tensor:
             hidden, cos, sin, rows = cut(hidden, n), cut(cos, n), cut(sin, n), n
         cu = torch.arange(batch + 1, device=hidden.device, dtype=torch.int32) * rows
         hidden = adapter.run_vision_block(block, hidden, cu, (cos, sin))
+        if i in mergers:
+            injections.append(mergers[i](hidden).view(batch, rows // size, -1))
     if plan is not None and plan["projector"] is not None and plan["projector"] * size < rows:
         hidden, rows = cut(hidden, plan["projector"] * size), plan["projector"] * size
     return adapter.projector(hidden).view(batch, rows // size, -1)
 
 
-def _language_model(model, adapter, inputs, visual: Tensor, plan) -> Tensor:
-    """The decoder on [text before, n visual, text after], n dropping to the plan's count at each layer."""
+def _language_model(model, adapter, inputs, visual: Tensor, plan, injections: list) -> Tensor:
+    """The decoder on [text before, n visual, text after], n dropping to the plan's count at each layer; after layer
+    i the i-th injection's first n rows are added at the visual tokens."""
     ids = inputs["input_ids"]
     span = adapter.image_token_mask(ids, None)[0].nonzero().squeeze(1)
     start, end = int(span[0]), int(span[-1]) + 1
@@ -96,6 +102,9 @@ def _language_model(model, adapter, inputs, visual: Tensor, plan) -> Tensor:
             hidden = torch.cat([hidden[:, : start + counts[i]], hidden[:, start + n :]], 1)
             n, table = counts[i], _rope(adapter, hidden)
         hidden = adapter.run_decoder_layer(layer, hidden, table)
+        if i < len(injections):
+            hidden = torch.cat([hidden[:, :start], hidden[:, start : start + n] + injections[i][:, :n].to(hidden.dtype),
+                                hidden[:, start + n :]], 1)
     return adapter.lm_logits(hidden[:, -1:])[:, 0]
 
 
