@@ -113,7 +113,9 @@ def test_missing_root_and_files_name_the_layout(tmp_path):
         load_benchmark("gqa", tmp_path)
     with pytest.raises(ValueError, match="pope.*textvqa"):
         load_benchmark("vqav2", tmp_path)
-    assert BENCHMARKS == ("pope", "mme", "gqa", "textvqa", "pocket")
+    assert BENCHMARKS == ("pope", "mme", "gqa", "textvqa", "pocket", "muirbench")
+    with pytest.raises(FileNotFoundError, match="hf download MUIRBENCH/MUIRBENCH"):
+        load_benchmark("muirbench", tmp_path)
     with pytest.raises(FileNotFoundError, match="leave data.root unset"):
         load_benchmark("pocket", tmp_path)  # the generated split is not downloaded
 

@@ -1,4 +1,4 @@
-"""The four lmms-eval tasks, and prunekit's pocket VQA, as prunekit runs them: prompt, generation length, per-sample score, aggregate.
+"""Five lmms-eval tasks (MUIRBench with several images per question), and prunekit's pocket VQA, as prunekit runs them: prompt, generation length, per-sample score, aggregate.
 
 Prompts and generation settings follow lmms-eval's task YAMLs for LLaVA (docs/evaluation.md); the
 metrics are in ``metrics.py``. A benchmark sees finished records (dicts with ``prediction``, ``answer``,
@@ -19,7 +19,8 @@ class Benchmark:
     # the answer is cut at these (lmms-eval's ``until``: the task's, else its default, the few-shot delimiter "\n\n")
     stop: ClassVar[tuple[str, ...]] = ("\n\n",)
 
-    def prompt(self, question: str) -> str:
+    def prompt(self, question: str, extra: dict | None = None) -> str:
+        """The prompt text; ``extra``: the sample's other columns (MUIRBench's options)."""
         return question.strip() + POST_PROMPT
 
     def score(self, prediction: str, answer) -> float:
@@ -45,7 +46,7 @@ class MME(Benchmark):
     name = "mme"
     max_new_tokens = 16
 
-    def prompt(self, question):
+    def prompt(self, question, extra=None):
         return question.strip().replace(" Please answer yes or no.", "") + POST_PROMPT
 
     def score(self, prediction, answer):
@@ -59,7 +60,7 @@ class GQA(Benchmark):
     name = "gqa"
     max_new_tokens = 16
 
-    def prompt(self, question):
+    def prompt(self, question, extra=None):
         return question + POST_PROMPT  # lmms-eval does not strip GQA questions
 
     def score(self, prediction, answer):
@@ -71,7 +72,7 @@ class TextVQA(Benchmark):
     max_new_tokens = 32  # lmms-eval sets only ``until``; answers are single words or phrases
     stop = ("ASSISTANT:",)  # the task's own ``until``, which replaces the default
 
-    def prompt(self, question):
+    def prompt(self, question, extra=None):
         return question.capitalize() + POST_PROMPT
 
     def score(self, prediction, answer):
@@ -90,7 +91,24 @@ class Pocket(Benchmark):
         return metrics.pocket_metrics(records)
 
 
-BENCHMARKS: dict[str, Benchmark] = {b.name: b() for b in (Pope, MME, GQA, TextVQA, Pocket)}
+class MUIRBench(Benchmark):
+    """Multi-image multiple choice (lmms-eval's ``muirbench``): the options lettered under the question, the letter
+    read off the answer (``A. ...`` or ``A``), accuracy overall and per task."""
+    name = "muirbench"
+    max_new_tokens = 16
+
+    def prompt(self, question, extra=None):
+        options = "\n".join(f"{chr(ord('A') + i)}. {o}" for i, o in enumerate((extra or {}).get("options") or []))
+        return f"{question}\n{options}\nAnswer with the option's letter from the given choices directly."
+
+    def score(self, prediction, answer):
+        return metrics.muirbench_score(prediction, answer)
+
+    def aggregate(self, records):
+        return metrics.accuracy_by_category(records)
+
+
+BENCHMARKS: dict[str, Benchmark] = {b.name: b() for b in (Pope, MME, GQA, TextVQA, Pocket, MUIRBench)}
 
 
 def get_benchmark(name: str) -> Benchmark:

@@ -13,6 +13,9 @@ Layouts read (docs/evaluation.md), relative to the dataset folder:
   (category = the question type) plus image_id and negatives.
 * TextVQA (``lmms-lab/textvqa``): ``data/validation-*.parquet``. Columns image_id, question_id,
   question, answers (10 strings), image, ocr_tokens, ...
+* MUIRBench (``MUIRBENCH/MUIRBENCH``, several images per question): ``data/test-*.parquet``. Columns idx, task,
+  image_relation, image_type, question (with an ``<image>`` mark where each image belongs), options, answer (a
+  letter), image_list (a list of images).
 
 Images are HF ``Image`` structs ``{bytes, path}``; they are decoded with PIL and ``.convert("RGB")``
 (as lmms-eval's ``doc_to_visual`` does) only in ``__getitem__``. Text columns are read eagerly; image
@@ -37,10 +40,12 @@ from PIL import Image, ImageDraw
 
 from ..cache import build_once, cache_root
 
-BENCHMARKS: tuple[str, ...] = ("pope", "mme", "gqa", "textvqa", "pocket")
+BENCHMARKS: tuple[str, ...] = ("pope", "mme", "gqa", "textvqa", "pocket", "muirbench")
 POPE_SPLITS = ("adversarial", "popular", "random")
-ORGS = ("lmms-lab", "lmms-lab-encoder")
-HUB_NAMES = {"pope": "POPE", "mme": "MME", "gqa": "GQA", "textvqa": "textvqa", "pocket": "pocket"}
+ORGS = ("lmms-lab", "lmms-lab-encoder", "MUIRBENCH")
+HUB_NAMES = {"pope": "POPE", "mme": "MME", "gqa": "GQA", "textvqa": "textvqa", "pocket": "pocket",
+             "muirbench": "MUIRBENCH"}
+IMAGE_COLUMNS = {"muirbench": "image_list"}  # a list of images per row; elsewhere one ``image``
 
 # Per benchmark: Sample field -> column (required), extra key -> column (read when present).
 _REQUIRED = {
@@ -49,6 +54,8 @@ _REQUIRED = {
     "gqa": {"question_id": "id", "question": "question", "answer": "answer", "image_id": "imageId"},
     "textvqa": {"question_id": "question_id", "question": "question", "answer": "answers"},
     "pocket": {"question_id": "question_id", "question": "question", "answer": "answer", "category": "category"},
+    "muirbench": {"question_id": "idx", "question": "question", "answer": "answer", "category": "task",
+                  "options": "options"},
 }
 _OPTIONAL = {
     "pope": {"category": "category", "id": "id", "image_source": "image_source"},
@@ -56,6 +63,7 @@ _OPTIONAL = {
     "gqa": {"full_answer": "fullAnswer"},
     "textvqa": {"image_id": "image_id", "ocr_tokens": "ocr_tokens"},
     "pocket": {"image_id": "image_id", "negatives": "negatives"},
+    "muirbench": {"image_relation": "image_relation", "image_type": "image_type"},
 }
 _SAMPLE_FIELDS = ("question_id", "question", "answer", "category")
 
@@ -66,10 +74,15 @@ class Sample:
     question_id: str
     question: str
     answer: str | list[str]
-    image: Image.Image | None
+    image: Image.Image | None  # the first image where a benchmark has several
     category: str | None = None
     error: str | None = None
     extra: dict = field(default_factory=dict)
+    images: list[Image.Image] | None = None  # every image, in order, where a benchmark has several per question
+
+    def visuals(self) -> list[Image.Image]:
+        """The images the prompt shows, in order."""
+        return self.images if self.images is not None else [self.image]
 
 
 def collate_samples(batch: list[Sample]) -> list[Sample]:
@@ -85,7 +98,7 @@ def _patterns(name: str, split: str | None) -> list[str]:
         if split in POPE_SPLITS:
             return [f"Full/{split}/*.parquet"]
         raise ValueError(f"pope split must be None/'test' or one of {POPE_SPLITS}, got {split!r}")
-    if name in ("mme", "pocket"):
+    if name in ("mme", "pocket", "muirbench"):
         return [f"data/{split or 'test'}-*.parquet"]
     if name == "textvqa":
         return [f"data/{split or 'validation'}-*.parquet"]
@@ -121,6 +134,9 @@ def _layout_hint(name: str, root: Path, patterns: list[str]) -> str:
     files = " and ".join(f"{root}/{p}" for p in patterns)
     if name == "pocket":  # generated, not downloaded
         return f"expected {files}; the pocket split is generated: leave data.root unset (data=pocket) to build it"
+    if name == "muirbench":  # not under lmms-lab
+        return (f"expected {files} (MUIRBENCH/{hub} layout), or a parent folder holding MUIRBENCH/{hub} or {hub}; "
+                f"fetch it with `hf download MUIRBENCH/{hub} --repo-type dataset --local-dir {root}/MUIRBENCH/{hub}`")
     return (f"expected {files} (lmms-lab/{hub} layout), or a parent folder holding lmms-lab/{hub}, "
             f"lmms-lab-encoder/{hub} or {hub}; fetch it with e.g. `hf download lmms-lab/{hub} "
             f"--repo-type dataset --local-dir {root}/lmms-lab/{hub}`")
@@ -206,7 +222,8 @@ class BenchmarkData(torch.utils.data.Dataset):
         pf, starts = self._handles[file_idx]
         rg = bisect.bisect_right(starts, row) - 1
         if self._cache is None or self._cache[:2] != (file_idx, rg):
-            self._cache = (file_idx, rg, pf.read_row_group(rg, columns=["image"]).column(0))
+            column = IMAGE_COLUMNS.get(self.name, "image")
+            self._cache = (file_idx, rg, pf.read_row_group(rg, columns=[column]).column(0))
         return self._cache[2][row - starts[rg]].as_py()
 
     def __getitem__(self, i: int) -> Sample:
@@ -215,11 +232,17 @@ class BenchmarkData(torch.utils.data.Dataset):
         i %= len(self)
         r = self._rows[i]
         loc = self._image_loc[i]
+        images = None
         if loc is None:
             image, error = None, f"missing image: image id {r['extra'].get('image_id')!r} not in the images files"
+        elif self.name in IMAGE_COLUMNS:  # several images: the sample is unusable if any one is
+            decoded = [_decode(c) for c in self._image_cell(*loc) or []]
+            error = next((f"image {k}: {e}" for k, (_, e) in enumerate(decoded) if e), None if decoded else "no images")
+            images = None if error else [im for im, _ in decoded]
+            image = images[0] if images else None
         else:
             image, error = _decode(self._image_cell(*loc))
-        return Sample(uid=str(i), image=image, error=error, extra=dict(r["extra"]),
+        return Sample(uid=str(i), image=image, error=error, extra=dict(r["extra"]), images=images,
                       **{k: r[k] for k in _SAMPLE_FIELDS})
 
 
@@ -248,7 +271,8 @@ def _read_rows(name: str, files: list[Path], limit: int | None, need_image: bool
     for fi, path in enumerate(files):
         if limit is not None and len(rows) >= limit:
             break
-        found = _check_columns(path, list(required.values()) + (["image"] if need_image else []), name)
+        image_column = IMAGE_COLUMNS.get(name, "image")
+        found = _check_columns(path, list(required.values()) + ([image_column] if need_image else []), name)
         present = {k: c for k, c in optional.items() if c in found}
         cols = list(dict.fromkeys([*required.values(), *present.values()]))
         table = _parquet(path, pq.read_table, columns=cols)

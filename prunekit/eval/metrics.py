@@ -292,8 +292,21 @@ def pocket_score(prediction: str, answer: str) -> float:
     return 1.0 if prediction.lower().translate(_PUNCT_TABLE).strip() == answer.lower().strip() else 0.0
 
 
+def muirbench_score(prediction: str, answer: str) -> float:
+    """lmms-eval's MUIRBench: the letter of a response that opens with ``X.``, else the response, equal to the answer
+    letter ignoring case and surrounding space."""
+    match = re.match(r"^\s*([A-Z])\.", prediction)
+    return float((match.group(1) if match else prediction).lower().strip() == answer.lower().strip())
+
+
 def pocket_metrics(records: list[dict]) -> dict:
     """``accuracy`` over every question, and ``accuracy_<type>`` per question type (the category column)."""
+    return accuracy_by_category(records)
+
+
+def accuracy_by_category(records: list[dict]) -> dict:
+    """``accuracy`` over every record, and ``accuracy_<category>`` per category (pocket: question type; MUIRBench:
+    task)."""
     out = {"accuracy": mean(r["score"] for r in records)}
     for kind in sorted({r["category"] for r in records if r.get("category")}):
         out[f"accuracy_{kind}"] = mean(r["score"] for r in records if r.get("category") == kind)

@@ -59,7 +59,7 @@ class PruningEvalModule(L.LightningModule):
                 self.records.append(self._base_record(s) | {"skipped": True, "error": s.error or "no image"})
         if not usable:
             return
-        prompts = [self.benchmark.prompt(s.question) for s in usable]
+        prompts = [self.benchmark.prompt(s.question, s.extra) for s in usable]
         inputs = self._inputs(usable, prompts)
         vanilla = self._generate(inputs) if self.fidelity else None
         with attach(self.model, self.strategy, processor=self.processor) as handle, handle.instructions(prompts):
@@ -106,7 +106,7 @@ class PruningEvalModule(L.LightningModule):
                 "answer": answer}
 
     def _inputs(self, samples: list[Sample], prompts: list[str]):
-        return chat_inputs(self.processor, [[s.image] for s in samples], prompts, self.device, self.model.dtype)
+        return chat_inputs(self.processor, [s.visuals() for s in samples], prompts, self.device, self.model.dtype)
 
     def _generate(self, inputs) -> dict:
         timer = PrefillTimer(self.model, self.adapter.vision_tower)

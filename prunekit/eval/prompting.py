@@ -1,17 +1,28 @@
 """How a sample becomes model inputs and an answer, shared by prunekit's evaluator and its lmms-eval model.
 
 One definition, so the two harnesses cannot drift apart: the user turn holds the sample's images first, then
-the prompt, rendered by the processor's own chat template with the generation prompt appended; answers are
+the prompt (or, where the prompt marks each image's place with ``<image>``, as MUIRBench's questions do, the images at
+their marks), rendered by the processor's own chat template with the generation prompt appended; answers are
 cut at the task's stop strings (lmms-eval's ``until``) and stripped.
 """
 from __future__ import annotations
 
 from typing import Sequence
 
+IMAGE_MARK = "<image>"
+
 
 def chat_text(processor, n_images: int, prompt: str) -> str:
-    """The rendered prompt: one user turn holding ``n_images`` images then ``prompt``, and the generation prompt."""
-    content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": prompt}]
+    """The rendered prompt: one user turn holding ``n_images`` images then ``prompt`` (the images at the prompt's
+    ``<image>`` marks when it has one per image), and the generation prompt."""
+    pieces = prompt.split(IMAGE_MARK)
+    if n_images and len(pieces) == n_images + 1:
+        content = [{"type": "text", "text": pieces[0]}]
+        for piece in pieces[1:]:
+            content += [{"type": "image"}, {"type": "text", "text": piece}]
+        content = [c for c in content if c["type"] == "image" or c["text"]]
+    else:
+        content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": prompt}]
     return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
 
@@ -20,8 +31,9 @@ def chat_inputs(processor, images: Sequence[Sequence], prompts: Sequence[str], d
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} image lists for {len(prompts)} prompts")
     texts = [chat_text(processor, len(row), prompt) for row, prompt in zip(images, prompts)]
-    flat = [image for row in images for image in row]
-    inputs = processor(images=flat or None, text=texts, return_tensors="pt", padding=True).to(device)
+    # nested per sample where every row has images: LLaVA-OneVision then knows a sample's images (batch_num_images)
+    per_row = [list(row) for row in images] if images and all(images) else [image for row in images for image in row]
+    inputs = processor(images=per_row or None, text=texts, return_tensors="pt", padding=True).to(device)
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
     return inputs
