@@ -28,10 +28,13 @@ from prunekit import compat
 from prunekit.errors import PruningError
 
 FAMILIES = {"llava-1.5": "tiny", "llava-next": "tiny-next", "qwen2-vl": "tiny-qwen2-vl", "qwen2.5-vl": "tiny-qwen2.5-vl",
-            "internvl": "tiny-internvl", "qwen3-vl": "tiny-qwen3-vl", "llava-onevision": "tiny-onevision"}
+            "internvl": "tiny-internvl", "qwen3-vl": "tiny-qwen3-vl", "llava-onevision": "tiny-onevision",
+            "qwen3.5": "tiny-qwen3.5"}
 QUESTIONS = ["Is there a red box in the image?", "How many shapes can you see in this small picture?"]
 IMAGE_SIZES = [(224, 224), (200, 150)]
 BUDGET, STEPS = 8, 3
+# the pruning strategy of each check: FastV inside the LLM, except where the LLM takes no cut (Qwen3.5's hybrid LM)
+PROBES = {"qwen3.5": {"name": "random", "budget": BUDGET, "stage": "projector_output"}}
 
 
 @dataclass
@@ -139,6 +142,7 @@ def check_family(family: str, device: torch.device, dtype: torch.dtype) -> list[
         checks.append(Check(family, check, ok, detail))
 
     pair = _inputs(processor, [0, 1], device)
+    probe = PROBES.get(family, {"name": "fastv", "budget": BUDGET})
     with torch.inference_mode():
         vanilla_logits = model(**pair).logits.float()
         vanilla = _greedy(model, pair)
@@ -148,7 +152,7 @@ def check_family(family: str, device: torch.device, dtype: torch.dtype) -> list[
                 return cmp.run(*_greedy(model, pair), *vanilla)
 
         def detach_restores():
-            handle = prunekit.attach(model, "fastv", budget=BUDGET)
+            handle = prunekit.attach(model, probe)
             _greedy(model, pair)
             handle.detach()
             after = model(**pair).logits.float()
@@ -160,21 +164,21 @@ def check_family(family: str, device: torch.device, dtype: torch.dtype) -> list[
             return cmp.restored(after, vanilla_logits)
 
         def prunes():
-            with prunekit.attach(model, "fastv", budget=BUDGET) as handle:
+            with prunekit.attach(model, probe) as handle:
                 _greedy(model, pair)
                 trace = handle.trace
             ok = all(0 < i and f == BUDGET < v for i, f, v in zip(trace.n_in, trace.n_final, trace.n_vanilla))
             return ok, f"n_vanilla {trace.n_vanilla} n_in {trace.n_in} n_final {trace.n_final}"
 
         def cache_equals_recompute():
-            with prunekit.attach(model, "fastv", budget=BUDGET) as handle:
+            with prunekit.attach(model, probe) as handle:
                 tokens, logits = _greedy(model, pair)
                 with handle.replay():
                     again = torch.stack([_recompute(model, pair, tokens[:, :t]) for t in range(STEPS)], 1)
             return cmp.logits(logits, again)
 
         def padded_batch():
-            with prunekit.attach(model, "fastv", budget=BUDGET):
+            with prunekit.attach(model, probe):
                 tokens, logits = _greedy(model, pair)
                 alone = [_greedy(model, _inputs(processor, [i], device)) for i in (0, 1)]
             return cmp.run(tokens, logits, torch.cat([a[0] for a in alone]), torch.cat([a[1] for a in alone]))

@@ -9,7 +9,8 @@ write "FLOPs" (a true FLOP count is twice as large):
   attention its smaller K/V projections), plus the ``2n²d`` score/value products of each attention layer
   over the live tokens, for the vision encoder (patch embedding, every encoder layer with the tokens it
   takes), the projector (and Qwen3-VL's DeepStack mergers, each over the groups of the layer it reads), the language
-  model and the one LM-head row ``generate`` computes in prefill.
+  model (a linear-attention layer: its projections, convolution and state recurrence, no n² term) and the one
+  LM-head row ``generate`` computes in prefill.
 
 Decode steps are not counted: pruning changes them only through the shorter KV cache. Nor are a strategy's
 own score computations (a few O(n·d) rows per site): the count is the model's, so strategies compare on it.
@@ -47,6 +48,8 @@ class FlopsModel:
     patch_embed_macs: int  # MACs per patch of the patch embedding
     projector: int  # MACs per visual token
     merge_size: int = 1  # encoder patches per visual token
+    llm_quadratic: tuple[bool, ...] = ()  # per decoder layer: softmax attention (n² products); () = every layer
+    llm_state_macs: tuple[int, ...] = ()  # per decoder layer: MACs per token of a linear-attention recurrence
     injections: tuple[tuple[int, int], ...] = ()  # (vision layer, MACs per visual token) of each DeepStack merger
 
     @classmethod
@@ -55,7 +58,9 @@ class FlopsModel:
 
         adapter = adapter_for(model)
         text = adapter.text_config
-        llm_attn = adapter.llm_attention(0)
+        layers = range(len(adapter.decoder_layers))
+        recurrence = [adapter.llm_recurrence_macs(i) for i in layers]
+        llm_attn = adapter.llm_attention(next(i for i in layers if recurrence[i] is None))
         vis_attn = adapter.vision_attention(0)
         embed = next((m for m in adapter.vision_tower.modules() if isinstance(m, nn.Conv2d | nn.Conv3d)), None)
         head = model.get_output_embeddings()
@@ -71,6 +76,8 @@ class FlopsModel:
             patch_embed_macs=embed.weight.numel() if embed is not None else 0,
             projector=_linear_macs(adapter.projector),
             merge_size=adapter.merge_size,
+            llm_quadratic=tuple(r is None for r in recurrence),
+            llm_state_macs=tuple(r or 0 for r in recurrence),
             injections=tuple((layer, _linear_macs(m)) for layer, m in adapter.injection_projectors),
         )
 
@@ -87,9 +94,11 @@ class FlopsModel:
         if len(llm_visual) != len(self.llm_layer_linear):
             raise ValueError(f"llm_visual has {len(llm_visual)} layers, the model {len(self.llm_layer_linear)}")
         llm_exact = fastv = 0.0
-        for per_token, visual in zip(self.llm_layer_linear, llm_visual):
+        quadratic = self.llm_quadratic or (True,) * len(llm_visual)
+        state = self.llm_state_macs or (0,) * len(llm_visual)
+        for per_token, visual, softmax, recurrence in zip(self.llm_layer_linear, llm_visual, quadratic, state):
             n = text_tokens + visual
-            llm_exact += n * per_token + 2 * n * n * self.llm_attention_width
+            llm_exact += n * (per_token + recurrence) + (2 * n * n * self.llm_attention_width if softmax else 0)
             fastv += fastv_layer_macs(n, self.llm_hidden, self.llm_intermediate)
         vision = 0.0
         if images:

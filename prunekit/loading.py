@@ -13,14 +13,14 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 # embedded random-weight models (prunekit.tiny.TINY_MODELS), built once and cached:
-# LLaVA-1.5 at 112 px (64 visual tokens) and 336 px (576), LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, InternVL, Qwen3-VL and LLaVA-OneVision
+# LLaVA-1.5 at 112 px (64 visual tokens) and 336 px (576), LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, InternVL, Qwen3-VL, LLaVA-OneVision and Qwen3.5
 TINY = ("tiny", "tiny-576", "tiny-next", "tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-internvl", "tiny-qwen3-vl",
-        "tiny-onevision")
+        "tiny-onevision", "tiny-qwen3.5")
 
 
 def resolve_model_path(path: str | None) -> str:
     """``"pocket"``: the shipped trained pocket VLM (docs/pocket.md); ``None``/``"tiny"`` (LLaVA-1.5, 64 visual tokens), ``"tiny-576"`` (LLaVA-1.5's 576), ``"tiny-next"``,
-    ``"tiny-qwen2-vl"``, ``"tiny-qwen2.5-vl"``, ``"tiny-internvl"``, ``"tiny-qwen3-vl"``, ``"tiny-onevision"``: an embedded tiny model, built once and cached (``"tiny-clip-text"``:
+    ``"tiny-qwen2-vl"``, ``"tiny-qwen2.5-vl"``, ``"tiny-internvl"``, ``"tiny-qwen3-vl"``, ``"tiny-onevision"``, ``"tiny-qwen3.5"``: an embedded tiny model, built once and cached (``"tiny-clip-text"``:
     the CLIP text encoder matching the tiny LLaVA towers); anything else:
     a local directory or a hub id."""
     if path == "pocket":

@@ -89,7 +89,8 @@ class InternVLImageOnlyProcessor(_ImageOnly, InternVLProcessor):
 
 
 IMAGE_ONLY_PROCESSORS = {"qwen2_vl": Qwen2VLImageOnlyProcessor, "qwen2_5_vl": Qwen2_5_VLImageOnlyProcessor,
-                         "qwen3_vl": Qwen3VLImageOnlyProcessor, "internvl": InternVLImageOnlyProcessor,
+                         "qwen3_vl": Qwen3VLImageOnlyProcessor, "qwen3_5": Qwen3VLImageOnlyProcessor,
+                         "internvl": InternVLImageOnlyProcessor,
                          "llava_onevision": LlavaOnevisionImageOnlyProcessor}
 
 

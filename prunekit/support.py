@@ -28,7 +28,7 @@ VARIANTS = {  # strategies whose support depends on a knob: extra rows besides t
 def family_models() -> dict:
     """family -> (model, processor): a structural twin of its 7B checkpoint (random weights, tiny widths)."""
     from .tiny import (build_tiny_internvl, build_tiny_llava, build_tiny_llava_next, build_tiny_qwen2_5_vl,
-                       build_tiny_onevision, build_tiny_qwen2_vl, build_tiny_qwen3_vl)
+                       build_tiny_onevision, build_tiny_qwen2_vl, build_tiny_qwen3_5, build_tiny_qwen3_vl)
 
     return {
         "llava-1.5": build_tiny_llava(image_size=336, vision_layers=24, text_layers=32),
@@ -38,6 +38,7 @@ def family_models() -> dict:
         "internvl": build_tiny_internvl(tile_size=448, max_tiles=12, vision_layers=24, text_layers=28),
         "qwen3-vl": build_tiny_qwen3_vl(vision_layers=27, text_layers=36, deepstack_visual_indexes=(8, 16, 24)),
         "llava-onevision": build_tiny_onevision(crop_size=384, vision_layers=26, text_layers=28),
+        "qwen3.5": build_tiny_qwen3_5(vision_layers=27, text_layers=32),
     }
 
 

@@ -1,9 +1,9 @@
 """Tiny random-weight VLMs with offline processors: the embedded default and the test models.
 
-Seven families, each a ~1M-parameter model built from config with a processor made in memory:
+Eight families, each a ~1M-parameter model built from config with a processor made in memory:
 LLaVA-1.5 (``build_tiny_llava``), LLaVA-NeXT (``build_tiny_llava_next``), Qwen2-VL (``build_tiny_qwen2_vl``),
-Qwen2.5-VL (``build_tiny_qwen2_5_vl``), InternVL (``build_tiny_internvl``), Qwen3-VL (``build_tiny_qwen3_vl``) and
-LLaVA-OneVision (``build_tiny_onevision``). No hub access: the tokenizer vocabulary, image processor and
+Qwen2.5-VL (``build_tiny_qwen2_5_vl``), InternVL (``build_tiny_internvl``), Qwen3-VL (``build_tiny_qwen3_vl``),
+LLaVA-OneVision (``build_tiny_onevision``) and Qwen3.5 (``build_tiny_qwen3_5``). No hub access: the tokenizer vocabulary, image processor and
 chat template are saved next to the weights (``tiny_model_dir``), so ``from_pretrained(path)`` exercises the
 same loading code as a real checkpoint. A random-weight model's answers are meaningless; use it for
 mechanics and fidelity.
@@ -225,6 +225,31 @@ def build_tiny_qwen3_vl(vision_layers: int = 6, text_layers: int = 4, min_pixels
                                             chat_template=QWEN_CHAT_TEMPLATE)
 
 
+def build_tiny_qwen3_5(vision_layers: int = 6, text_layers: int = 4, min_pixels: int = 64 * 64,
+                       max_pixels: int = 256 * 256, attn_implementation: str = "sdpa", seed: int = 0):
+    """(model, processor): a ~1M-parameter Qwen3.5: Qwen3-VL's ViT without DeepStack, and a hybrid language model of
+    Gated DeltaNet linear-attention layers and one full-attention layer in four (layers 0-2 linear, 3 full at 4
+    layers), interleaved M-RoPE on a quarter of each head. The processor is Qwen3-VL's (one token per 32x32 px)."""
+    from transformers import Qwen2VLImageProcessorPil, Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+    from .processors import Qwen3VLImageOnlyProcessor
+
+    tok = build_qwen_tokenizer()
+    vision = dict(depth=vision_layers, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=128,
+                  patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64)
+    text = _qwen_text_config(tok, text_layers)
+    text.update(head_dim=32, linear_conv_kernel_dim=4, linear_key_head_dim=16, linear_value_head_dim=16,
+                linear_num_key_heads=2, linear_num_value_heads=4, full_attention_interval=4,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1],
+                                 "mrope_interleaved": True, "partial_rotary_factor": 0.25})
+    cfg = Qwen3_5Config(text_config=text, vision_config=vision, **_qwen_ids(tok))
+    model = _qwen_finish(_instantiate(Qwen3_5ForConditionalGeneration, cfg, attn_implementation, seed, tok), tok)
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=16,
+                                               merge_size=2, temporal_patch_size=2)
+    return model, Qwen3VLImageOnlyProcessor(image_processor=image_processor, tokenizer=tok,
+                                            chat_template=QWEN_CHAT_TEMPLATE)
+
+
 # InternVL (-hf): Qwen-style chat; an image item is <IMG_CONTEXT>\n, which the processor expands to
 # <img><IMG_CONTEXT> x (tokens per tile x tiles)</img>.
 INTERNVL_TOKENS = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
@@ -317,6 +342,7 @@ TINY_MODELS = {
     "tiny-internvl": ("tiny-internvl-v1", build_tiny_internvl, {}),
     "tiny-qwen3-vl": ("tiny-qwen3-vl-v1", build_tiny_qwen3_vl, {}),
     "tiny-onevision": ("tiny-onevision-v1", build_tiny_onevision, {}),
+    "tiny-qwen3.5": ("tiny-qwen3.5-v1", build_tiny_qwen3_5, {}),
 }
 
 
@@ -328,7 +354,7 @@ def tiny_model_dir(name: str = "tiny", cache_dir: str | os.PathLike | None = Non
     """A saved tiny model (weights + processor) named ``name``, built once and cached under ``cache_dir``
     (default ``$PRUNEKIT_CACHE`` or ~/.cache/prunekit). Names: ``tiny`` (LLaVA-1.5, 112 px, 64 visual
     tokens), ``tiny-576`` (LLaVA-1.5, 336 px, 576), ``tiny-next`` (LLaVA-NeXT), ``tiny-qwen2-vl``,
-    ``tiny-qwen2.5-vl``, ``tiny-internvl``, ``tiny-qwen3-vl``, ``tiny-onevision``."""
+    ``tiny-qwen2.5-vl``, ``tiny-internvl``, ``tiny-qwen3-vl``, ``tiny-onevision``, ``tiny-qwen3.5``."""
     if name not in TINY_MODELS:
         raise ValueError(f"unknown tiny model {name!r}; choose one of {sorted(TINY_MODELS)}")
     dirname, builder, kwargs = TINY_MODELS[name]

@@ -77,7 +77,7 @@ class FlowCut(TokenPruner):
         entropy_exponent: float = 2.0,  # e in (1 - rho^e)
         batch_coupled: bool = False,  # paper parity: one prune count per batch (max over images)
         llm_stage: bool | None = None,  # cut to T after an LLM layer too; None = as the references: on for
-        # LLaVA-NeXT and Qwen2-VL / 2.5-VL, off for LLaVA-1.5
+        # LLaVA-NeXT and Qwen2-VL / 2.5-VL, off for LLaVA-1.5 (and for a language model that takes no cut: Qwen3.5)
         llm_layer: int = 2,  # the LLM cut is on the output of layer llm_layer - 1 (reference: index 1)
     ):
         super().__init__(budget, "n_in")
@@ -119,7 +119,8 @@ class FlowCut(TokenPruner):
         self._relay = self.relay or get_relay("cls" if has_cls else "mean_query")
         self._semantic = has_cls if self.semantic_term is None else self.semantic_term
         multi_unit = adapter.budget_units() > 1 or adapter.packed_vision
-        self._two_stage = multi_unit if self.llm_stage is None else self.llm_stage
+        # by family: as the references, but never where the language model takes no cut (Qwen3.5's hybrid LM)
+        self._two_stage = (multi_unit and adapter.llm_site_refusal() is None) if self.llm_stage is None else self.llm_stage
         if self._two_stage and self.llm_layer >= adapter.num_llm_layers:
             raise ValueError(f"flowcut's LLM cut follows layer {self.llm_layer - 1}, but the language model has "
                              f"{adapter.num_llm_layers} layers; choose llm_layer <= {adapter.num_llm_layers - 1}")

@@ -1,4 +1,4 @@
-"""The tiny LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, InternVL, Qwen3-VL and LLaVA-OneVision models load like real checkpoints and run the eval path's inputs."""
+"""The tiny LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, InternVL, Qwen3-VL, LLaVA-OneVision and Qwen3.5 models load like real checkpoints and run the eval path's inputs."""
 import importlib.util
 import json
 from pathlib import Path
@@ -19,6 +19,7 @@ FAMILIES = {  # name -> (model class, processor class, config file)
     "tiny-internvl": ("InternVLForConditionalGeneration", "InternVLImageOnlyProcessor", "tiny_internvl"),
     "tiny-qwen3-vl": ("Qwen3VLForConditionalGeneration", "Qwen3VLImageOnlyProcessor", "tiny_qwen3_vl"),
     "tiny-onevision": ("LlavaOnevisionForConditionalGeneration", "LlavaOnevisionImageOnlyProcessor", "tiny_onevision"),
+    "tiny-qwen3.5": ("Qwen3_5ForConditionalGeneration", "Qwen3VLImageOnlyProcessor", "tiny_qwen3_5"),
 }
 # visual tokens per image, (width, height) -> count; measured, and equal to what the model's vision side produces
 SIZES = [(112, 112), (224, 112), (200, 150), (224, 224)]
@@ -31,7 +32,8 @@ TOKENS = {
     "tiny-internvl": [16, 48, 80, 80],
     # one per 32x32 px, sides rounded to multiples of 32: 128x128, 128x224, 160x192, 224x224
     "tiny-qwen3-vl": [16, 28, 30, 49],
-    "tiny-onevision": [136, 200, 268, 336],  # LLaVA-NeXT's geometry (SigLIP: 64 per crop too); no downscale at 2x2
+    "tiny-onevision": [136, 200, 268, 336],
+    "tiny-qwen3.5": [16, 28, 30, 49],  # Qwen3-VL's vision side  # LLaVA-NeXT's geometry (SigLIP: 64 per crop too); no downscale at 2x2
 }
 
 

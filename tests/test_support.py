@@ -10,7 +10,7 @@ DOCS = Path(__file__).resolve().parents[1] / "docs" / "support.md"
 def test_matrix_covers_every_strategy_and_family_and_the_docs_copy_is_current():
     matrix = support_matrix()
     assert set(prunekit.list_strategies()) <= set(matrix)
-    families = {"llava-1.5", "llava-next", "qwen2-vl", "qwen2.5-vl", "internvl", "qwen3-vl", "llava-onevision"}
+    families = {"llava-1.5", "llava-next", "qwen2-vl", "qwen2.5-vl", "internvl", "qwen3-vl", "llava-onevision", "qwen3.5"}
     assert all(set(cells) == families for cells in matrix.values())
     assert support_table(matrix) in DOCS.read_text(), "docs/support.md is stale: python -m prunekit.support"
 

@@ -177,6 +177,15 @@ class ModelAdapter(ABC):
     def num_llm_layers(self) -> int:
         return len(self.decoder_layers)
 
+    def llm_recurrence_macs(self, layer: int) -> int | None:
+        """For a decoder layer that mixes tokens by a linear-attention recurrence instead of softmax attention
+        (Qwen3.5's Gated DeltaNet layers): its MACs per token besides its projections; None for softmax attention."""
+        return None
+
+    def llm_site_refusal(self) -> str | None:
+        """Why the runtime cannot cut inside this language model (llm_layer sites), or None where it can."""
+        return None
+
     # --- visual features added inside the language model (DeepStack) --------------------------------
     @property
     def injection_projectors(self) -> list[tuple[int, nn.Module]]:

@@ -21,6 +21,9 @@ class ValidationMixin:
                     f"strategy {name!r} acts at {site}, a stage this runtime does not serve yet "
                     f"(served: {', '.join(map(str, _RUNTIME_STAGES))})"
                 )
+            if site.stage is Stage.LLM_LAYER and (why := self.adapter.llm_site_refusal()):
+                raise UnsupportedModelError(
+                    f"strategy {name!r} cannot run on {self.adapter.describe()}: it prunes at {site}; {why}")
             if site.stage is Stage.LLM_LAYER and site.layer >= self.adapter.num_llm_layers:
                 raise KnobError(
                     f"strategy {name!r} prunes before LLM layer {site.layer}, but the language model has "
