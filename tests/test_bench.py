@@ -34,11 +34,34 @@ def test_median_interval_is_the_binomial_order_statistics():
     assert median_interval([1.0, 2.0, 3.0, 4.0, 5.0]) is None
 
 
-def test_oracle_with_every_token_is_the_model_itself(llava):
-    x = llava.inputs(2)
+@pytest.mark.parametrize("name", ["llava15_tiny", "internvl_tiny"])
+def test_oracle_with_every_token_is_the_model_itself(llava, name):
+    """InternVL: the tiles' full grids through the model's own pixel shuffle, then the projector."""
+    shape = llava if name == "llava15_tiny" else build(name)
+    x = shape.inputs(2)
     with torch.no_grad():
-        torch.testing.assert_close(oracle_prefill(llava.model, x, None), llava.model(**x).logits[:, -1],
+        torch.testing.assert_close(oracle_prefill(shape.model, x, None), shape.model(**x).logits[:, -1],
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_internvl_oracle_restores_each_tiles_grid_after_a_vit_cut():
+    """A cut inside InternViT keeps whole 2x2 groups; the oracle runs the ViT on the recorded counts, then pads each
+    tile back to its 8x8 grid for the shuffle and projects the recorded number of tokens."""
+    shape = build("internvl_tiny")
+    x = shape.inputs(1)
+    with torch.no_grad(), prunekit.attach(shape.model, dict(name="random", budget=52, stage="vision_layer",
+                                                            layer=1)) as h:
+        shape.model(**x)
+    plan = schedule(h.trace)
+    seen = []
+    hook = shape.model.model.multi_modal_projector.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape))
+    try:
+        logits = oracle_prefill(shape.model, x, plan)
+    finally:
+        hook.remove()
+    # per tile: 52 // 13 (the most tiles, 12, + thumbnail) = 4 tokens = 16 patches after layer 1
+    assert plan["vision"][:2] == [64, 64] and plan["vision"][2:] == [16] * 4 and plan["projector"] == 4
+    assert seen == [torch.Size([5, 4, 4 * 64])] and torch.isfinite(logits).all()
 
 
 @pytest.mark.parametrize("spec", [dict(name="flowcut", budget=16), dict(name="fastv", budget=16, layer=2),
@@ -117,15 +140,16 @@ def test_cli_writes_results(tmp_path):
 
 @pytest.mark.parametrize("name,params,tokens", [("llava15_7b", 7.06e9, 576), ("llava_next_7b", 7.06e9, 2928),
                                                 ("qwen2_vl_7b", 8.29e9, 576), ("qwen3_vl_8b", 8.77e9, 576),
-                                                ("llava_onevision_7b", 8.03e9, 7371)])
+                                                ("llava_onevision_7b", 8.03e9, 7371), ("internvl_8b", 7.94e9, 1280)])
 def test_7b_shapes_are_the_published_architectures(name, params, tokens):
     """Built on the meta device (no memory): the parameter counts of LLaVA-1.5-7B, LLaVA-NeXT-7B, Qwen2-VL-7B,
-    Qwen3-VL-8B (8,767,123,696 on its model card) and LLaVA-OneVision-7B (8.03 B). OneVision's image is 3x3 crops + base:
-    729 + 81 x 82 = 7,371 tokens, the largest grid anyres_max_9 keeps undownscaled."""
+    Qwen3-VL-8B (8,767,123,696 on its model card), LLaVA-OneVision-7B (8.03 B) and InternVL3-8B (7.94 B). OneVision's
+    image is 3x3 crops + base: 729 + 81 x 82 = 7,371 tokens, the largest grid anyres_max_9 keeps undownscaled;
+    InternVL's is 2x2 tiles + the thumbnail, 256 tokens each."""
     shape = build(name, device="meta", dtype=torch.bfloat16)
     assert sum(p.numel() for p in shape.model.parameters()) == pytest.approx(params, rel=2e-3)
     assert shape.visual_tokens == tokens
-    assert shape.inputs(2)["input_ids"].shape == (2, tokens + 40 + (2 if name.startswith("qwen") else 0) + 1)
+    assert shape.inputs(2)["input_ids"].shape == (2, tokens + 40 + (2 if name.startswith(("qwen", "internvl")) else 0) + 1)
 
 
 def test_qwen3_vl_oracle_runs_the_deepstack_mergers_on_the_recorded_schedule():

@@ -280,6 +280,11 @@ class ModelAdapter(ABC):
         """One encoder layer on an unpadded batch."""
         return compat.run_encoder_layer(layer, hidden)
 
+    def projector_input(self, features: Tensor) -> Tensor:
+        """(units, tokens, D') the projector's input from each unit's (units, patches, D) feature-layer patches (prefix
+        dropped): the patches themselves, or where the model groups them first (InternVL's pixel shuffle) the groups."""
+        return features
+
     # --- sequence facts ---------------------------------------------------------------------------
     @abstractmethod
     def image_token_mask(self, input_ids: Tensor | None, inputs_embeds: Tensor | None) -> Tensor:

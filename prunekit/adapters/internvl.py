@@ -58,6 +58,20 @@ class InternVLAdapter(LlavaAdapter):
     def with_vision_key_mask(self, args: tuple, kwargs: dict, hidden: Tensor, key_mask: Tensor | None):
         return (hidden,) + tuple(args[1:]), kwargs  # the mask goes to the attention (vision_mask_module)
 
+    def vision_embed(self, pixels: Tensor) -> Tensor:
+        return self.vision_tower.embeddings(pixels)  # [CLS] + patches + positions; no pre-norm
+
+    def run_vision_layer(self, layer: nn.Module, hidden: Tensor) -> Tensor:
+        return layer(hidden)
+
+    def projector_input(self, features: Tensor) -> Tensor:
+        """Each tile's full patch grid pixel-shuffled by the model's own ``pixel_shuffle``: 2x2 patches per token."""
+        units, n, width = features.shape
+        side = math.isqrt(n)
+        grid = self.model.model.pixel_shuffle(features.reshape(units, side, side, width),
+                                              scale_factor=self.model.config.downsample_ratio)
+        return grid.reshape(units, -1, grid.shape[-1])
+
     # --- sequence facts ------------------------------------------------------------------------------
     def tokens_per_image(self) -> None:
         return None  # tiles x tokens per tile: depends on the image

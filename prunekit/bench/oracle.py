@@ -43,17 +43,21 @@ def oracle_prefill(model, inputs: dict, plan: dict | None = None) -> Tensor:
 
 def _clip_vision(model, adapter, inputs, plan) -> Tensor:
     """(B, tokens per sample, D) projected features, the encoder cut to the plan's counts (CLS kept)."""
-    pixels = inputs["pixel_values"]
-    batch = pixels.shape[0]
-    pixels = pixels.flatten(0, 1) if pixels.dim() == 5 else pixels  # LLaVA-NeXT: every crop of every image
+    pixels, batch = inputs["pixel_values"], inputs["input_ids"].shape[0]
+    pixels = pixels.flatten(0, 1) if pixels.dim() == 5 else pixels  # LLaVA-NeXT: every crop; InternVL: tiles, flat
     hidden = adapter.vision_embed(pixels)
     feature, prefix = adapter.vision_feature_layer, adapter.vision_prefix_tokens
+    patches = hidden.shape[1] - prefix
     for i, layer in enumerate(adapter.vision_layers):  # the model runs every layer, the last one unused
         if plan is not None and plan["vision"] is not None:
             hidden = hidden[:, : prefix + plan["vision"][i]]
         hidden = adapter.run_vision_layer(layer, hidden)
         if i == feature:
             features = hidden[:, prefix:]
+    if adapter.full_grid_features and features.shape[1] < patches:  # InternVL: survivors back in the full grid
+        features = torch.cat([features, features.new_zeros(features.shape[0], patches - features.shape[1],
+                                                           features.shape[2])], 1)
+    features = adapter.projector_input(features)
     if plan is not None and plan["projector"] is not None:
         features = features[:, : plan["projector"]]
     return adapter.projector(features).reshape(batch, -1, adapter.text_config.hidden_size)

@@ -50,25 +50,30 @@ SIZES = {
                qwen_vision=(1280, 32, 16), qwen_text=(3584, 28, 28, 4, 18944, 152064),
                # Qwen3-VL-8B: (width, depth, heads, MLP, DeepStack blocks), Qwen3-8B; LLaVA-OneVision-7B: SigLIP, Qwen2-7B
                qwen3_vision=(1152, 27, 16, 4304, (8, 16, 24)), qwen3_text=(4096, 36, 32, 8, 12288, 151936),
-               siglip=(1152, 26, 16, 4304), onevision_text=(3584, 28, 28, 4, 18944, 152000)),
+               siglip=(1152, 26, 16, 4304), onevision_text=(3584, 28, 28, 4, 18944, 152000),
+               # InternVL3-8B: InternViT-300M (width, depth, heads, MLP), Qwen2.5-7B
+               internvit=(1024, 24, 16, 4096), internvl_text=(3584, 28, 28, 4, 18944, 151674)),
     "cpu": dict(clip=(128, 24, 4, 256), llama=(256, 32, 4, 4, 688),
                 qwen_vision=(128, 32, 4), qwen_text=(224, 28, 4, 2, 608, 32064),
                 qwen3_vision=(128, 27, 4, 256, (8, 16, 24)), qwen3_text=(256, 36, 4, 2, 688, 32064),
-                siglip=(128, 26, 4, 256), onevision_text=(224, 28, 4, 2, 608, 32064)),
+                siglip=(128, 26, 4, 256), onevision_text=(224, 28, 4, 2, 608, 32064),
+                internvit=(128, 24, 4, 256), internvl_text=(224, 28, 4, 2, 608, 32064)),
     "tiny": dict(clip=(64, 6, 4, 128), llama=(128, 4, 4, 2, 256),
                  qwen_vision=(64, 6, 4), qwen_text=(128, 4, 4, 2, 256, 32064),
                  qwen3_vision=(64, 6, 4, 128, (1, 3, 4)), qwen3_text=(128, 4, 4, 2, 256, 32064),
-                 siglip=(64, 6, 4, 128), onevision_text=(128, 4, 4, 2, 256, 32064)),
+                 siglip=(64, 6, 4, 128), onevision_text=(128, 4, 4, 2, 256, 32064),
+                 internvit=(64, 6, 4, 128), internvl_text=(128, 4, 4, 2, 256, 32064)),
 }
-FAMILIES = {"llava15": "7b", "llava_next": "7b", "qwen2_vl": "7b", "qwen3_vl": "8b", "llava_onevision": "7b"}
+FAMILIES = {"llava15": "7b", "llava_next": "7b", "qwen2_vl": "7b", "qwen3_vl": "8b", "llava_onevision": "7b",
+            "internvl": "8b"}
 NEXT_IMAGE = (672, 672)  # 2x2 grid + base: 5 crops, the most LLaVA-NeXT's default pinpoints give
 QWEN_IMAGE = (672, 672)  # 48x48 patches -> 576 merged tokens, LLaVA-1.5's count
 QWEN3_IMAGE = (768, 768)  # 16 px patches: 48x48 -> 576 merged tokens
 
 
 def build(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32, attn: str = "sdpa") -> Shape:
-    """``<family>_<size>``: family llava15 | llava_next | qwen2_vl | qwen3_vl | llava_onevision, size cpu | tiny | the
-    published size (8b for qwen3_vl, 7b for the others)."""
+    """``<family>_<size>``: family llava15 | llava_next | qwen2_vl | qwen3_vl | llava_onevision | internvl, size cpu |
+    tiny | the published size (8b for qwen3_vl and internvl, 7b for the others)."""
     family, _, size = name.rpartition("_")
     published = FAMILIES.get(family)
     if published is None or size not in (published, "cpu", "tiny"):
@@ -83,6 +88,8 @@ def build(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32, at
             return _qwen3(name, s, dtype, attn)
         if family == "llava_onevision":
             return _onevision(name, s, dtype, attn, image_size=384 if size != "tiny" else 112)
+        if family == "internvl":
+            return _internvl(name, s, dtype, attn, image_size=448 if size != "tiny" else 112)
         return _llava(name, family, s, dtype, attn, image_size=336 if size != "tiny" else 112)
 
 
@@ -213,6 +220,32 @@ def _onevision(name, s, dtype, attn, image_size) -> Shape:
         return {**_prompt(batch, layout.span_length, device), "pixel_values": pixels, "image_sizes": sizes,
                 "batch_num_images": torch.ones(batch, dtype=torch.long, device=device)}
     return Shape(name, "llava_onevision", model, inputs, layout.span_length, v_dim)
+
+
+def _internvl(name, s, dtype, attn, image_size) -> Shape:
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    v_dim, v_depth, v_heads, v_mlp = s["internvit"]
+    hidden, layers, heads, kv, inter, vocab = s["internvl_text"]
+    side = image_size
+    per_tile = (side // 28) ** 2  # 14 px patches, pixel shuffle 0.5: 256 tokens a 448 px tile
+    vision = dict(hidden_size=v_dim, intermediate_size=v_mlp, num_hidden_layers=v_depth, num_attention_heads=v_heads,
+                  image_size=[side, side], patch_size=[14, 14], use_mean_pooling=True)
+    text = dict(model_type="qwen2", vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
+                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
+                max_position_embeddings=32768, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    cfg = InternVLConfig(vision_config=vision, text_config=text, image_seq_length=per_tile, image_token_id=IMAGE_TOKEN,
+                         downsample_ratio=0.5, vision_feature_layer=-1, vision_feature_select_strategy="default",
+                         tie_word_embeddings=False)  # Qwen2.5-7B's LM head is a matrix of its own
+    model = InternVLForConditionalGeneration._from_config(cfg, attn_implementation=attn, dtype=dtype).eval()
+    device = next(model.parameters()).device
+    tiles = 5  # a square image: 2x2 tiles + the thumbnail
+    tokens = tiles * per_tile
+
+    def inputs(batch: int) -> dict:
+        pixels = torch.randn(batch * tiles, 3, side, side, device=device, dtype=dtype)
+        return {**_prompt(batch, tokens, device, start=VISION_START, end=VISION_END), "pixel_values": pixels}
+    return Shape(name, "internvl", model, inputs, tokens, v_dim)
 
 
 def _prompt(batch: int, image_tokens: int, device, start: int | None = None, end: int | None = None) -> dict:
