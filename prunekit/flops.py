@@ -82,14 +82,15 @@ class FlopsModel:
         )
 
     def prefill(self, text_tokens: int, llm_visual: Sequence[int], images: int = 0,
-                vision_patches: Sequence[int] | None = None, patches_per_image: int = 0,
+                vision_patches: Sequence[int] | None = None, patches_per_image: int | Sequence[int] = 0,
                 projector_tokens: int | None = None) -> dict[str, float]:
         """MACs of one sample's prefill.
 
         ``llm_visual``: visual tokens entering each decoder layer (``trace.llm_layer_counts[b]``);
         ``vision_patches``: patches entering each encoder layer over all the sample's images
         (``trace.vision_layer_counts[b]``; default: all ``patches_per_image`` of each image everywhere);
-        ``projector_tokens``: tokens the projector maps (default: those entering the language model).
+        ``projector_tokens``: tokens the projector maps (default: those entering the language model);
+        ``patches_per_image``: one count for every image, or one per image (Qwen: images of different sizes).
         """
         if len(llm_visual) != len(self.llm_layer_linear):
             raise ValueError(f"llm_visual has {len(llm_visual)} layers, the model {len(self.llm_layer_linear)}")
@@ -102,14 +103,18 @@ class FlopsModel:
             fastv += fastv_layer_macs(n, self.llm_hidden, self.llm_intermediate)
         vision = 0.0
         if images:
+            sizes = [patches_per_image] * images if isinstance(patches_per_image, int) else list(patches_per_image)
+            total = sum(sizes)
             if vision_patches is None:
-                vision_patches = [images * patches_per_image] * len(self.vision_layer_linear)
-            # attention runs per image; with ragged counts the per-image split is not recorded, so the n²
-            # term uses the mean image (exact whenever images of a sample keep equal counts)
+                vision_patches = [total] * len(self.vision_layer_linear)
+            # attention runs per image; after a cut the per-image split is not recorded, so each image keeps the
+            # layer's share of its patches (exact unpruned, and whenever a cut keeps the same share of every image)
             for per_token, patches in zip(self.vision_layer_linear, vision_patches):
-                n_image = patches / images + self.vision_prefix
-                vision += images * (n_image * per_token + 2 * n_image * n_image * self.vision_attention_width)
-            vision += images * patches_per_image * self.patch_embed_macs
+                share = patches / total if total else 0.0
+                for size in sizes:
+                    n_image = size * share + self.vision_prefix
+                    vision += n_image * per_token + 2 * n_image * n_image * self.vision_attention_width
+            vision += total * self.patch_embed_macs
             # a merger reading vision layer i's output maps the groups that layer ran on
             vision += sum(vision_patches[i] / self.merge_size * macs for i, macs in self.injections)
         if projector_tokens is None:
@@ -128,12 +133,13 @@ def trace_flops(flops: FlopsModel, trace, sample: int, text_tokens: int, unprune
     """:meth:`FlopsModel.prefill` of one sample of the last prefill, read off its ``PruneTrace``;
     ``unpruned``: the same sample with every visual token kept everywhere (the vanilla model)."""
     track = trace.samples[sample]
-    if trace.vision_units is not None:  # encoder units (LLaVA-NeXT: crops) and their projector-level tokens
+    if trace.vision_units is not None:  # encoder units (images; LLaVA-NeXT: crops) and their projector-level tokens
         images, tokens = trace.vision_units[sample], trace.vision_tokens[sample]
+        per_image = [n * trace.merge_size for n in trace.unit_tokens[sample]]  # each unit's patches (Qwen: own sizes)
     else:
         images = int(track.image_of.max()) + 1 if track.span_length else 0
         tokens = track.span_length
-    per_image = tokens // max(images, 1) * trace.merge_size  # encoder patches per unit
+        per_image = tokens // max(images, 1) * trace.merge_size
     if unpruned:
         return flops.prefill(text_tokens, [track.span_length] * len(flops.llm_layer_linear), images=images,
                              patches_per_image=per_image, projector_tokens=tokens)

@@ -36,7 +36,7 @@ def family_models() -> dict:
         "qwen2-vl": build_tiny_qwen2_vl(vision_layers=32, text_layers=28),
         "qwen2.5-vl": build_tiny_qwen2_5_vl(vision_layers=32, text_layers=28, fullatt_block_indexes=[7, 15, 23, 31]),
         "internvl": build_tiny_internvl(tile_size=448, max_tiles=12, vision_layers=24, text_layers=28),
-        "qwen3-vl": build_tiny_qwen3_vl(vision_layers=27, text_layers=36, deepstack_visual_indexes=(8, 16, 24)),
+        "qwen3-vl": build_tiny_qwen3_vl(vision_layers=27, text_layers=36, deepstack_layers=(8, 16, 24)),
         "llava-onevision": build_tiny_onevision(crop_size=384, vision_layers=26, text_layers=28),
         "qwen3.5": build_tiny_qwen3_5(vision_layers=27, text_layers=32),
     }

@@ -201,10 +201,10 @@ def build_tiny_qwen2_5_vl(vision_layers: int = 6, text_layers: int = 4, min_pixe
 
 def build_tiny_qwen3_vl(vision_layers: int = 6, text_layers: int = 4, min_pixels: int = 64 * 64,
                         max_pixels: int = 256 * 256, attn_implementation: str = "sdpa", seed: int = 0,
-                        deepstack_visual_indexes: tuple[int, ...] = (1, 3, 4)):
+                        deepstack_layers: tuple[int, ...] = (1, 3, 4)):
     """(model, processor): a ~1M-parameter Qwen3-VL: 16 px patches, 2x2 merge, learned positions (an 8x8 table
     resampled per image), interleaved M-RoPE, a Qwen3 language model with q / k norms, and DeepStack: the outputs of
-    ViT blocks ``deepstack_visual_indexes`` are added after decoder layers 0, 1, 2. An image resized to H x W
+    ViT blocks ``deepstack_layers`` are added after decoder layers 0, 1, 2. An image resized to H x W
     (multiples of 32 within [min_pixels, max_pixels]) gives H*W/32^2 visual tokens."""
     from transformers import Qwen2VLImageProcessorPil, Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
@@ -213,7 +213,7 @@ def build_tiny_qwen3_vl(vision_layers: int = 6, text_layers: int = 4, min_pixels
     tok = build_qwen_tokenizer()
     vision = dict(depth=vision_layers, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=128,
                   patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
-                  deepstack_visual_indexes=list(deepstack_visual_indexes))
+                  deepstack_visual_indexes=list(deepstack_layers))
     text = _qwen_text_config(tok, text_layers)
     text.update(head_dim=32, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [8, 4, 4],
                                               "mrope_interleaved": True})

@@ -116,6 +116,7 @@ class PruneTrace:
     # projector's input granularity (Qwen: merge groups of merge_size patches)
     vision_units: list[int] | None = None
     vision_tokens: list[int] | None = None
+    unit_tokens: list[list[int]] | None = None  # per sample: each of its vision units' tokens (LM granularity), unpruned
     projector_tokens: list[int] | None = None  # per sample: tokens the projector mapped (after vision-side cuts)
     merge_size: int = 1
     notes: list[str] = field(default_factory=list)

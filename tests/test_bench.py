@@ -59,9 +59,9 @@ def test_internvl_oracle_restores_each_tiles_grid_after_a_vit_cut():
         logits = oracle_prefill(shape.model, x, plan)
     finally:
         hook.remove()
-    # per tile: 52 // 13 (the most tiles, 12, + thumbnail) = 4 tokens = 16 patches after layer 1
+    # per tile: 52 // 13 (the most tiles, 12, + thumbnail) = 4 tokens = 16 patches after layer 1, in each of 13 tiles
     assert plan["vision"][:2] == [64, 64] and plan["vision"][2:] == [16] * 4 and plan["projector"] == 4
-    assert seen == [torch.Size([5, 4, 4 * 64])] and torch.isfinite(logits).all()
+    assert seen == [torch.Size([13, 4, 4 * 64])] and torch.isfinite(logits).all()
 
 
 @pytest.mark.parametrize("spec", [dict(name="flowcut", budget=16), dict(name="fastv", budget=16, layer=2),
@@ -140,12 +140,12 @@ def test_cli_writes_results(tmp_path):
 
 @pytest.mark.parametrize("name,params,tokens", [("llava15_7b", 7.06e9, 576), ("llava_next_7b", 7.06e9, 2928),
                                                 ("qwen2_vl_7b", 8.29e9, 576), ("qwen3_vl_8b", 8.77e9, 576),
-                                                ("llava_onevision_7b", 8.03e9, 7371), ("internvl_8b", 7.94e9, 1280)])
+                                                ("llava_onevision_7b", 8.03e9, 7371), ("internvl_8b", 7.94e9, 3328)])
 def test_7b_shapes_are_the_published_architectures(name, params, tokens):
     """Built on the meta device (no memory): the parameter counts of LLaVA-1.5-7B, LLaVA-NeXT-7B, Qwen2-VL-7B,
     Qwen3-VL-8B (8,767,123,696 on its model card), LLaVA-OneVision-7B (8.03 B) and InternVL3-8B (7.94 B). OneVision's
     image is 3x3 crops + base: 729 + 81 x 82 = 7,371 tokens, the largest grid anyres_max_9 keeps undownscaled;
-    InternVL's is 2x2 tiles + the thumbnail, 256 tokens each."""
+    InternVL's is the most tiles, 12 + the thumbnail, 256 tokens each."""
     shape = build(name, device="meta", dtype=torch.bfloat16)
     assert sum(p.numel() for p in shape.model.parameters()) == pytest.approx(params, rel=2e-3)
     assert shape.visual_tokens == tokens

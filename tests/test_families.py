@@ -32,8 +32,8 @@ TOKENS = {
     "tiny-internvl": [16, 48, 80, 80],
     # one per 32x32 px, sides rounded to multiples of 32: 128x128, 128x224, 160x192, 224x224
     "tiny-qwen3-vl": [16, 28, 30, 49],
-    "tiny-onevision": [136, 200, 268, 336],
-    "tiny-qwen3.5": [16, 28, 30, 49],  # Qwen3-VL's vision side  # LLaVA-NeXT's geometry (SigLIP: 64 per crop too); no downscale at 2x2
+    "tiny-onevision": [136, 200, 268, 336],  # LLaVA-NeXT's geometry (SigLIP: 64 per crop too); no downscale at 2x2
+    "tiny-qwen3.5": [16, 28, 30, 49],  # Qwen3-VL's vision side
 }
 
 

@@ -74,6 +74,29 @@ def test_exact_count_equals_torch_flop_counter(tiny_dir, strategy):
         assert analytic == counted_macs
 
 
+@pytest.mark.parametrize("strategy", [("keep_all", {}), ("random", {"budget": 8, "stage": "projector_output"})])
+def test_exact_count_of_a_sample_with_two_images_of_different_sizes(strategy):
+    """Qwen2-VL, one sample with a 224x224 image (256 patches) and a 112x224 one (128): the encoder attends within each
+    image, so the n² terms are 256² + 128², not twice the mean image's; torch's count of an eager prefill agrees."""
+    from prunekit.tiny import build_tiny_qwen2_vl, synthetic_image
+
+    model, processor = build_tiny_qwen2_vl(attn_implementation="eager")
+    content = [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "what differs?"}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    inputs = processor(images=[synthetic_image(1, (224, 224)), synthetic_image(2, (224, 112))], text=[text],
+                       return_tensors="pt")
+    assert inputs["image_grid_thw"].prod(-1).tolist() == [256, 128]
+    flops = FlopsModel.from_model(model)
+    counter = FlopCounterMode(display=False)
+    name, knobs = strategy
+    with torch.no_grad(), prunekit.attach(model, name, **knobs) as handle, counter:
+        model(**inputs, logits_to_keep=1)
+    assert handle.trace.unit_tokens == [[64, 32]]
+    text_tokens = int(inputs["attention_mask"].sum()) - handle.trace.n_vanilla[0]
+    rope = sum(sum(ops.values()) for module, ops in counter.get_flop_counts().items() if "rotary" in module)
+    assert trace_flops(flops, handle.trace, 0, text_tokens)["exact"] == (counter.get_total_flops() - rope) / 2
+
+
 @pytest.mark.parametrize("strategy", [("keep_all", {}), ("random", {"budget": 8, "stage": "vision_layer", "layer": 2}),
                                       ("random", {"budget": 8, "stage": "projector_output"})])
 def test_exact_count_of_qwen3_vl_counts_the_deepstack_mergers(strategy):

@@ -78,8 +78,10 @@ def test_images_go_where_the_prompt_marks_them():
     block = "<|vision_start|><|image_pad|><|vision_end|>"
     assert chat_text(processor, 2, "Look at <image> and <image>. Same?") == (
         f"<|im_start|>user\nLook at {block} and {block}. Same?<|im_end|>\n<|im_start|>assistant\n")
-    # marks that do not match the images: the images first, the prompt as written
+    # no marks: the images first, the prompt as written; marks that do not match the images: dropped (a processor
+    # would read them as placeholders)
     assert chat_text(processor, 1, "no mark") == f"<|im_start|>user\n{block}no mark<|im_end|>\n<|im_start|>assistant\n"
+    assert chat_text(processor, 1, "<image> and <image>?") == f"<|im_start|>user\n{block}and ?<|im_end|>\n<|im_start|>assistant\n"
 
 
 @pytest.mark.parametrize("checkpoint,strategy", [("tiny-qwen3-vl", {"name": "fastv", "budget": 8, "layer": 2}),

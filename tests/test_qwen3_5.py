@@ -43,13 +43,14 @@ def test_flowcut_runs_its_vit_stage_alone(qwen35):
 def test_flops_of_linear_attention_layers_have_no_quadratic_term(qwen35):
     """Layers 0-2 are Gated DeltaNet, layer 3 full attention. A linear layer's recurrence, worked out from the tiny
     config: a depthwise convolution over 2 x 32 (q, k) + 64 (v) = 128 channels with kernel 4 (512 MACs a token), and
-    the state's update and read-out, 2 x 4 value heads x 16 x 16 (2,048): 2,560 MACs a token besides projections."""
+    the delta rule's three state products (retrieve, update, read out), 3 x 4 value heads x 16 x 16 (3,072): 3,584 MACs
+    a token besides projections."""
     flops = FlopsModel.from_model(qwen35[0])
     assert flops.llm_quadratic == (False, False, False, True)
-    assert flops.llm_state_macs == (2560, 2560, 2560, 0)
+    assert flops.llm_state_macs == (3584, 3584, 3584, 0)
     assert flops.llm_attention_width == 4 * 32
     one, two = flops.prefill(10, [20] * 4), flops.prefill(10, [50] * 4)
     n1, n2 = 30, 60  # doubling the tokens: linear terms double, only layer 3's n^2 term quadruples
-    linear = sum(flops.llm_layer_linear) + 3 * 2560
+    linear = sum(flops.llm_layer_linear) + 3 * 3584
     assert one["exact_llm"] == n1 * linear + 2 * n1 * n1 * 128
     assert two["exact_llm"] == n2 * linear + 2 * n2 * n2 * 128

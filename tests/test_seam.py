@@ -268,8 +268,11 @@ def test_the_scan_finds_a_spelled_name(tmp_path):
 INTERNAL = {"past_key_values", "cache_position", "position_embeddings", "cu_seqlens", "cu_window_seqlens", "max_seqlen",
             "_attn_implementation", "_attn_implementation_internal", "output_attentions", "mm_encoder_outputs",
             "use_kernels", "q_proj", "k_proj", "v_proj", "eager_attention_forward", "apply_rotary_pos_emb",
-            "get_seq_length", "rotary_emb", "rotary_pos_emb", "patch_embed", "pre_layrnorm", "embed_tokens", "lm_head"}
-SEAM = {"compat.py", "tiny.py", "processors.py"}  # tiny.py builds the twins' configs; processors.py subclasses
+            "get_seq_length", "rotary_emb", "rotary_pos_emb", "patch_embed", "pre_layrnorm", "embed_tokens", "lm_head",
+            "visual_pos_masks", "deepstack_visual_embeds", "deepstack_visual_indexes", "deepstack_merger_list",
+            "mrope_interleaved", "vision_aspect_ratio", "downsample_ratio", "pixel_shuffle", "linear_attn"}
+# tiny.py and bench/shapes.py build models from configs; processors.py subclasses
+SEAM = {"compat.py", "tiny.py", "processors.py", "shapes.py"}
 EVERYWHERE_ELSE = sorted(p for p in (ROOT / "prunekit").rglob("*.py")
                          if p.name not in SEAM and "adapters" not in p.parts and "strategies" not in p.parts)
 

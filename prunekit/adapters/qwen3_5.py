@@ -25,12 +25,13 @@ class Qwen3_5Adapter(Qwen3VLAdapter):
         return []  # no DeepStack
 
     def llm_recurrence_macs(self, layer: int) -> int | None:
-        """The depthwise causal convolution (channels x kernel) and the delta-rule state's update and read-out
-        (2 x value heads x d_k x d_v) per token."""
+        """The depthwise causal convolution (channels x kernel) and, per token, the delta rule's three state products
+        (retrieve S k, the rank-one update, read out S q: 3 x value heads x d_k x d_v), as the recurrent form counts
+        them (the chunked kernel orders the same work differently)."""
         mixer = getattr(self.decoder_layers[layer], "linear_attn", None)
         if mixer is None:
             return None
-        return mixer.conv1d.weight.numel() + 2 * mixer.num_v_heads * mixer.head_k_dim * mixer.head_v_dim
+        return mixer.conv1d.weight.numel() + 3 * mixer.num_v_heads * mixer.head_k_dim * mixer.head_v_dim
 
     def llm_site_refusal(self) -> str:
         kinds = sorted(set(self.text_config.layer_types))

@@ -239,7 +239,7 @@ def _internvl(name, s, dtype, attn, image_size) -> Shape:
                          tie_word_embeddings=False)  # Qwen2.5-7B's LM head is a matrix of its own
     model = InternVLForConditionalGeneration._from_config(cfg, attn_implementation=attn, dtype=dtype).eval()
     device = next(model.parameters()).device
-    tiles = 5  # a square image: 2x2 tiles + the thumbnail
+    tiles = 13  # the most InternVL3 tiles (12, max_dynamic_patch) + the thumbnail: vision-side budgets split over 13
     tokens = tiles * per_tile
 
     def inputs(batch: int) -> dict:

@@ -21,8 +21,9 @@ def chat_text(processor, n_images: int, prompt: str) -> str:
         for piece in pieces[1:]:
             content += [{"type": "image"}, {"type": "text", "text": piece}]
         content = [c for c in content if c["type"] == "image" or c["text"]]
-    else:
-        content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": prompt}]
+    else:  # marks that do not match the images are dropped: a processor would read them as placeholders
+        text = " ".join(p.strip() for p in pieces if p.strip()) if len(pieces) > 1 else prompt
+        content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": text}]
     return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
 

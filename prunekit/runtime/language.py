@@ -167,10 +167,12 @@ class LanguageMixin:
             return None
         hidden = output[0] if isinstance(output, tuple) else output
         segment = next((s for s in reversed(prefill.segments) if s.start_layer <= index), prefill.entry)
-        live = segment.visual
+        live, rows = segment.visual.to(hidden.device), segment.rows.to(hidden.device)
         features = prefill.injections[index].to(hidden.device, hidden.dtype)
+        if index == len(prefill.injections) - 1:
+            prefill.injections = None  # the last one added: later cuts need no rows, decoding keeps no features
         hidden = hidden.clone()
-        hidden[live] = hidden[live] + features[segment.rows[live]]
+        hidden[live] = hidden[live] + features[rows[live]]
         return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
 
     def _point_injections(self, segment: Segment) -> None:

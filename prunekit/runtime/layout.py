@@ -36,7 +36,8 @@ class LayoutMixin:
                 f"the vision tower encoded {len(images)} images but the language model's input has image-token "
                 f"spans for {len(images) - len(remaining)}: no visual span was found for the rest")
         trace.vision_units = [len(units) for units in sample_units]
-        trace.vision_tokens = [sum(vision.images[u].span_length for u in units) for units in sample_units]
+        trace.unit_tokens = [[vision.images[u].span_length for u in units] for units in sample_units]
+        trace.vision_tokens = [sum(tokens) for tokens in trace.unit_tokens]
         trace.merge_size = self.adapter.merge_size
         if vision.projector_counts is not None:
             trace.projector_tokens = [int(vision.projector_counts[units].sum()) for units in sample_units]
@@ -68,7 +69,8 @@ class LayoutMixin:
         if sum(lay.units for lay in layouts) != len(vision.images):
             raise PruningError(f"the vision pass has {len(vision.images)} units but the images' layout needs "
                                f"{sum(lay.units for lay in layouts)}; inputs and images do not line up")
-        cuts = [e for e in vision.events if any(len(k) < n for n, k in zip(e[1], e[2]))]
+        cuts = [e for e in vision.events  # any event that dropped or moved a token
+                if any(len(k) != n or not torch.equal(k.cpu(), torch.arange(n)) for n, k in zip(e[1], e[2]))]
         if cuts and any(lay.blended for lay in layouts):
             raise PruningError(
                 f"{self.adapter.describe()} downscaled an image's high-resolution grid (its tokens there blend up to 4 "
