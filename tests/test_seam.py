@@ -209,8 +209,8 @@ def test_pyproject_declares_the_tested_range():
 
 
 def test_an_untested_version_warns_once_and_is_not_refused(monkeypatch):
-    assert compat.in_tested_range("5.17.0") and compat.in_tested_range("5.24.0")
-    assert not compat.in_tested_range("5.25.0") and not compat.in_tested_range("5.16.1")
+    assert compat.in_tested_range("5.17.0") and compat.in_tested_range("5.25.0")
+    assert not compat.in_tested_range("5.26.0") and not compat.in_tested_range("5.16.1")
     monkeypatch.setattr(compat, "transformers_version", lambda: "5.99.0")
     compat.warn_if_untested.cache_clear()
     with pytest.warns(UserWarning, match="5.99.0, outside its tested range transformers>=5.17,<5.26"):
