@@ -199,6 +199,17 @@ def build_tiny_qwen2_5_vl(vision_layers: int = 6, text_layers: int = 4, min_pixe
     return model, _qwen_processor(Qwen2_5_VLImageOnlyProcessor, tok, min_pixels, max_pixels)
 
 
+def _qwen3_processor(tok, min_pixels: int, max_pixels: int):
+    """Qwen3-VL's processor (Qwen3.5 uses it too): 16 px patches, 2x2 merge, image-only."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    from .processors import Qwen3VLImageOnlyProcessor
+
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=16,
+                                               merge_size=2, temporal_patch_size=2)
+    return Qwen3VLImageOnlyProcessor(image_processor=image_processor, tokenizer=tok, chat_template=QWEN_CHAT_TEMPLATE)
+
+
 def build_tiny_qwen3_vl(vision_layers: int = 6, text_layers: int = 4, min_pixels: int = 64 * 64,
                         max_pixels: int = 256 * 256, attn_implementation: str = "sdpa", seed: int = 0,
                         deepstack_layers: tuple[int, ...] = (1, 3, 4)):
@@ -206,9 +217,7 @@ def build_tiny_qwen3_vl(vision_layers: int = 6, text_layers: int = 4, min_pixels
     resampled per image), interleaved M-RoPE, a Qwen3 language model with q / k norms, and DeepStack: the outputs of
     ViT blocks ``deepstack_layers`` are added after decoder layers 0, 1, 2. An image resized to H x W
     (multiples of 32 within [min_pixels, max_pixels]) gives H*W/32^2 visual tokens."""
-    from transformers import Qwen2VLImageProcessorPil, Qwen3VLConfig, Qwen3VLForConditionalGeneration
-
-    from .processors import Qwen3VLImageOnlyProcessor
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
     tok = build_qwen_tokenizer()
     vision = dict(depth=vision_layers, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=128,
@@ -219,10 +228,7 @@ def build_tiny_qwen3_vl(vision_layers: int = 6, text_layers: int = 4, min_pixels
                                               "mrope_interleaved": True})
     cfg = Qwen3VLConfig(text_config=text, vision_config=vision, **_qwen_ids(tok))
     model = _qwen_finish(_instantiate(Qwen3VLForConditionalGeneration, cfg, attn_implementation, seed, tok), tok)
-    image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=16,
-                                               merge_size=2, temporal_patch_size=2)
-    return model, Qwen3VLImageOnlyProcessor(image_processor=image_processor, tokenizer=tok,
-                                            chat_template=QWEN_CHAT_TEMPLATE)
+    return model, _qwen3_processor(tok, min_pixels, max_pixels)
 
 
 def build_tiny_qwen3_5(vision_layers: int = 6, text_layers: int = 4, min_pixels: int = 64 * 64,
@@ -230,9 +236,7 @@ def build_tiny_qwen3_5(vision_layers: int = 6, text_layers: int = 4, min_pixels:
     """(model, processor): a ~1M-parameter Qwen3.5: Qwen3-VL's ViT without DeepStack, and a hybrid language model of
     Gated DeltaNet linear-attention layers and one full-attention layer in four (layers 0-2 linear, 3 full at 4
     layers), interleaved M-RoPE on a quarter of each head. The processor is Qwen3-VL's (one token per 32x32 px)."""
-    from transformers import Qwen2VLImageProcessorPil, Qwen3_5Config, Qwen3_5ForConditionalGeneration
-
-    from .processors import Qwen3VLImageOnlyProcessor
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
 
     tok = build_qwen_tokenizer()
     vision = dict(depth=vision_layers, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=128,
@@ -244,10 +248,7 @@ def build_tiny_qwen3_5(vision_layers: int = 6, text_layers: int = 4, min_pixels:
                                  "mrope_interleaved": True, "partial_rotary_factor": 0.25})
     cfg = Qwen3_5Config(text_config=text, vision_config=vision, **_qwen_ids(tok))
     model = _qwen_finish(_instantiate(Qwen3_5ForConditionalGeneration, cfg, attn_implementation, seed, tok), tok)
-    image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=16,
-                                               merge_size=2, temporal_patch_size=2)
-    return model, Qwen3VLImageOnlyProcessor(image_processor=image_processor, tokenizer=tok,
-                                            chat_template=QWEN_CHAT_TEMPLATE)
+    return model, _qwen3_processor(tok, min_pixels, max_pixels)
 
 
 # InternVL (-hf): Qwen-style chat; an image item is <IMG_CONTEXT>\n, which the processor expands to

@@ -74,6 +74,18 @@ def test_exact_count_equals_torch_flop_counter(tiny_dir, strategy):
         assert analytic == counted_macs
 
 
+def counted_and_analytic(model, inputs, name, knobs):
+    """(torch's MACs of an eager prefill under the strategy, the analytic count off its trace), less the RoPE
+    tables' (tiny) matmuls, which transformers 5.17 computes with one."""
+    flops = FlopsModel.from_model(model)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), prunekit.attach(model, name, **knobs) as handle, counter:
+        model(**inputs, logits_to_keep=1)
+    text_tokens = int(inputs["attention_mask"].sum()) - handle.trace.n_vanilla[0]
+    rope = sum(sum(ops.values()) for module, ops in counter.get_flop_counts().items() if module.endswith("rotary_emb"))
+    return (counter.get_total_flops() - rope) / 2, trace_flops(flops, handle.trace, 0, text_tokens)["exact"], handle
+
+
 @pytest.mark.parametrize("strategy", [("keep_all", {}), ("random", {"budget": 8, "stage": "projector_output"})])
 def test_exact_count_of_a_sample_with_two_images_of_different_sizes(strategy):
     """Qwen2-VL, one sample with a 224x224 image (256 patches) and a 112x224 one (128): the encoder attends within each
@@ -86,15 +98,9 @@ def test_exact_count_of_a_sample_with_two_images_of_different_sizes(strategy):
     inputs = processor(images=[synthetic_image(1, (224, 224)), synthetic_image(2, (224, 112))], text=[text],
                        return_tensors="pt")
     assert inputs["image_grid_thw"].prod(-1).tolist() == [256, 128]
-    flops = FlopsModel.from_model(model)
-    counter = FlopCounterMode(display=False)
-    name, knobs = strategy
-    with torch.no_grad(), prunekit.attach(model, name, **knobs) as handle, counter:
-        model(**inputs, logits_to_keep=1)
+    counted, analytic, handle = counted_and_analytic(model, inputs, *strategy)
     assert handle.trace.unit_tokens == [[64, 32]]
-    text_tokens = int(inputs["attention_mask"].sum()) - handle.trace.n_vanilla[0]
-    rope = sum(sum(ops.values()) for module, ops in counter.get_flop_counts().items() if "rotary" in module)
-    assert trace_flops(flops, handle.trace, 0, text_tokens)["exact"] == (counter.get_total_flops() - rope) / 2
+    assert analytic == counted
 
 
 @pytest.mark.parametrize("strategy", [("keep_all", {}), ("random", {"budget": 8, "stage": "vision_layer", "layer": 2}),
@@ -111,14 +117,8 @@ def test_exact_count_of_qwen3_vl_counts_the_deepstack_mergers(strategy):
                        return_tensors="pt")
     flops = FlopsModel.from_model(model)
     assert flops.injections == ((1, 98304), (3, 98304), (4, 98304)) and flops.merge_size == 4
-    counter = FlopCounterMode(display=False)
-    name, knobs = strategy
-    with torch.no_grad(), prunekit.attach(model, name, **knobs) as handle, counter:
-        model(**inputs, logits_to_keep=1)
-    text_tokens = int(inputs["attention_mask"].sum()) - handle.trace.n_vanilla[0]
-    # as above: transformers 5.17 builds the RoPE table with a (tiny) matmul
-    rope = sum(sum(ops.values()) for module, ops in counter.get_flop_counts().items() if module.endswith("rotary_emb"))
-    assert trace_flops(flops, handle.trace, 0, text_tokens)["exact"] == (counter.get_total_flops() - rope) / 2
+    counted, analytic, _ = counted_and_analytic(model, inputs, *strategy)
+    assert analytic == counted
 
 
 @pytest.mark.parametrize("strategy", [("keep_all", {}), ("random", {"budget": 20, "stage": "vision_layer", "layer": 2}),
@@ -134,10 +134,5 @@ def test_exact_count_of_llava_onevision_reads_siglip_crops(strategy):
                        return_tensors="pt")
     flops = FlopsModel.from_model(model)
     assert flops.vision_prefix == 0 and flops.injections == ()
-    counter = FlopCounterMode(display=False)
-    name, knobs = strategy
-    with torch.no_grad(), prunekit.attach(model, name, **knobs) as handle, counter:
-        model(**inputs, logits_to_keep=1)
-    text_tokens = int(inputs["attention_mask"].sum()) - handle.trace.n_vanilla[0]
-    rope = sum(sum(ops.values()) for module, ops in counter.get_flop_counts().items() if module.endswith("rotary_emb"))
-    assert trace_flops(flops, handle.trace, 0, text_tokens)["exact"] == (counter.get_total_flops() - rope) / 2
+    counted, analytic, _ = counted_and_analytic(model, inputs, *strategy)
+    assert analytic == counted

@@ -144,18 +144,22 @@ def _qwen(name, s, dtype, attn) -> Shape:
     cfg = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN,
                         vision_start_token_id=VISION_START, vision_end_token_id=VISION_END, video_token_id=VIDEO_TOKEN)
     model = Qwen2VLForConditionalGeneration._from_config(cfg, attn_implementation=attn, dtype=dtype).eval()
-    device = next(model.parameters()).device
     side = QWEN_IMAGE[0] if not name.endswith("tiny") else 224
-    grid = side // 14
+    return _packed_shape(name, "qwen2_vl", model, side // 14, 14, dtype, v_dim)
+
+
+def _packed_shape(name, family, model, grid: int, patch: int, dtype, vision_width: int) -> Shape:
+    """A packed-ViT shape (Qwen): one image of grid x grid patches per sample, a merged token per 2x2 patches."""
+    device = next(model.parameters()).device
     tokens = grid * grid // 4
 
     def inputs(batch: int) -> dict:
         x = _prompt(batch, tokens, device, start=VISION_START, end=VISION_END)
-        pixels = torch.randn(batch * grid * grid, 3 * 2 * 14 * 14, device=device, dtype=dtype)
+        pixels = torch.randn(batch * grid * grid, 3 * 2 * patch * patch, device=device, dtype=dtype)
         thw = torch.tensor([[1, grid, grid]] * batch, device=device)
         return {**x, "pixel_values": pixels, "image_grid_thw": thw,
                 "mm_token_type_ids": (x["input_ids"] == IMAGE_TOKEN).int()}
-    return Shape(name, "qwen2_vl", model, inputs, tokens, v_dim)
+    return Shape(name, family, model, inputs, tokens, vision_width)
 
 
 def _qwen3(name, s, dtype, attn) -> Shape:
@@ -177,18 +181,8 @@ def _qwen3(name, s, dtype, attn) -> Shape:
     cfg = Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN,
                         vision_start_token_id=VISION_START, vision_end_token_id=VISION_END, video_token_id=VIDEO_TOKEN)
     model = Qwen3VLForConditionalGeneration._from_config(cfg, attn_implementation=attn, dtype=dtype).eval()
-    device = next(model.parameters()).device
     side = QWEN3_IMAGE[0] if not name.endswith("tiny") else 256
-    grid = side // 16
-    tokens = grid * grid // 4
-
-    def inputs(batch: int) -> dict:
-        x = _prompt(batch, tokens, device, start=VISION_START, end=VISION_END)
-        pixels = torch.randn(batch * grid * grid, 3 * 2 * 16 * 16, device=device, dtype=dtype)
-        thw = torch.tensor([[1, grid, grid]] * batch, device=device)
-        return {**x, "pixel_values": pixels, "image_grid_thw": thw,
-                "mm_token_type_ids": (x["input_ids"] == IMAGE_TOKEN).int()}
-    return Shape(name, "qwen3_vl", model, inputs, tokens, v_dim)
+    return _packed_shape(name, "qwen3_vl", model, side // 16, 16, dtype, v_dim)
 
 
 def _onevision(name, s, dtype, attn, image_size) -> Shape:
