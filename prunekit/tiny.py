@@ -136,6 +136,13 @@ def _qwen_text_config(tok, text_layers: int) -> dict:
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]})
 
 
+def _qwen2_text_config(tok, text_layers: int) -> dict:
+    """The same small Qwen2 with 1-D RoPE, as a sub-config (InternVL, LLaVA-OneVision)."""
+    text = dict(_qwen_text_config(tok, text_layers), model_type="qwen2")
+    text.pop("rope_parameters")
+    return text
+
+
 def _qwen_ids(tok) -> dict:
     ids = {key: tok.convert_tokens_to_ids(t) for key, t in (
         ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"),
@@ -284,8 +291,7 @@ def build_tiny_internvl(tile_size: int = 112, max_tiles: int = 4, vision_layers:
     tokens_per_tile = (tile_size // 28) ** 2
     vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=vision_layers, num_attention_heads=4,
                   image_size=[tile_size, tile_size], patch_size=[14, 14], use_mean_pooling=True)
-    text = dict(_qwen_text_config(tok, text_layers), model_type="qwen2")
-    text.pop("rope_parameters")  # a 1-D RoPE language model
+    text = _qwen2_text_config(tok, text_layers)
     cfg = InternVLConfig(vision_config=vision, text_config=text, image_seq_length=tokens_per_tile,
                          image_token_id=tok.convert_tokens_to_ids(INTERNVL_TOKENS["context_image_token"]),
                          downsample_ratio=0.5, vision_feature_layer=-1, vision_feature_select_strategy="default")
@@ -318,8 +324,7 @@ def build_tiny_onevision(crop_size: int = 112, vision_layers: int = 6, text_laye
     tok.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL_TOKENS + [IMAGE_TOKEN, "<video>"]})
     vision = SiglipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=vision_layers,
                                 num_attention_heads=4, image_size=s, patch_size=14, vision_use_head=False)
-    text = dict(_qwen_text_config(tok, text_layers), model_type="qwen2")
-    text.pop("rope_parameters")  # a 1-D RoPE language model
+    text = _qwen2_text_config(tok, text_layers)
     ratio = f"anyres_max_{max_crops}"
     cfg = LlavaOnevisionConfig(vision_config=vision, text_config=text, image_grid_pinpoints=pinpoints,
                                image_token_index=tok.convert_tokens_to_ids(IMAGE_TOKEN),

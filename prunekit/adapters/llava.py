@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 
+from typing import ClassVar
+
 from torch import Tensor, nn
 
 from .. import compat
@@ -13,13 +15,16 @@ from .base import ModelAdapter, register_adapter
 class LlavaAdapter(ModelAdapter):
     family = "llava-1.5"
     model_classes = ("LlavaForConditionalGeneration",)
+    # the vision_feature_select_strategy the family uses: "default" drops [CLS] before the projector; "full" keeps
+    # every token (LLaVA-OneVision's SigLIP, which has no [CLS])
+    feature_selection: ClassVar[str] = "default"
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
         cfg = model.config
-        if cfg.vision_feature_select_strategy != "default":
+        if cfg.vision_feature_select_strategy != self.feature_selection:
             raise ValueError(
-                f"prunekit's {self.family} adapter expects vision_feature_select_strategy='default' (CLS dropped), "
+                f"prunekit's {self.family} adapter expects vision_feature_select_strategy={self.feature_selection!r}, "
                 f"this model uses {cfg.vision_feature_select_strategy!r}"
             )
         if not isinstance(cfg.vision_feature_layer, int):
@@ -42,7 +47,7 @@ class LlavaAdapter(ModelAdapter):
 
     @property
     def vision_prefix_tokens(self) -> int:
-        return 1  # CLS; LLaVA's 'default' feature selection drops it before the projector
+        return 1 if self.feature_selection == "default" else 0  # [CLS], which 'default' drops before the projector
 
     @property
     def vision_feature_layer(self) -> int:

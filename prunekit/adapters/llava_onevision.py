@@ -13,10 +13,10 @@ differences from LLaVA-NeXT, both read off the model's own ``pack_image_features
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..errors import PruningError
-from .base import ImageLayout, ModelAdapter, register_adapter
+from .base import ImageLayout, register_adapter
 from .llava_next import LlavaNextAdapter
 
 
@@ -24,19 +24,7 @@ from .llava_next import LlavaNextAdapter
 class LlavaOnevisionAdapter(LlavaNextAdapter):
     family = "llava-onevision"
     model_classes = ("LlavaOnevisionForConditionalGeneration",)
-
-    def __init__(self, model: nn.Module):
-        ModelAdapter.__init__(self, model)
-        cfg = model.config
-        if cfg.vision_feature_select_strategy != "full" or not isinstance(cfg.vision_feature_layer, int):
-            raise ValueError(f"prunekit's {self.family} adapter expects vision_feature_select_strategy='full' (SigLIP has "
-                             f"no [CLS]) and one vision_feature_layer; this model has "
-                             f"{cfg.vision_feature_select_strategy!r} and {cfg.vision_feature_layer!r}")
-        self._layouts: dict[tuple, ImageLayout] = {}
-
-    @property
-    def vision_prefix_tokens(self) -> int:
-        return 0  # SigLIP has no [CLS]
+    feature_selection = "full"  # SigLIP has no [CLS]: every token reaches the projector
 
     @property
     def clip_tower(self) -> bool:

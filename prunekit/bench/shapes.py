@@ -167,7 +167,7 @@ def _qwen3(name, s, dtype, attn) -> Shape:
 
     v_dim, v_depth, v_heads, v_mlp, deepstack = s["qwen3_vision"]
     hidden, layers, heads, kv, inter, vocab = s["qwen3_text"]
-    head_dim = 128 if hidden == 4096 else hidden // heads
+    head_dim = hidden // heads  # 128 on the 8B
     half = head_dim // 2  # interleaved M-RoPE sections (temporal, height, width): 24 / 20 / 20 of 64 on the 8B
     section = [half - 2 * (half * 5 // 16), half * 5 // 16, half * 5 // 16]
     text = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,

@@ -69,9 +69,10 @@ class LayoutMixin:
         if sum(lay.units for lay in layouts) != len(vision.images):
             raise PruningError(f"the vision pass has {len(vision.images)} units but the images' layout needs "
                                f"{sum(lay.units for lay in layouts)}; inputs and images do not line up")
-        cuts = [e for e in vision.events  # any event that dropped or moved a token
-                if any(len(k) != n or not torch.equal(k.cpu(), torch.arange(n)) for n, k in zip(e[1], e[2]))]
-        if cuts and any(lay.blended for lay in layouts):
+        cuts = [e for e in vision.events  # any event that dropped or moved a token (only blended layouts ask)
+                if any(len(k) != n or not torch.equal(k.cpu(), torch.arange(n)) for n, k in zip(e[1], e[2]))
+                ] if any(lay.blended for lay in layouts) else []
+        if cuts:
             raise PruningError(
                 f"{self.adapter.describe()} downscaled an image's high-resolution grid (its tokens there blend up to 4 "
                 f"crop tokens each), so the vision-side cut of {self.strategy.name!r} at {cuts[0][0]} has no "
