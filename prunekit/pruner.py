@@ -113,6 +113,7 @@ class PruneContext:
     token_types: Tensor | None = None  # (U, L) TokenType of each unit's current sequence (llm_layer)
     signals: Any = field(default=None, repr=False)  # SiteSignals, when the strategy declared any
     budget_units: int = 1  # vision units a per-image budget is split over (LLaVA-NeXT: its most crops)
+    video_frames: list[int] | None = None  # per unit: the frames of its video; a per-video budget is split over them
     _prompt_source: Any = field(default=None, repr=False)
     _gravity_source: Any = field(default=None, repr=False)
     _prefix_source: Any = field(default=None, repr=False)
@@ -137,12 +138,18 @@ class PruneContext:
     def target(self, unit: int) -> int:
         """Tokens to keep for ``unit``: the budget's per-unit target, clamped to what is there. Budgets are per
         image; where an image is several vision units (LLaVA-NeXT's crops) a vision-side target is the budget
-        split evenly over the model's most crops (``budget_units``), as the references do."""
+        split evenly over the model's most crops (``budget_units``), as the references do, and where a unit is a frame
+        the budget is per video, split evenly over its frames."""
         n = int(self.lengths[unit])
         if self.budget is None:
             return n
-        tokens = self.budget.tokens if self.stage is Stage.LLM_LAYER else max(self.budget.tokens // self.budget_units, 1)
-        return min(tokens, n)
+        if self.stage is Stage.LLM_LAYER:
+            return min(self.budget.tokens, n)
+        return min(max(self.budget.tokens // self.budget_units // self.frames(unit), 1), n)
+
+    def frames(self, unit: int) -> int:
+        """The frames of the video ``unit`` is a frame of (1: an image or a crop) at a vision-side site."""
+        return 1 if self.video_frames is None else self.video_frames[unit]
 
     def seed(self, unit: int) -> int:
         """A seed derived from the unit's image content, identical whatever the batch (invariant 5)."""

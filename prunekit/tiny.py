@@ -23,12 +23,14 @@ IMAGE_TOKEN = "<image>"
 VERSION = "v2"  # bump when the LLaVA-1.5 recipe changes, so cached copies are rebuilt
 
 # Qwen-style chat: <|im_start|>role\n ... <|im_end|>\n; an image item is <|vision_start|><|image_pad|><|vision_end|>
-# (the processor expands <|image_pad|> to one token per merged 2x2 patch group).
+# (the processor expands <|image_pad|> to one token per merged 2x2 patch group), a video item the same with
+# <|video_pad|> (Qwen3-VL: one such wrapper per frame after its timestamp).
 QWEN_SPECIAL_TOKENS = ["<|im_start|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 QWEN_CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
     "{% for item in message['content'] %}{% if item['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif item['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
     "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
@@ -262,7 +264,8 @@ def build_tiny_qwen3_5(vision_layers: int = 6, text_layers: int = 4, min_pixels:
 # <img><IMG_CONTEXT> x (tokens per tile x tiles)</img>.
 INTERNVL_TOKENS = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
                    "video_token": "<video>"}
-INTERNVL_CHAT_TEMPLATE = QWEN_CHAT_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<IMG_CONTEXT>\n")
+INTERNVL_CHAT_TEMPLATE = QWEN_CHAT_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<IMG_CONTEXT>\n").replace(
+    "{% elif item['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>", "")  # images only
 
 
 def build_internvl_tokenizer():
@@ -305,7 +308,8 @@ def build_tiny_internvl(tile_size: int = 112, max_tiles: int = 4, vision_layers:
 
 
 # LLaVA-OneVision: Qwen-style chat; an image item is <image>\n, which the processor expands to the image's tokens.
-ONEVISION_CHAT_TEMPLATE = QWEN_CHAT_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<image>\n")
+ONEVISION_CHAT_TEMPLATE = QWEN_CHAT_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<image>\n").replace(
+    "<|vision_start|><|video_pad|><|vision_end|>", "<video>\n")
 
 
 def build_tiny_onevision(crop_size: int = 112, vision_layers: int = 6, text_layers: int = 4, max_crops: int = 9,
@@ -338,17 +342,18 @@ def build_tiny_onevision(crop_size: int = 112, vision_layers: int = 6, text_laye
     return model, processor
 
 
-# name -> (directory name under the cache, builder, kwargs). "tiny"/"tiny-576" keep their historic names.
+# name -> (directory name under the cache, builder, kwargs). "tiny"/"tiny-576" keep their historic names; v2 of the
+# Qwen and OneVision twins: chat templates with a video item.
 TINY_MODELS = {
     "tiny": (f"tiny-llava-{VERSION}", build_tiny_llava, {"image_size": 112}),
     "tiny-576": (f"tiny-llava-{VERSION}-336px", build_tiny_llava, {"image_size": 336}),
     "tiny-next": ("tiny-llava-next-v1", build_tiny_llava_next, {}),
-    "tiny-qwen2-vl": ("tiny-qwen2-vl-v1", build_tiny_qwen2_vl, {}),
-    "tiny-qwen2.5-vl": ("tiny-qwen2.5-vl-v1", build_tiny_qwen2_5_vl, {}),
+    "tiny-qwen2-vl": ("tiny-qwen2-vl-v2", build_tiny_qwen2_vl, {}),
+    "tiny-qwen2.5-vl": ("tiny-qwen2.5-vl-v2", build_tiny_qwen2_5_vl, {}),
     "tiny-internvl": ("tiny-internvl-v1", build_tiny_internvl, {}),
-    "tiny-qwen3-vl": ("tiny-qwen3-vl-v1", build_tiny_qwen3_vl, {}),
-    "tiny-onevision": ("tiny-onevision-v1", build_tiny_onevision, {}),
-    "tiny-qwen3.5": ("tiny-qwen3.5-v1", build_tiny_qwen3_5, {}),
+    "tiny-qwen3-vl": ("tiny-qwen3-vl-v2", build_tiny_qwen3_vl, {}),
+    "tiny-onevision": ("tiny-onevision-v2", build_tiny_onevision, {}),
+    "tiny-qwen3.5": ("tiny-qwen3.5-v2", build_tiny_qwen3_5, {}),
 }
 
 

@@ -186,7 +186,8 @@ class FlowCut(TokenPruner):
         if self._tokens_key != key:
             lengths = ctx.lengths.to(ctx.tokens.device)
             live = torch.arange(ctx.tokens.shape[1], device=lengths.device)[None] < lengths[:, None]
-            target = torch.tensor([ctx.target(u) if self._unit_target is None else min(self._unit_target, n)
+            target = torch.tensor([ctx.target(u) if self._unit_target is None
+                                   else min(max(self._unit_target // ctx.frames(u), 1), n)  # per video: over its frames
                                    for u, n in enumerate(key[1])], device=lengths.device)
             self._tokens_key, self._tokens = key, (lengths, live, target, (lengths - target).clamp(min=0))
         return self._tokens

@@ -50,6 +50,7 @@ class ImageLayout:
     ``grid``: the (rows, cols) raster grid of the span when it is one (None for LLaVA-NeXT's anyres layout).
     ``blended``: some span positions mix several unit tokens (LLaVA-OneVision's bilinear downscale of a large grid);
     ``source`` then names each one's nearest token, and no vision-side cut can be carried into the span.
+    ``video``: the units are a video's frames (LLaVA-OneVision pools each frame's grid 2x2 before the LM: blended).
     """
 
     units: int
@@ -57,6 +58,7 @@ class ImageLayout:
     source: Tensor
     grid: tuple[int, int] | None
     blended: bool = False
+    video: bool = False
 
     @classmethod
     def identity(cls, tokens: int, grid: tuple[int, int] | None) -> "ImageLayout":
@@ -210,9 +212,10 @@ class ModelAdapter(ABC):
         return compat.LayerCall.read(self.decoder_layers[layer], kwargs)
 
     def read_multimodal_call(self, args: tuple, kwargs: dict) -> Tensor:
-        """(B, L) image-token mask of a multimodal-model forward."""
+        """(B, L) visual-token mask of a multimodal-model forward: its image or video placeholders (a call holds one
+        modality: runtime/guards.py; under generate the pixels may have gone through the tower before this call)."""
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        return self.image_token_mask(input_ids, kwargs.get("inputs_embeds"))
+        return self.visual_token_mask(input_ids, kwargs.get("inputs_embeds"))
 
     def read_vision_call(self, args: tuple, kwargs: dict) -> tuple[Tensor | None, Tensor | None]:
         """(pixel values, grid_thw or None) of a vision-tower forward."""
@@ -245,6 +248,20 @@ class ModelAdapter(ABC):
     def image_token_id(self) -> int:
         """The id of the image placeholder token in the prompt."""
         return self.model.config.image_token_id
+
+    # --- video: frames are vision units of one video (docs/support.md, "Video") ------------------------
+    @property
+    def video_token_id(self) -> int | None:
+        """The id of the video placeholder token; None where prunekit takes no video on this family."""
+        return None
+
+    def visual_token_mask(self, input_ids: Tensor | None, inputs_embeds: Tensor | None = None) -> Tensor:
+        """(B, L) bool: image or video placeholders, found the way the model finds them."""
+        mask = self.image_token_mask(input_ids, inputs_embeds)
+        if self.video_token_id is None:
+            return mask
+        return mask | self._placeholder_mask(self.language_model.embed_tokens, self.video_token_id, input_ids,
+                                             inputs_embeds)
 
     @property
     def language_model_device(self) -> torch.device:

@@ -9,6 +9,10 @@ differences from LLaVA-NeXT, both read off the model's own ``pack_image_features
 - ``anyres_max_N``: a grid larger than about N crops is bilinearly downscaled, so each of its positions blends up to
   4 crop tokens. Such an image's layout is ``blended``: llm_layer strategies run on it, a vision-side cut is refused;
 - a sample with several images gives each image its base crop only, plus one newline (``batch_num_images``).
+
+A video's frames are its vision units: SigLIP and the projector run on each frame's full grid, the model pools each
+frame's projected grid 2x2 (bilinear, ``apply_pooling``) and appends one newline per video. Pooled positions blend up to
+4 frame tokens, so a video's layout is ``blended`` too: llm_layer strategies run on its pooled tokens.
 """
 from __future__ import annotations
 
@@ -42,10 +46,19 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         ratio = str(cfg.vision_aspect_ratio)
         return 1 + (min(most, int(ratio.removeprefix("anyres_max_"))) if ratio.startswith("anyres_max_") else most)
 
+    @property
+    def video_token_id(self) -> int:
+        return self.model.config.video_token_id
+
     def capture_vision_inputs(self, kwargs: dict) -> dict:
+        videos = kwargs.get("pixel_values_videos")
+        if videos is not None:  # (videos, frames, C, H, W)
+            return {"video_frames": [videos.shape[1]] * videos.shape[0]}
         return {k: kwargs[k] for k in ("image_sizes", "batch_num_images") if kwargs.get(k) is not None}
 
     def image_layouts(self, unit_tokens: list[int], inputs: dict) -> list[ImageLayout]:
+        if "video_frames" in inputs:
+            return [self._video_layout(frames, unit_tokens[0]) for frames in inputs["video_frames"]]
         sizes = inputs.get("image_sizes")
         if sizes is None:
             raise PruningError("LLaVA-OneVision lays images out from image_sizes, and this call passed none")
@@ -71,4 +84,16 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             source = packed[:, 0].round().long()
             blended = bool(((packed[:, 1] - packed[:, 0] ** 2).abs() > 1e-6).any())
             self._layouts[key] = ImageLayout(crops, n, source, None, blended)
+        return self._layouts[key]
+
+    def _video_layout(self, frames: int, n: int) -> ImageLayout:
+        """A video's span: each frame's pooled grid (the model's own ``apply_pooling`` run on token indices; a position
+        names its nearest frame token), frame after frame, then one newline."""
+        key = ("video", frames, n)
+        if key not in self._layouts:
+            cpu = torch.device("cpu")
+            index = torch.arange(n, dtype=torch.float64, device=cpu).view(1, n, 1)
+            pooled = self.model.model.apply_pooling(index)[0, :, 0].round().long()
+            source = torch.cat([(f * n + pooled) for f in range(frames)] + [torch.tensor([-1])])
+            self._layouts[key] = ImageLayout(frames, n, source, None, blended=True, video=True)
         return self._layouts[key]

@@ -26,10 +26,11 @@ from .base import ModelAdapter, register_adapter
 class PackedImages:
     """The geometry of one packed vision pass (one row per image of ``grid_thw``)."""
 
-    patches: list[int]  # encoder rows (patches) per image
-    grids: list[tuple[int, int]]  # per image: its merge-group grid (rows, cols), the LLM tokens' raster grid
-    row_group: Tensor  # (rows,) long: global group id (image-major, raster within the image) of each encoder row
+    patches: list[int]  # encoder rows (patches) per unit: an image, or one temporal patch (frame) of a video
+    grids: list[tuple[int, int]]  # per unit: its merge-group grid (rows, cols), the LLM tokens' raster grid
+    row_group: Tensor  # (rows,) long: global group id (unit-major, raster within the unit) of each encoder row
     row_window: Tensor | None  # (rows,) long: attention window of each encoder row (Qwen2.5-VL), else None
+    frames: list[int] | None = None  # per unit: the frames of its video (1: an image); None: a pass of images
 
     @property
     def groups(self) -> list[int]:
@@ -120,16 +121,20 @@ class Qwen2VLAdapter(ModelAdapter):
         return block(hidden, cu_seqlens=cu_seqlens, position_embeddings=rotary)
 
     def packed_images(self, grid_thw: Tensor) -> PackedImages:
+        """The pass's units: each image, and each temporal patch of a video (grid t > 1), which the ViT attends
+        within on its own (``cu_seqlens`` per frame) and the merger groups 2x2 like an image; rows are frame-major."""
         thw = grid_thw.tolist()
-        if any(t != 1 for t, _, _ in thw):
-            from ..errors import PruningError
-
-            raise PruningError(f"prunekit prunes images on {self.family}; this vision pass has a video (grid t > 1)")
-        patches = [h * w for _, h, w in thw]
-        grids = [(h // self.merge, w // self.merge) for _, h, w in thw]
+        units = [(t, h, w) for t, h, w in thw for _ in range(t)]
+        patches = [h * w for _, h, w in units]
+        grids = [(h // self.merge, w // self.merge) for _, h, w in units]
         rows = torch.arange(sum(patches))
         row_group, row_window = self._encoder_order(grid_thw, rows)
-        return PackedImages(patches, grids, row_group, row_window)
+        frames = [t for t, _, _ in units] if any(t > 1 for t, _, _ in thw) else None
+        return PackedImages(patches, grids, row_group, row_window, frames)
+
+    @property
+    def video_token_id(self) -> int:
+        return self.model.config.video_token_id
 
     def _encoder_order(self, grid_thw: Tensor, rows: Tensor) -> tuple[Tensor, Tensor | None]:
         return rows // self.merge_size, None  # block-major patches, images one after another

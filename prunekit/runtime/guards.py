@@ -21,8 +21,13 @@ class GuardsMixin:
         from the top model) adds prompt ids only where the outer call gave none."""
         facts = compat.CallFacts.read(kwargs, args)
         if facts.video:
-            raise UnsupportedInputError("prunekit prunes image tokens; video inputs (pixel_values_videos) are not supported")
-        if facts.pixels:
+            if self.adapter.video_token_id is None:
+                raise UnsupportedInputError(f"prunekit prunes images on {self.adapter.describe()}, not videos "
+                                            "(pixel_values_videos); docs/support.md lists the families that take video")
+            if facts.pixels:
+                raise UnsupportedInputError("this call holds images and a video; prunekit prunes one modality per call "
+                                            "(each runs its own vision pass): pass the images and the video separately")
+        if facts.pixels or facts.video:
             self._inputs = self.adapter.capture_vision_inputs(kwargs)
             ids = facts.input_ids if facts.input_ids is not None else input_ids
             if outer or ids is not None:
@@ -87,7 +92,7 @@ class GuardsMixin:
     def _check_generate(self, request: compat.GenerateRequest) -> None:
         if request.input_ids is None:
             return
-        with_images = self.adapter.image_token_mask(request.input_ids, None).any(1)
+        with_images = self.adapter.visual_token_mask(request.input_ids).any(1)
         if not bool(with_images.any()):
             return
         if self._generate_prefills == 0 or self.trace is None:

@@ -91,7 +91,7 @@ class InstructionsMixin:
                                    "pass input_ids")
             counts = lengths
         else:
-            counts = self.adapter.image_token_mask(ids, None).sum(1).tolist()
+            counts = self.adapter.visual_token_mask(ids).sum(1).tolist()
         per_sample, remaining = match_images(counts, lengths)
         if remaining:
             raise PruningError("the images outnumber the prompts' image placeholders; inputs do not line up")

@@ -72,6 +72,11 @@ class LayoutMixin:
         cuts = [e for e in vision.events  # any event that dropped or moved a token (only blended layouts ask)
                 if any(len(k) != n or not torch.equal(k.cpu(), torch.arange(n)) for n, k in zip(e[1], e[2]))
                 ] if any(lay.blended for lay in layouts) else []
+        if cuts and any(lay.video for lay in layouts):
+            raise PruningError(
+                f"{self.adapter.describe()} pools each video frame's grid 2x2 (bilinear) before the language model, so "
+                f"its video tokens blend up to 4 frame tokens each and the vision-side cut of {self.strategy.name!r} at "
+                f"{cuts[0][0]} has no place in the video's span. Prune videos at llm_layer (FastV, PDrop, SparseVLM).")
         if cuts:
             raise PruningError(
                 f"{self.adapter.describe()} downscaled an image's high-resolution grid (its tokens there blend up to 4 "

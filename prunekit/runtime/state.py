@@ -30,6 +30,7 @@ class VisionPass:
     packed: PackedState | None = None  # packed encoders (Qwen2-VL): the live rows and the blocks' kwargs
     grouped: GroupedRows | None = None  # encoders whose tokens are patch groups made after them (InternVL)
     projector_counts: Tensor | None = None  # (units,) tokens the projector maps (FLOPs)
+    video_frames: list[int] | None = None  # per unit: the frames of its video, where the pass is a video's frames
 
     def lengths(self) -> Tensor:
         """(images,) tokens each image still has."""

@@ -26,6 +26,7 @@ class VisionMixin:
         if self.adapter.packed_vision:
             packed = self.adapter.packed_images(grid_thw)
             vision.packed = PackedState(packed, self.adapter.merge_size)
+            vision.video_frames = packed.frames
             vision.images = [SampleTrack.full([g], [grid]) for g, grid in zip(packed.groups, packed.grids)]
 
     def _on_vision_layer(self, index: int, module, args, kwargs):
@@ -285,7 +286,7 @@ class VisionMixin:
         return PruneContext(
             site=site, tokens=tokens, lengths=lengths, grids=grids, sample_of=list(range(n_images)),
             budget=self.strategy.budget, num_layers=len(self.adapter.vision_layers), signals=signals,
-            budget_units=self.adapter.budget_units(),
+            budget_units=self.adapter.budget_units(), video_frames=vision.video_frames,
             _prefix_source=(lambda: vision.prefix) if vision.prefix is not None else None,
             _instruction_source=self._instruction_source(site, vision),
             _seed_source=vision.seed, _grid_source=lambda u: vision.images[u].grid_positions(self.adapter.image_grid),

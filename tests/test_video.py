@@ -1,0 +1,220 @@
+"""Video: a video's frames are vision units (docs/support.md, "Video"). On the Qwen families each temporal patch is a
+packed-ViT unit whose 2x2 merge groups stay whole and a vision-side budget is per video, split over its frames; on
+Qwen3-VL the DeepStack rows follow the kept video tokens; on LLaVA-OneVision the frames' grids are pooled 2x2 before
+the language model, so its videos take llm_layer cuts and a vision-side cut is refused with the reason. The offline
+processors' video placeholders and temporal patches are checked against values worked out by hand."""
+import pytest
+import torch
+
+import prunekit
+from prunekit.errors import PruningError, UnsupportedInputError
+from prunekit.pruner import Budget, PruneContext, Site, Stage
+from prunekit.tiny import (build_tiny_internvl, build_tiny_onevision, build_tiny_qwen2_5_vl, build_tiny_qwen2_vl,
+                           build_tiny_qwen3_5, build_tiny_qwen3_vl, synthetic_image)
+from helpers import prompt
+from test_qwen3_vl import language_model_call, run_language_model, visual_row
+
+pytestmark = pytest.mark.contract
+
+BUILDERS = {"qwen2-vl": build_tiny_qwen2_vl, "qwen2.5-vl": build_tiny_qwen2_5_vl, "qwen3-vl": build_tiny_qwen3_vl,
+            "qwen3.5": build_tiny_qwen3_5, "onevision": build_tiny_onevision}
+
+
+@pytest.fixture(scope="module")
+def built():
+    out = {}
+    for name, build in BUILDERS.items():
+        model, processor = build()
+        processor.tokenizer.padding_side = "left"
+        out[name] = (model, processor)
+    return out
+
+
+def video_prompt(processor, question="what happens?"):
+    return processor.apply_chat_template([{"role": "user", "content": [{"type": "video"},
+                                                                      {"type": "text", "text": question}]}],
+                                         add_generation_prompt=True)
+
+
+def frames(n, seed=0, size=(128, 96)):
+    return [synthetic_image(seed + i, size) for i in range(n)]
+
+
+def videos(processor, counts, seeds=None, questions=None):
+    seeds = seeds or [10 * i for i in range(len(counts))]
+    questions = questions or ["what happens?", "is it red?", "how many?"]
+    return processor(text=[video_prompt(processor, questions[i % 3]) for i in range(len(counts))],
+                     videos=[frames(n, s) for n, s in zip(counts, seeds)], return_tensors="pt", padding=True)
+
+
+# --- the offline processors ----------------------------------------------------------------------------------------
+def test_qwen3_vl_places_a_timestamp_before_each_temporal_patch(built):
+    """4 frames sampled at source frames 0, 4, 8, 12 of a 2 fps video: temporal patches (0, 4) and (8, 12), at the
+    mean of their frames' times: 1.0 s and 5.0 s. A 128x96 frame is 8x6 patches of 16 px: 4x3 = 12 merged tokens."""
+    _, processor = built["qwen3-vl"]
+    x = processor(text=[video_prompt(processor)], videos=[frames(4)], return_tensors="pt",
+                  video_metadata=[{"fps": 2.0, "frames_indices": [0, 4, 8, 12], "total_num_frames": 16}])
+    text = processor.tokenizer.decode(x["input_ids"][0])
+    frame = "<|vision_start|>" + "<|video_pad|>" * 12 + "<|vision_end|>"
+    assert "<1.0 seconds>" + frame + "<5.0 seconds>" + frame + "what happens?" in text
+    assert x["video_grid_thw"].tolist() == [[2, 6, 8]]
+    assert x["pixel_values_videos"].shape == (2 * 48, 3 * 2 * 16 * 16)
+    assert (x["mm_token_type_ids"][0] == 2).sum() == 24 == (x["input_ids"][0] == processor.video_token_id).sum()
+
+
+def test_a_temporal_patch_holds_its_two_frames_in_order(built):
+    """Slot t of a video patch is frame t of its pair: the image processor's patch of one frame repeats that frame in
+    both slots, so slot 0 of the video equals frame 0's patch and slot 1 frame 1's; an odd count repeats the last."""
+    _, processor = built["qwen3-vl"]
+    clip = frames(3)
+    x = processor(text=[video_prompt(processor)], videos=[clip], return_tensors="pt")
+    video = x["pixel_values_videos"].view(2, 48, 3, 2, 256)
+    single = [processor.image_processor(images=[f], return_tensors="pt")["pixel_values"].view(48, 3, 2, 256)
+              for f in clip]
+    assert torch.equal(video[0, :, :, 0], single[0][:, :, 0]) and torch.equal(video[0, :, :, 1], single[1][:, :, 1])
+    assert torch.equal(video[1, :, :, 0], single[2][:, :, 0]) and torch.equal(video[1, :, :, 1], single[2][:, :, 1])
+    assert not torch.equal(video[0, :, :, 0], video[0, :, :, 1])
+
+
+def test_onevision_writes_frames_times_the_pooled_grid_plus_one_newline(built):
+    """112 px frames of 14 px patches: an 8x8 grid, pooled to 4x4 = 16 tokens a frame; 3 frames + 1 newline = 49."""
+    _, processor = built["onevision"]
+    x = processor(text=[video_prompt(processor)], videos=[frames(3)], return_tensors="pt")
+    assert (x["input_ids"][0] == processor.video_token_id).sum() == 3 * 16 + 1
+    assert x["pixel_values_videos"].shape == (1, 3, 3, 112, 112)
+
+
+# --- the runtime on videos ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", list(BUILDERS))
+def test_keep_all_on_a_video_is_vanilla(built, family):
+    model, processor = built[family]
+    x = videos(processor, [4, 4] if family == "onevision" else [4, 6])
+    with torch.no_grad():
+        logits = model(**x).logits
+        with prunekit.attach(model, "keep_all") as h:
+            assert torch.equal(model(**x).logits, logits)
+    assert h.trace.n_final == h.trace.n_vanilla
+    assert h.trace.n_vanilla == (x["input_ids"] == processor.video_token_id).sum(1).tolist()
+
+
+def test_a_vision_side_budget_is_per_video_split_over_its_frames(built):
+    """Budget 16 over a 6-frame video (3 temporal patches of 12 tokens): 16 // 3 = 5 a frame, 15 in all; over a 4-frame
+    one (2 patches): 8 a frame, 16."""
+    model, processor = built["qwen3-vl"]
+    with torch.no_grad(), prunekit.attach(model, "random", budget=16, stage="vision_layer", layer=1) as h:
+        model(**videos(processor, [6, 4]))
+    (event,) = h.trace.events
+    assert event.n_in == [36, 24] and event.n_out == [15, 16]
+    assert h.trace.vision_units == [3, 2] and h.trace.unit_tokens == [[12, 12, 12], [12, 12]]
+
+
+def test_budget_targets_divide_by_the_frames_of_each_unit():
+    ctx = PruneContext(site=Site(Stage.VISION_LAYER, 1), tokens=torch.zeros(3, 12, 4), lengths=torch.tensor([12, 12, 3]),
+                       grids=[None] * 3, sample_of=[0, 0, 1], budget=Budget(16, "n_in"), video_frames=[3, 3, 1])
+    assert [ctx.target(u) for u in range(3)] == [5, 5, 3]  # 16 // 3 = 5; the image keeps its 3 (<= 16)
+    llm = PruneContext(site=Site(Stage.LLM_LAYER, 2), tokens=torch.zeros(1, 36, 4), lengths=torch.tensor([36]),
+                       grids=[None], sample_of=[0], budget=Budget(16, "n_in"), video_frames=None)
+    assert llm.target(0) == 16  # in the language model the budget is the video's
+
+
+@pytest.mark.parametrize("spec", [dict(name="fastv", budget=8, layer=2),
+                                  dict(name="random", budget=10, stage="projector_output")], ids=["fastv", "random"])
+def test_deepstack_rows_follow_the_kept_video_tokens(built, spec):
+    """Qwen3-VL adds DeepStack rows at video tokens too: the pruned logits equal the hand-run layers over the kept
+    tokens, each with its own rows."""
+    model, processor = built["qwen3-vl"]
+    x = videos(processor, [4])
+    call = language_model_call(model, x)
+    with torch.no_grad(), prunekit.attach(model, spec) as handle:
+        pruned = model(**x).logits
+    visual = call["visual_pos_masks"][0]
+    assert torch.equal(visual, x["input_ids"][0] == processor.video_token_id)
+    kept = handle.trace.samples[0].kept.sort().values
+    assert 0 < len(kept) < int(visual.sum())
+    keep_slots = torch.cat([(~visual).nonzero().squeeze(1), visual.nonzero().squeeze(1)[kept]]).sort().values
+    row = visual_row(call)
+    with torch.no_grad():
+        expected = run_language_model(model, call, keep_slots, spec.get("layer", 0), lambda i, slots: row[slots])
+        shifted = run_language_model(model, call, keep_slots, spec.get("layer", 0),
+                                     lambda i, slots: (row[slots] + 1) % int(visual.sum()))
+    torch.testing.assert_close(pruned, expected, rtol=1e-5, atol=1e-5)
+    assert (pruned - shifted).abs().max() > 1e-3  # the comparison notices other tokens' rows
+
+
+@pytest.mark.parametrize("family,spec", [("qwen3-vl", dict(name="flowcut", budget=8)),
+                                         ("qwen2.5-vl", dict(name="random", budget=12, stage="vision_layer", layer=1)),
+                                         ("onevision", dict(name="fastv", budget=20, layer=2))],
+                         ids=["qwen3-vl-flowcut", "qwen2.5-vl-random@vision1", "onevision-fastv"])
+def test_a_padded_batch_of_videos_equals_each_alone_and_cache_equals_recompute(built, family, spec):
+    model, processor = built[family]
+    counts = [4, 4] if family == "onevision" else [6, 2]
+    x = videos(processor, counts)
+    assert (x["attention_mask"] == 0).any()
+    with torch.no_grad(), prunekit.attach(model, spec) as h:
+        last = model(**x).logits[:, -1]
+        n_final = h.trace.n_final
+        assert all(0 < n < v for n, v in zip(n_final, h.trace.n_vanilla))
+        for b in range(2):
+            one = videos(processor, counts[b : b + 1], seeds=[10 * b], questions=[["what happens?", "is it red?"][b]])
+            torch.testing.assert_close(model(**one).logits[:, -1], last[b : b + 1], rtol=1e-5, atol=1e-5)
+            assert h.trace.n_final == [n_final[b]]
+        out = model.generate(**x, max_new_tokens=3, min_new_tokens=3, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+        tokens, logits = out.sequences[:, x["input_ids"].shape[1]:], torch.stack(out.logits, 1)
+        with h.replay():
+            for t in range(3):
+                torch.testing.assert_close(recompute(model, x, tokens[:, :t]), logits[:, t], rtol=1e-5, atol=1e-5)
+
+
+def recompute(model, x, generated):
+    """The prompt plus the tokens generated so far in one forward, no cache."""
+    ids = torch.cat([x["input_ids"], generated], 1)
+    extra = {k: x[k] for k in ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts") if k in x}
+    if "mm_token_type_ids" in x:
+        extra["mm_token_type_ids"] = torch.cat([x["mm_token_type_ids"], torch.zeros_like(generated)], 1)
+    else:
+        mask = torch.cat([x["attention_mask"], torch.ones_like(generated)], 1)
+        extra["position_ids"] = (mask.long().cumsum(1) - 1).clamp(min=0)
+    mask = torch.cat([x["attention_mask"], torch.ones_like(generated)], 1)
+    return model(input_ids=ids, attention_mask=mask, use_cache=False, **extra).logits[:, -1]
+
+
+def test_onevision_video_layout_and_a_vision_side_cut_refused(built):
+    """The tiny tower's 8x8 grid pools to 4x4: pooled position (i, j) blends patches rows 2i..2i+1, cols 2j..2j+1, and
+    names the mean of their indices rounded: (16i + 2j) + 4.5 -> 16i + 2j + 4 (half to even). One newline closes."""
+    model, processor = built["onevision"]
+    adapter = prunekit.attach(model, "keep_all")
+    layout = adapter.adapter._video_layout(3, 64)
+    adapter.detach()
+    hand = [16 * i + 2 * j + 4 for i in range(4) for j in range(4)]
+    assert layout.units == 3 and layout.tokens == 64 and layout.blended and layout.video
+    assert layout.source.tolist() == hand + [64 + h for h in hand] + [128 + h for h in hand] + [-1]
+    with pytest.raises(PruningError, match="pools each video frame's grid 2x2"):
+        with torch.no_grad(), prunekit.attach(model, "random", budget=8, stage="vision_layer", layer=1):
+            model(**videos(processor, [3]))
+
+
+def test_images_and_a_video_in_one_call_are_refused(built):
+    model, processor = built["qwen3-vl"]
+    x = videos(processor, [2])
+    image = processor(images=[synthetic_image(1, (64, 64))], text=[prompt(processor, "what?")], return_tensors="pt")
+    with prunekit.attach(model, "keep_all"), pytest.raises(UnsupportedInputError, match="images and a video"):
+        model(**x, pixel_values=image["pixel_values"], image_grid_thw=image["image_grid_thw"])
+
+
+def test_a_family_without_video_support_refuses_a_video():
+    model, processor = build_tiny_internvl()
+    x = processor(images=[synthetic_image(1, (112, 112))], text=[prompt(processor, "what?")], return_tensors="pt")
+    with prunekit.attach(model, "keep_all"), pytest.raises(UnsupportedInputError, match="not videos"):
+        model(**x, pixel_values_videos=x["pixel_values"][None])
+
+
+@pytest.mark.parametrize("family", ["qwen2-vl", "qwen3-vl", "onevision"])
+def test_the_instruction_of_a_video_prompt_leaves_the_video_out(built, family):
+    """MMTok / CDPruner read the instruction off the prompt: Qwen3-VL's timestamps and per-frame wrappers, Qwen2-VL's
+    one run and OneVision's <video> run are not part of it."""
+    from prunekit.processors import InstructionReader
+
+    _, processor = built[family]
+    x = videos(processor, [4], questions=["is the ball red?"])
+    assert InstructionReader(processor).text(x["input_ids"][0].tolist(), 0) == "is the ball red?"
