@@ -113,7 +113,7 @@ def test_missing_root_and_files_name_the_layout(tmp_path):
         load_benchmark("gqa", tmp_path)
     with pytest.raises(ValueError, match="pope.*textvqa"):
         load_benchmark("vqav2", tmp_path)
-    assert BENCHMARKS == ("pope", "mme", "gqa", "textvqa", "pocket", "muirbench")
+    assert BENCHMARKS == ("pope", "mme", "gqa", "textvqa", "pocket", "muirbench", "videomme")
     with pytest.raises(FileNotFoundError, match="hf download MUIRBENCH/MUIRBENCH"):
         load_benchmark("muirbench", tmp_path)
     with pytest.raises(FileNotFoundError, match="leave data.root unset"):

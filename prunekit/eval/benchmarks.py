@@ -1,8 +1,9 @@
-"""Five lmms-eval tasks (MUIRBench with several images per question), and prunekit's pocket VQA, as prunekit runs them: prompt, generation length, per-sample score, aggregate.
+"""Six lmms-eval tasks (MUIRBench with several images per question, Video-MME with a video), and prunekit's pocket
+VQA, as prunekit runs them: prompt, generation length, per-sample score, aggregate.
 
 Prompts and generation settings follow lmms-eval's task YAMLs for LLaVA (docs/evaluation.md); the
 metrics are in ``metrics.py``. A benchmark sees finished records (dicts with ``prediction``, ``answer``,
-``question_id``, ``category``) and never the model.
+``question_id``, ``category``, and the sample columns a benchmark names in ``record_fields``) and never the model.
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ class Benchmark:
     max_new_tokens: ClassVar[int]
     # the answer is cut at these (lmms-eval's ``until``: the task's, else its default, the few-shot delimiter "\n\n")
     stop: ClassVar[tuple[str, ...]] = ("\n\n",)
+    # sample columns (``Sample.extra``) copied into each record, for ``aggregate`` (Video-MME: duration, domain)
+    record_fields: ClassVar[tuple[str, ...]] = ()
 
     def prompt(self, question: str, extra: dict | None = None) -> str:
         """The prompt text; ``extra``: the sample's other columns (MUIRBench's options)."""
@@ -108,7 +111,32 @@ class MUIRBench(Benchmark):
         return metrics.accuracy_by_category(records)
 
 
-BENCHMARKS: dict[str, Benchmark] = {b.name: b() for b in (Pope, MME, GQA, TextVQA, Pocket, MUIRBench)}
+VIDEOMME_OPTION_PROMPT = ("Select the best answer to the following multiple-choice question based on the video and the "
+                          "subtitles. Respond with only the letter (A, B, C, or D) of the correct option.")
+VIDEOMME_POST_PROMPT = "\nAnswer with the option's letter from the given choices directly."
+
+
+class VideoMME(Benchmark):
+    """Video multiple choice (lmms-eval's ``videomme``, no subtitles): ``videomme_doc_to_text`` with the task's default
+    post-prompt (tasks/videomme/utils.py @bd51fabc, 153-164; videomme.yaml). Kept as lmms-eval writes them: the option
+    prompt mentions subtitles although this task has none, and the post-prompt's own "\n" follows the joining "\n"
+    (a blank line before it). The options come lettered ("A. ..."). Score: ``metrics.videomme_score``."""
+    name = "videomme"
+    max_new_tokens = 16
+    record_fields = ("duration", "domain", "sub_category", "videoID")
+
+    def prompt(self, question, extra=None):
+        options = "\n".join(str(o) for o in (extra or {}).get("options") or [])
+        return f"{VIDEOMME_OPTION_PROMPT}\n{question}\n{options}\n{VIDEOMME_POST_PROMPT}"
+
+    def score(self, prediction, answer):
+        return metrics.videomme_score(prediction, answer)
+
+    def aggregate(self, records):
+        return metrics.videomme_metrics(records)
+
+
+BENCHMARKS: dict[str, Benchmark] = {b.name: b() for b in (Pope, MME, GQA, TextVQA, Pocket, MUIRBench, VideoMME)}
 
 
 def get_benchmark(name: str) -> Benchmark:

@@ -16,12 +16,17 @@ Layouts read (docs/evaluation.md), relative to the dataset folder:
 * MUIRBench (``MUIRBENCH/MUIRBENCH``, several images per question): ``data/test-*.parquet``. Columns idx, task,
   image_relation, image_type, question (with an ``<image>`` mark where each image belongs), options, answer (a
   letter), image_list (a list of images).
+* Video-MME (``lmms-lab/Video-MME``, a video per question): ``videomme/test-*.parquet`` (or ``data/test-*.parquet``).
+  Columns video_id, duration, domain, sub_category, url, videoID, question_id, task_type, question, options (lettered
+  ``"A. ..."``), answer (a letter). The videos are not in the parquet: ``data/<videoID>.mp4`` (else ``.MP4``, else
+  ``.mkv``) in the dataset folder, where lmms-eval looks for them (``video.py`` samples and decodes them).
 
 Images are HF ``Image`` structs ``{bytes, path}``; they are decoded with PIL and ``.convert("RGB")``
 (as lmms-eval's ``doc_to_visual`` does) only in ``__getitem__``. Text columns are read eagerly; image
 bytes are read one parquet row group at a time, so a dataset never holds a whole image file in memory.
-A sample whose image cannot be decoded comes back with ``image=None`` and ``error`` set, for the caller
-to skip and count.
+A video is found and decoded in ``__getitem__`` too, ``frames`` frames sampled uniformly. A sample whose image
+(or video) is missing or cannot be decoded comes back with ``image=None`` (``video=None``) and ``error`` set, for the
+caller to skip and count.
 """
 from __future__ import annotations
 
@@ -39,13 +44,15 @@ import torch
 from PIL import Image, ImageDraw
 
 from ..cache import build_once, cache_root
+from .video import DEFAULT_FRAMES, Video, find_video, read_video, require_av
 
-BENCHMARKS: tuple[str, ...] = ("pope", "mme", "gqa", "textvqa", "pocket", "muirbench")
+BENCHMARKS: tuple[str, ...] = ("pope", "mme", "gqa", "textvqa", "pocket", "muirbench", "videomme")
 POPE_SPLITS = ("adversarial", "popular", "random")
 ORGS = ("lmms-lab", "lmms-lab-encoder", "MUIRBENCH")
 HUB_NAMES = {"pope": "POPE", "mme": "MME", "gqa": "GQA", "textvqa": "textvqa", "pocket": "pocket",
-             "muirbench": "MUIRBENCH"}
+             "muirbench": "MUIRBENCH", "videomme": "Video-MME"}
 IMAGE_COLUMNS = {"muirbench": "image_list"}  # a list of images per row; elsewhere one ``image``
+VIDEO_BENCHMARKS = ("videomme",)  # a video file per row (found by its id), no image column
 
 # Per benchmark: Sample field -> column (required), extra key -> column (read when present).
 _REQUIRED = {
@@ -56,6 +63,9 @@ _REQUIRED = {
     "pocket": {"question_id": "question_id", "question": "question", "answer": "answer", "category": "category"},
     "muirbench": {"question_id": "idx", "question": "question", "answer": "answer", "category": "task",
                   "options": "options"},
+    "videomme": {"question_id": "question_id", "question": "question", "answer": "answer", "category": "task_type",
+                 "options": "options", "videoID": "videoID", "duration": "duration", "domain": "domain",
+                 "sub_category": "sub_category"},
 }
 _OPTIONAL = {
     "pope": {"category": "category", "id": "id", "image_source": "image_source"},
@@ -64,6 +74,7 @@ _OPTIONAL = {
     "textvqa": {"image_id": "image_id", "ocr_tokens": "ocr_tokens"},
     "pocket": {"image_id": "image_id", "negatives": "negatives"},
     "muirbench": {"image_relation": "image_relation", "image_type": "image_type"},
+    "videomme": {"video_id": "video_id", "url": "url"},
 }
 _SAMPLE_FIELDS = ("question_id", "question", "answer", "category")
 
@@ -79,10 +90,18 @@ class Sample:
     error: str | None = None
     extra: dict = field(default_factory=dict)
     images: list[Image.Image] | None = None  # every image, in order, where a benchmark has several per question
+    video: Video | None = None  # a video benchmark's sampled frames (then ``image`` and ``images`` are None)
 
     def visuals(self) -> list[Image.Image]:
-        """The images the prompt shows, in order."""
-        return self.images if self.images is not None else [self.image]
+        """The images the prompt shows, in order (none for a video sample: its frames are in ``video``)."""
+        if self.images is not None:
+            return self.images
+        return [] if self.image is None and self.video is not None else [self.image]
+
+    @property
+    def usable(self) -> bool:
+        """Whether the sample has what its prompt shows (an image or a video), so it can be answered."""
+        return self.image is not None or self.video is not None
 
 
 def collate_samples(batch: list[Sample]) -> list[Sample]:
@@ -100,6 +119,8 @@ def _patterns(name: str, split: str | None) -> list[str]:
         raise ValueError(f"pope split must be None/'test' or one of {POPE_SPLITS}, got {split!r}")
     if name in ("mme", "pocket", "muirbench"):
         return [f"data/{split or 'test'}-*.parquet"]
+    if name == "videomme":  # the hub's config folder; a plain data/ folder is read too (_find_files)
+        return [f"videomme/{split or 'test'}-*.parquet"]
     if name == "textvqa":
         return [f"data/{split or 'validation'}-*.parquet"]
     config = split or "testdev_balanced"
@@ -137,6 +158,11 @@ def _layout_hint(name: str, root: Path, patterns: list[str]) -> str:
     if name == "muirbench":  # not under lmms-lab
         return (f"expected {files} (MUIRBENCH/{hub} layout), or a parent folder holding MUIRBENCH/{hub} or {hub}; "
                 f"fetch it with `hf download MUIRBENCH/{hub} --repo-type dataset --local-dir {root}/MUIRBENCH/{hub}`")
+    if name == "videomme":
+        return (f"expected {files} or {root}/data/test-*.parquet (lmms-lab/{hub} layout), with the videos as "
+                f"{root}/data/<videoID>.mp4, or a parent folder holding lmms-lab/{hub} or {hub}; fetch it with "
+                f"`hf download lmms-lab/{hub} --repo-type dataset --local-dir {root}/lmms-lab/{hub}` and unzip its "
+                f"videos_chunked_*.zip there (they unpack to data/)")
     return (f"expected {files} (lmms-lab/{hub} layout), or a parent folder holding lmms-lab/{hub}, "
             f"lmms-lab-encoder/{hub} or {hub}; fetch it with e.g. `hf download lmms-lab/{hub} "
             f"--repo-type dataset --local-dir {root}/lmms-lab/{hub}`")
@@ -148,6 +174,8 @@ def _find_files(name: str, root: Path, split: str | None) -> tuple[Path, list[li
         raise FileNotFoundError(f"{name}: data root {root} does not exist; {_layout_hint(name, root, patterns)}")
     for d in _candidates(root, HUB_NAMES[name]):
         first = sorted(d.glob(patterns[0]))
+        if not first and name == "videomme":  # the parquet beside the videos, in data/
+            first = sorted(d.glob(f"data/{split or 'test'}-*.parquet"))
         if first:
             found = [first] + [sorted(d.glob(p)) for p in patterns[1:]]
             for p, files in zip(patterns, found):
@@ -181,15 +209,17 @@ def _text(v):
 
 
 class BenchmarkData(torch.utils.data.Dataset):
-    """Rows of one benchmark; ``__getitem__`` returns a :class:`Sample` with the image decoded then.
+    """Rows of one benchmark; ``__getitem__`` returns a :class:`Sample` with the image (or video) decoded then.
 
-    Picklable for DataLoader workers: parquet handles are opened lazily in each process.
+    Picklable for DataLoader workers: parquet handles are opened lazily in each process. ``frames``: how many frames
+    a video benchmark samples per video.
     """
 
     def __init__(self, name: str, root: Path, rows: list[dict], image_files: list[Path],
-                 image_loc: list[tuple[int, int] | None]):
+                 image_loc: list[tuple[int, int] | None], frames: int = DEFAULT_FRAMES):
         self.name = name
         self.root = root
+        self.frames = frames
         self._rows = rows  # text fields per row
         self._image_files = [str(p) for p in image_files]
         self._image_loc = image_loc  # per row: (index into _image_files, row in that file), None = no image
@@ -231,6 +261,8 @@ class BenchmarkData(torch.utils.data.Dataset):
             raise IndexError(f"{self.name}: index {i} out of range for {len(self)} rows")
         i %= len(self)
         r = self._rows[i]
+        if self.name in VIDEO_BENCHMARKS:
+            return self._video_sample(i, r)
         loc = self._image_loc[i]
         images = None
         if loc is None:
@@ -243,6 +275,16 @@ class BenchmarkData(torch.utils.data.Dataset):
         else:
             image, error = _decode(self._image_cell(*loc))
         return Sample(uid=str(i), image=image, error=error, extra=dict(r["extra"]), images=images,
+                      **{k: r[k] for k in _SAMPLE_FIELDS})
+
+    def _video_sample(self, i: int, r: dict) -> Sample:
+        video_id = r["extra"].get("videoID")
+        path = find_video(self.root, str(video_id))
+        if path is None:
+            video, error = None, f"missing video: no {self.root}/data/{video_id}.mp4 (nor .MP4, .mkv)"
+        else:
+            video, error = read_video(path, self.frames)
+        return Sample(uid=str(i), image=None, error=error, extra=dict(r["extra"]), video=video,
                       **{k: r[k] for k in _SAMPLE_FIELDS})
 
 
@@ -294,19 +336,28 @@ def _read_rows(name: str, files: list[Path], limit: int | None, need_image: bool
 
 
 def load_benchmark(name: str, root: str | os.PathLike, split: str | None = None,
-                   limit: int | None = None) -> BenchmarkData:
+                   limit: int | None = None, frames: int | None = None) -> BenchmarkData:
     """Read benchmark ``name`` from local parquet under ``root`` (the dataset folder or a parent of it).
 
     ``split``: for POPE one of adversarial/popular/random selects config ``Full/<split>/``; default the
     ``data/test-*`` files. ``limit``: keep only the first N rows (sorted file order), for quick runs.
+    ``frames``: a video benchmark's frames per video, sampled uniformly (default 8, lmms-eval's); None elsewhere.
     """
     name = name.lower()
     if name not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {name!r}; choose one of {list(BENCHMARKS)}")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"data.limit must be a positive number of rows (or null for every row), got {limit!r}")
+    if frames is not None and (isinstance(frames, bool) or not isinstance(frames, int) or frames < 1):
+        raise ValueError(f"data.frames must be a positive number of frames per video, got {frames!r}")
+    if frames is not None and name not in VIDEO_BENCHMARKS:
+        raise ValueError(f"data.frames applies to the video benchmarks {list(VIDEO_BENCHMARKS)}, not {name!r}")
     root = Path(root).expanduser()
     dataset_dir, found = _find_files(name, root, split)
+    if name in VIDEO_BENCHMARKS:  # the videos are files beside the parquet, found and decoded per row
+        require_av()  # fail here, before a model loads, not on every row
+        rows, _ = _read_rows(name, found[0], limit, need_image=False)
+        return BenchmarkData(name, dataset_dir, rows, [], [None] * len(rows), frames=frames or DEFAULT_FRAMES)
     if name != "gqa":
         rows, locs = _read_rows(name, found[0], limit, need_image=True)
         return BenchmarkData(name, dataset_dir, rows, found[0], locs)

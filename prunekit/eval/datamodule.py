@@ -11,14 +11,15 @@ EMBEDDED = {"pope": synthetic_pope_dir, "pocket": pocket_data_dir}  # generated 
 
 
 class BenchmarkDataModule(L.LightningDataModule):
-    """``benchmark`` names the layout and metrics (pope, mme, gqa, textvqa); ``root`` the local folder.
+    """``benchmark`` names the layout and metrics (pope, mme, gqa, textvqa, muirbench, videomme); ``root`` the local
+    folder; ``frames`` a video benchmark's frames per video (None: its default).
 
     ``synthetic=True`` uses the benchmark's generated set (the small POPE-layout one, or the pocket VQA split),
     built once and cached, so a fresh machine runs end to end; ``limit`` keeps the first rows for quick runs.
     """
 
     def __init__(self, benchmark: str, root: str | None = None, split: str | None = None, limit: int | None = None,
-                 batch_size: int = 1, num_workers: int = 0, synthetic: bool = False):
+                 batch_size: int = 1, num_workers: int = 0, synthetic: bool = False, frames: int | None = None):
         super().__init__()
         if synthetic and benchmark not in EMBEDDED:
             raise ValueError(f"data.synthetic=true: there is no generated {benchmark} set; generated sets: "
@@ -28,12 +29,13 @@ class BenchmarkDataModule(L.LightningDataModule):
                              f"data={benchmark} data.root=/data/lmms-lab (see docs/evaluation.md for the layouts)")
         self.benchmark, self.root, self.split, self.limit = benchmark, root, split, limit
         self.batch_size, self.num_workers, self.synthetic = batch_size, num_workers, synthetic
+        self.frames = frames
         self.dataset = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.dataset is None:
             root = self.root if self.root is not None else EMBEDDED[self.benchmark]()
-            self.dataset = load_benchmark(self.benchmark, root, split=self.split, limit=self.limit)
+            self.dataset = load_benchmark(self.benchmark, root, split=self.split, limit=self.limit, frames=self.frames)
 
     def test_dataloader(self) -> DataLoader:
         return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,

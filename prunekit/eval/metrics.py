@@ -1,4 +1,5 @@
-"""POPE, MME, GQA and TextVQA metrics, reproducing lmms-eval (EvolvingLMMs-Lab/lmms-eval) exactly.
+"""POPE, MME, GQA, TextVQA, MUIRBench and Video-MME metrics, reproducing lmms-eval (EvolvingLMMs-Lab/lmms-eval)
+exactly.
 
 Pure Python (stdlib only). Sources read; paths are under ``lmms_eval/``, and line numbers refer to the
 commit named:
@@ -12,6 +13,10 @@ commit named:
 * TextVQA: ``tasks/textvqa/utils.py`` @e39bd931: ``textvqa_process_results`` (19-44), and
   ``tasks/_task_utils/vqa_eval_metric.py`` @61e5060b: ``EvalAIAnswerProcessor`` (4-213; a copy of mmf's):
   CONTRACTIONS (11-132), PERIOD_STRIP (149), ``word_tokenize`` (178-181), ``process_punctuation`` (183-191).
+* Video-MME: lmms-eval 0.7.3 (the pinned release), ``tasks/videomme/utils.py``: ``extract_characters_regex`` (256-259)
+  calls ``tasks/_task_utils/mcq_extract.py``'s ``extract_mcq_answer`` (65-): the letter read by a ranked search over
+  answer formats; ``videomme_process_results`` (271-): the letter compared ignoring case. (Up to v0.7.1 the extractor
+  was a regex for the first capital A-D after deleting answer prefixes; it reads "Best answer: C" as B.)
 
 Where lmms-eval would crash (an ``assert``, a ZeroDivisionError) we raise ``ValueError``. The one deliberate
 divergence is MME pairs: see ``mme_metrics``.
@@ -35,6 +40,9 @@ __all__ = [
     "pope_metrics",
     "pope_score",
     "textvqa_accuracy",
+    "videomme_extract",
+    "videomme_metrics",
+    "videomme_score",
 ]
 
 
@@ -304,10 +312,65 @@ def pocket_metrics(records: list[dict]) -> dict:
     return accuracy_by_category(records)
 
 
-def accuracy_by_category(records: list[dict]) -> dict:
-    """``accuracy`` over every record, and ``accuracy_<category>`` per category (pocket: question type; MUIRBench:
-    task)."""
+def accuracy_by_category(records: list[dict], key: str = "category", prefix: str = "accuracy_") -> dict:
+    """``accuracy`` over every record, and ``<prefix><value>`` per value of ``key`` (pocket: question type; MUIRBench
+    and Video-MME: task)."""
     out = {"accuracy": mean(r["score"] for r in records)}
-    for kind in sorted({r["category"] for r in records if r.get("category")}):
-        out[f"accuracy_{kind}"] = mean(r["score"] for r in records if r.get("category") == kind)
+    for kind in sorted({str(r[key]) for r in records if r.get(key)}):
+        out[f"{prefix}{kind}"] = mean(r["score"] for r in records if r.get(key) is not None and str(r[key]) == kind)
     return out
+
+
+# --------------------------------------------------------------------------- Video-MME
+
+# extract_mcq_answer's answer phrases (the letter after one counts) and its formats, most confident first
+_MCQ_PHRASES = ("the answer is", "answer is", "the correct answer is", "correct answer is", "the best answer is",
+                "best answer is", "the correct option is", "correct option is", "the best option is", "best option is",
+                "the choice is", "choice is", "the correct choice is", "correct choice is", "i choose", "i select",
+                "i pick", "my answer is", "my choice is", "옵션", "정답은", "답은", "답:", "答案是", "答案为", "选", "答えは")
+_MCQ_PRIORITY = {"start": 10, "end": 9, "phrase": 7, "parentheses": 6, "period": 5, "colon": 4, "right_paren": 3,
+                 "space": 2, "fallback": 0}
+
+
+def videomme_extract(prediction: str, choices: str = "ABCD") -> str:
+    """lmms-eval 0.7.3's ``extract_mcq_answer``: every place a choice letter appears in a known format is a candidate
+    (a leading standalone letter, a trailing one, after an answer phrase, ``(B)``, ``B.``, ``B:``, ``B)``, ``B `` ),
+    the most confident format wins and, within it, the last place; any capital letter only when nothing matched;
+    "" when there is none. Case-sensitive: "b" gives ""."""
+    if not prediction or not prediction.strip():
+        return ""
+    text = prediction.strip()
+    for char in ",.!?;:'\"":
+        text = text.strip(char)
+    text = f" {text} "
+    found = []  # (letter, position, format)
+    for fmt, pattern in (("parentheses", "({})"), ("period", "{}."), ("colon", "{}:"), ("right_paren", "{})"),
+                         ("space", "{} ")):
+        found += [(c, text.rfind(pattern.format(c)), fmt) for c in choices if pattern.format(c) in text]
+    lower = text.lower()
+    for phrase in _MCQ_PHRASES:
+        at = lower.find(phrase)
+        if at != -1:
+            found += [(c, text.find(c, at + len(phrase)), "phrase") for c in choices
+                      if text.find(c, at + len(phrase)) != -1]
+    core = text.strip()
+    found += [(c, 0, "start") for c in choices if core.startswith(c) and (len(core) == 1 or not core[1].isalpha())]
+    found += [(c, len(text) - 1, "end") for c in choices if core.endswith(c) and (len(core) == 1 or not core[-2].isalpha())]
+    if not found:
+        found = [(c, text.rfind(c), "fallback") for c in choices if c in text]
+    if not found:
+        return ""
+    return max(found, key=lambda f: (_MCQ_PRIORITY[f[2]], f[1]))[0]
+
+
+def videomme_score(prediction: str, answer: str) -> float:
+    """1.0 iff the extracted letter equals the answer letter, ignoring case (``videomme_process_results``)."""
+    return 1.0 if videomme_extract(prediction).lower() == answer.lower() else 0.0
+
+
+def videomme_metrics(records: list[dict]) -> dict:
+    """``accuracy`` overall (lmms-eval's ``videomme_perception_score``, as a fraction), ``accuracy_<task type>``,
+    ``accuracy_duration_<short|medium|long>`` and ``accuracy_domain_<domain>`` (the breakdowns lmms-eval logs).
+    records: dicts with ``score``, ``category`` (the task type), ``duration`` and ``domain``."""
+    return (accuracy_by_category(records) | accuracy_by_category(records, "duration", "accuracy_duration_")
+            | accuracy_by_category(records, "domain", "accuracy_domain_"))

@@ -53,9 +53,9 @@ class PruningEvalModule(L.LightningModule):
             torch.cuda.reset_peak_memory_stats(self.device)
 
     def test_step(self, batch: list[Sample], batch_idx: int) -> None:
-        usable = [s for s in batch if s.image is not None]
+        usable = [s for s in batch if s.usable]
         for s in batch:
-            if s.image is None:
+            if not s.usable:
                 self.records.append(self._base_record(s) | {"skipped": True, "error": s.error or "no image"})
         if not usable:
             return
@@ -103,10 +103,12 @@ class PruningEvalModule(L.LightningModule):
     def _base_record(self, s: Sample) -> dict:
         answer = s.answer if isinstance(s.answer, str) else list(s.answer)
         return {"uid": s.uid, "question_id": s.question_id, "category": s.category, "question": s.question,
-                "answer": answer}
+                "answer": answer} | {k: s.extra.get(k) for k in self.benchmark.record_fields}
 
     def _inputs(self, samples: list[Sample], prompts: list[str]):
-        return chat_inputs(self.processor, [s.visuals() for s in samples], prompts, self.device, self.model.dtype)
+        videos = [s.video for s in samples] if any(s.video is not None for s in samples) else None
+        return chat_inputs(self.processor, [s.visuals() for s in samples], prompts, self.device, self.model.dtype,
+                           videos=videos)
 
     def _generate(self, inputs) -> dict:
         timer = PrefillTimer(self.model, self.adapter.vision_tower)
