@@ -180,13 +180,13 @@ def recompute(model, x, generated):
 
 
 def test_onevision_video_layout_and_a_vision_side_cut_refused(built):
-    """The tiny tower's 8x8 grid pools to 4x4: pooled position (i, j) blends patches rows 2i..2i+1, cols 2j..2j+1, and
-    names the mean of their indices rounded: (16i + 2j) + 4.5 -> 16i + 2j + 4 (half to even). One newline closes."""
+    """The tiny tower's 8x8 grid pools to 4x4: pooled position (i, j) blends rows 2i, 2i+1 and columns 2j, 2j+1, so it sits
+    at row 2i + 0.5 and column 2j + 0.5, which round (half to even) to 2i and 2j: token 8 * 2i + 2j. One newline closes."""
     model, processor = built["onevision"]
     adapter = prunekit.attach(model, "keep_all")
     layout = adapter.adapter._video_layout(3, 64)
     adapter.detach()
-    hand = [16 * i + 2 * j + 4 for i in range(4) for j in range(4)]
+    hand = [16 * i + 2 * j for i in range(4) for j in range(4)]
     assert layout.units == 3 and layout.tokens == 64 and layout.blended and layout.video
     assert layout.source.tolist() == hand + [64 + h for h in hand] + [128 + h for h in hand] + [-1]
     with pytest.raises(PruningError, match="pools each video frame's grid 2x2"):

@@ -275,7 +275,8 @@ def test_chat_inputs_hands_the_processor_frames_and_metadata(vmme_root):
     stub = StubProcessor()
     inputs = chat_inputs(stub, [[], []], ["Q1?", "Q2?"], "cpu", torch.bfloat16, videos=[first.video, mkv.video])
     [call] = stub.calls
-    assert set(call) == {"text", "videos", "video_metadata", "return_tensors", "padding"}
+    assert set(call) == {"text", "videos", "video_metadata", "do_sample_frames", "return_tensors", "padding"}
+    assert call["do_sample_frames"] is False  # the stock video processors would sample the sampled frames again
     assert call["text"] == ["USER: <video>Q1? ASSISTANT:", "USER: <video>Q2? ASSISTANT:"]
     assert call["videos"] == [first.video.frames, mkv.video.frames] and len(call["videos"][1]) == 4
     assert all(a is b for a, b in zip(call["videos"][0], first.video.frames))

@@ -87,13 +87,17 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         return self._layouts[key]
 
     def _video_layout(self, frames: int, n: int) -> ImageLayout:
-        """A video's span: each frame's pooled grid (the model's own ``apply_pooling`` run on token indices; a position
-        names its nearest frame token), frame after frame, then one newline."""
+        """A video's span: each frame's pooled grid (the model's own ``apply_pooling`` run on each token's row and column;
+        a position names the frame token at its rounded pooled row and column), frame after frame, then one newline."""
         key = ("video", frames, n)
         if key not in self._layouts:
             cpu = torch.device("cpu")
-            index = torch.arange(n, dtype=torch.float64, device=cpu).view(1, n, 1)
-            pooled = self.model.model.apply_pooling(index)[0, :, 0].round().long()
+            side = int(round(n**0.5))
+            rows, cols = torch.meshgrid(torch.arange(side, dtype=torch.float64), torch.arange(side, dtype=torch.float64),
+                                        indexing="ij")
+            coords = torch.stack([rows, cols], -1).view(1, n, 2).to(cpu)
+            pooled = self.model.model.apply_pooling(coords)[0].round().long()
+            pooled = pooled[:, 0] * side + pooled[:, 1]
             source = torch.cat([(f * n + pooled) for f in range(frames)] + [torch.tensor([-1])])
             self._layouts[key] = ImageLayout(frames, n, source, None, blended=True, video=True)
         return self._layouts[key]

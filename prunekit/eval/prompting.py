@@ -53,7 +53,8 @@ def chat_inputs(processor, images: Sequence[Sequence], prompts: Sequence[str], d
     else:
         kwargs = {"images": per_row} if per_row else {}
         inputs = processor(text=texts, videos=[list(v.frames) for v in videos],
-                           video_metadata=[v.metadata() for v in videos], return_tensors="pt", padding=True, **kwargs)
+                           video_metadata=[v.metadata() for v in videos], do_sample_frames=False,  # frames come sampled
+                           return_tensors="pt", padding=True, **kwargs)
     inputs = inputs.to(device)
     for key in ("pixel_values", "pixel_values_videos"):
         if key in inputs:

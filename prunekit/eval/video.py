@@ -1,6 +1,6 @@
 """Videos for video benchmarks (Video-MME): find a row's file, sample frames uniformly, decode them with PyAV.
 
-Frames are sampled as lmms-eval samples them (``read_video_pyav``, ``models/model_utils/load_video.py``):
+Frames are sampled as lmms-eval samples them (``read_video``'s PyAV backend, ``models/model_utils/load_video.py``):
 ``np.linspace(0, total_frames - 1, n, dtype=int)`` over the stream's frames in decode order, ``n`` at most the
 stream's frame count, each frame converted to RGB. PyAV (``av``) is an optional dependency: ``pip install -e
 ".[video]"``; it is imported only when a video is read. A file that cannot be opened or decoded is a per-sample
@@ -24,7 +24,7 @@ class Video:
     """A video's sampled frames: RGB images in time order, the source frame numbers they come from, the source's
     frame rate and frame count (what a processor's ``video_metadata`` wants)."""
     frames: list[Image.Image]
-    fps: float
+    fps: float | None  # of the source; None where the stream records none
     frame_indices: list[int]
     total_frames: int
 
@@ -71,7 +71,7 @@ def read_video(path: str | os.PathLike, n_frames: int = DEFAULT_FRAMES) -> tuple
         with av.open(str(path)) as container:
             stream = container.streams.video[0]
             rate = stream.average_rate or stream.guessed_rate
-            fps = float(rate) if rate else 0.0
+            fps = float(rate) if rate else None  # unknown: the processors fall back to their default
             total = int(stream.frames or 0)
         if total <= 0:
             with av.open(str(path)) as container:
