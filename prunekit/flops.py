@@ -135,7 +135,7 @@ def trace_flops(flops: FlopsModel, trace, sample: int, text_tokens: int, unprune
     track = trace.samples[sample]
     if trace.vision_units is not None:  # encoder units (images; LLaVA-NeXT: crops) and their projector-level tokens
         images, tokens = trace.vision_units[sample], trace.vision_tokens[sample]
-        per_image = [n * trace.merge_size for n in trace.unit_tokens[sample]]  # each unit's patches (Qwen: own sizes)
+        per_image = trace.unit_patches[sample]  # each unit's patches (Qwen: own sizes; a pooled video frame: its grid)
     else:
         images = int(track.image_of.max()) + 1 if track.span_length else 0
         tokens = track.span_length

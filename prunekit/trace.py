@@ -117,6 +117,7 @@ class PruneTrace:
     vision_units: list[int] | None = None
     vision_tokens: list[int] | None = None
     unit_tokens: list[list[int]] | None = None  # per sample: each of its vision units' tokens (LM granularity), unpruned
+    unit_patches: list[list[int]] | None = None  # per sample: each of its vision units' encoder patches, unpruned
     projector_tokens: list[int] | None = None  # per sample: tokens the projector mapped (after vision-side cuts)
     merge_size: int = 1
     notes: list[str] = field(default_factory=list)

@@ -136,3 +136,24 @@ def test_exact_count_of_llava_onevision_reads_siglip_crops(strategy):
     assert flops.vision_prefix == 0 and flops.injections == ()
     counted, analytic, _ = counted_and_analytic(model, inputs, *strategy)
     assert analytic == counted
+
+
+@pytest.mark.parametrize("family,strategy", [
+    ("qwen3-vl", ("keep_all", {})), ("qwen3-vl", ("random", {"budget": 9, "stage": "vision_layer", "layer": 2})),
+    ("onevision", ("keep_all", {})), ("onevision", ("random", {"budget": 6, "stage": "vision_layer", "layer": 2})),
+    ("onevision", ("random", {"budget": 20, "stage": "llm_layer", "layer": 2}))],
+    ids=lambda v: v if isinstance(v, str) else v[0] + "@" + v[1].get("stage", ""))
+def test_exact_count_of_a_video(family, strategy):
+    """A 6-frame video: Qwen3-VL's ViT attends within each temporal patch (3 of them, 48 patches each); OneVision's
+    SigLIP and projector run on every frame's whole grid (64 patches), kept windows only after a cut, then the pooled
+    tokens enter the LLM. torch's count of an eager prefill equals the analytic one."""
+    from prunekit.tiny import build_tiny_onevision, build_tiny_qwen3_vl, synthetic_image
+
+    build = build_tiny_qwen3_vl if family == "qwen3-vl" else build_tiny_onevision
+    model, processor = build(attn_implementation="eager")
+    content = [{"type": "video"}, {"type": "text", "text": "what happens?"}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    inputs = processor(text=[text], videos=[[synthetic_image(i, (128, 96)) for i in range(6)]], return_tensors="pt")
+    counted, analytic, handle = counted_and_analytic(model, inputs, *strategy)
+    assert handle.trace.unit_patches == ([[48, 48, 48]] if family == "qwen3-vl" else [[64] * 6])
+    assert analytic == counted

@@ -179,18 +179,94 @@ def recompute(model, x, generated):
     return model(input_ids=ids, attention_mask=mask, use_cache=False, **extra).logits[:, -1]
 
 
-def test_onevision_video_layout_and_a_vision_side_cut_refused(built):
-    """The tiny tower's 8x8 grid pools to 4x4: pooled position (i, j) blends rows 2i, 2i+1 and columns 2j, 2j+1, so it sits
-    at row 2i + 0.5 and column 2j + 0.5, which round (half to even) to 2i and 2j: token 8 * 2i + 2j. One newline closes."""
+# OneVision pools a frame's grid 2x2 (bilinear) after the projector. The windows of each pooled row (column), worked
+# out from interpolate's sampling points (j + 0.5) * side / pooled - 0.5: an 8-patch side gives 0.5, 2.5, 4.5, 6.5
+# (disjoint pairs); a 7-patch side gives 0.375, 2.125, 3.875, 5.625, so the middle windows share row 3.
+WINDOWS = {112: [[0, 1], [2, 3], [4, 5], [6, 7]], 98: [[0, 1], [2, 3], [3, 4], [5, 6]]}
+
+
+@pytest.fixture(scope="module")
+def onevision_98():
+    model, processor = build_tiny_onevision(crop_size=98)
+    return model, processor
+
+
+def members(crop: int, token: int) -> list[int]:
+    side, rows = crop // 14, WINDOWS[crop]
+    i, j = divmod(token, len(rows))
+    return sorted(r * side + c for r in rows[i] for c in rows[j])
+
+
+@pytest.mark.parametrize("crop", [112, 98])
+def test_onevision_pooled_positions_group_the_patches_they_blend(built, onevision_98, crop):
+    model, _ = built["onevision"] if crop == 112 else onevision_98
+    with prunekit.attach(model, "keep_all") as handle:
+        groups, frames = handle.adapter.pooled_video({"video_frames": [3, 3]}, (crop // 14) ** 2)
+        layout = handle.adapter._video_layout(3, 16)
+    assert [sorted(g.tolist()) for g in groups] == [members(crop, k) for k in range(16)]
+    assert frames == [3] * 6
+    assert layout.source.tolist() == list(range(48)) + [-1] and layout.grid == (4, 4) and not layout.blended
+
+
+class Diagonal(prunekit.TokenPruner):
+    """Keeps pooled positions (1, 1) and (2, 2) of every frame after vision layer 1: on a 7-patch side their windows
+    share patch (3, 3)."""
+
+    name = "diagonal"
+
+    def sites(self):
+        return [prunekit.Site("vision_layer", 1)]
+
+    def prune(self, ctx):
+        return prunekit.Keep([torch.tensor([5, 10]) for _ in range(ctx.num_units)])
+
+
+@pytest.mark.parametrize("crop,spec", [(112, dict(name="random", budget=6, stage="vision_layer", layer=1)),
+                                       (98, dict(name="random", budget=6, stage="vision_layer", layer=1)),
+                                       (98, Diagonal())], ids=["112-random", "98-random", "98-shared-patch"])
+def test_onevision_vision_cut_keeps_whole_pooling_windows(built, onevision_98, crop, spec):
+    """A vision_layer1 cut keeping 2 pooled positions a frame (random: budget 6 over 3 frames). The video tokens the
+    language model gets equal SigLIP run by hand: layers 0-1 on every patch, the later layers on the kept windows'
+    patches only (a patch two kept windows share: once), the full grid restored with zeros, the projector, the model's
+    pooling, the kept positions."""
+    model, processor = built["onevision"] if crop == 112 else onevision_98
+    x = videos(processor, [3])
+    seen = {}
+    with torch.no_grad(), prunekit.attach(model, spec) as handle:
+        hook = model.model.language_model.register_forward_pre_hook(lambda m, a, kw: seen.update(kw), with_kwargs=True)
+        model(**x)  # the hook after prunekit's: it sees the pruned embeddings
+        hook.remove()
+    track = handle.trace.samples[0]
+    kept = track.kept[track.kept < 48].sort().values  # span positions: frame * 16 + pooled token; 48 is the newline
+    per_frame = [kept[kept // 16 == f] % 16 for f in range(3)]
+    assert [len(k) for k in per_frame] == [2, 2, 2] and handle.trace.n_final == [7]  # + the newline
+    adapter, layers = handle.adapter, handle.adapter.vision_layers
+    frames = x["pixel_values_videos"][0]
+    with torch.no_grad():
+        hidden = adapter.vision_embed(frames)
+        for layer in layers[:2]:
+            hidden = adapter.run_vision_layer(layer, hidden)
+        full = torch.zeros_like(hidden)
+        for f, tokens in enumerate(per_frame):
+            patches = sorted({p for t in tokens.tolist() for p in members(crop, t)})
+            rows = hidden[f : f + 1, patches]
+            for layer in layers[2:]:
+                rows = adapter.run_vision_layer(layer, rows)
+            full[f, patches] = rows[0]
+        pooled = model.model.apply_pooling(model.model.multi_modal_projector(full))
+    expected = torch.cat([pooled[f, tokens] for f, tokens in enumerate(per_frame)])
+    slots = (x["input_ids"][0] == processor.video_token_id).nonzero().squeeze(1)
+    remaining = x["input_ids"][0] != processor.video_token_id
+    remaining[slots[track.kept]] = True
+    order = remaining.nonzero().squeeze(1)  # the language model's rows: the slots that remain, in order
+    got = seen["inputs_embeds"][0][torch.isin(order, slots[kept])]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_onevision_merges_after_the_tower_are_refused_on_a_video(built):
     model, processor = built["onevision"]
-    adapter = prunekit.attach(model, "keep_all")
-    layout = adapter.adapter._video_layout(3, 64)
-    adapter.detach()
-    hand = [16 * i + 2 * j for i in range(4) for j in range(4)]
-    assert layout.units == 3 and layout.tokens == 64 and layout.blended and layout.video
-    assert layout.source.tolist() == hand + [64 + h for h in hand] + [128 + h for h in hand] + [-1]
-    with pytest.raises(PruningError, match="pools each video frame's grid 2x2"):
-        with torch.no_grad(), prunekit.attach(model, "random", budget=8, stage="vision_layer", layer=1):
+    with pytest.raises(PruningError, match="merged or reordered tokens at projector_output"):
+        with torch.no_grad(), prunekit.attach(model, "pooling", budget=6, stage="projector_output"):
             model(**videos(processor, [3]))
 
 

@@ -50,7 +50,7 @@ class ImageLayout:
     ``grid``: the (rows, cols) raster grid of the span when it is one (None for LLaVA-NeXT's anyres layout).
     ``blended``: some span positions mix several unit tokens (LLaVA-OneVision's bilinear downscale of a large grid);
     ``source`` then names each one's nearest token, and no vision-side cut can be carried into the span.
-    ``video``: the units are a video's frames (LLaVA-OneVision pools each frame's grid 2x2 before the LM: blended).
+    ``video``: the units are a video's frames.
     """
 
     units: int
@@ -100,6 +100,7 @@ class ModelAdapter(ABC):
     mrope: ClassVar[bool] = False
     raster_images: ClassVar[bool] = True  # an image's visual tokens in the LM form one raster grid
     full_grid_features: ClassVar[bool] = False  # the model reshapes each unit's full patch grid after the encoder
+    pools_video: ClassVar[bool] = False  # the model pools each video frame's grid after the projector (OneVision)
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -254,6 +255,15 @@ class ModelAdapter(ABC):
     def video_token_id(self) -> int | None:
         """The id of the video placeholder token; None where prunekit takes no video on this family."""
         return None
+
+    def pooled_video(self, inputs: dict, n_patches: int) -> tuple[Tensor, list[int]] | None:
+        """Where the captured call is a video whose frames the model pools after the projector: (G, g) the patches each
+        pooled position blends, and each unit's (frame's) video length in frames; None otherwise."""
+        return None
+
+    def pool_video(self, features: Tensor) -> Tensor:
+        """(frames, G, D): each frame's projected grid pooled as the model pools it (``pooled_video`` families)."""
+        raise NotImplementedError(f"{self.family} pools no video")
 
     def visual_token_mask(self, input_ids: Tensor | None, inputs_embeds: Tensor | None = None) -> Tensor:
         """(B, L) bool: image or video placeholders, found the way the model finds them."""

@@ -11,8 +11,10 @@ differences from LLaVA-NeXT, both read off the model's own ``pack_image_features
 - a sample with several images gives each image its base crop only, plus one newline (``batch_num_images``).
 
 A video's frames are its vision units: SigLIP and the projector run on each frame's full grid, the model pools each
-frame's projected grid 2x2 (bilinear, ``apply_pooling``) and appends one newline per video. Pooled positions blend up to
-4 frame tokens, so a video's layout is ``blended`` too: llm_layer strategies run on its pooled tokens.
+frame's projected grid 2x2 (bilinear, ``apply_pooling``) and appends one newline per video. A frame's tokens are its
+pooled positions, each the group of patches it blends (``pooled_video``, read off the model's own pooling): inside the
+tower a cut keeps whole groups (runtime/grouped.py), the full grid is restored for the projector and the pooling, and
+the language model's entry drops the positions cut.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     family = "llava-onevision"
     model_classes = ("LlavaOnevisionForConditionalGeneration",)
     feature_selection = "full"  # SigLIP has no [CLS]: every token reaches the projector
+    pools_video = True
 
     @property
     def clip_tower(self) -> bool:
@@ -49,6 +52,23 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     @property
     def video_token_id(self) -> int:
         return self.model.config.video_token_id
+
+    def pooled_video(self, inputs: dict, n_patches: int) -> tuple[Tensor, list[int]] | None:
+        """The patches each pooled position of a frame blends (those with a weight in the model's own ``apply_pooling``
+        run on one-hot features; 2x2, fewer where an odd side makes a window land on a patch edge, then padded with
+        its first patch), and the frames of each unit's video."""
+        if "video_frames" not in inputs:
+            return None
+        key = ("pooled", n_patches)
+        if key not in self._layouts:
+            one_hot = torch.eye(n_patches, dtype=torch.float64).view(1, n_patches, n_patches)
+            weights = self.model.model.apply_pooling(one_hot)[0]  # (G, patches)
+            groups = [row.nonzero().squeeze(1) for row in weights]
+            self._layouts[key] = torch.stack([torch.cat([g, g[:1].repeat(4 - len(g))]) for g in groups])
+        return self._layouts[key], [f for f in inputs["video_frames"] for _ in range(f)]
+
+    def pool_video(self, features: Tensor) -> Tensor:
+        return self.model.model.apply_pooling(features)
 
     def capture_vision_inputs(self, kwargs: dict) -> dict:
         videos = kwargs.get("pixel_values_videos")
@@ -87,17 +107,10 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         return self._layouts[key]
 
     def _video_layout(self, frames: int, n: int) -> ImageLayout:
-        """A video's span: each frame's pooled grid (the model's own ``apply_pooling`` run on each token's row and column;
-        a position names the frame token at its rounded pooled row and column), frame after frame, then one newline."""
+        """A video's span: each frame's ``n`` pooled positions in raster order, frame after frame, then one newline."""
         key = ("video", frames, n)
         if key not in self._layouts:
-            cpu = torch.device("cpu")
+            source = torch.cat([torch.arange(frames * n), torch.tensor([-1])])
             side = int(round(n**0.5))
-            rows, cols = torch.meshgrid(torch.arange(side, dtype=torch.float64), torch.arange(side, dtype=torch.float64),
-                                        indexing="ij")
-            coords = torch.stack([rows, cols], -1).view(1, n, 2).to(cpu)
-            pooled = self.model.model.apply_pooling(coords)[0].round().long()
-            pooled = pooled[:, 0] * side + pooled[:, 1]
-            source = torch.cat([(f * n + pooled) for f in range(frames)] + [torch.tensor([-1])])
-            self._layouts[key] = ImageLayout(frames, n, source, None, blended=True, video=True)
+            self._layouts[key] = ImageLayout(frames, n, source, (side, side), video=True)
         return self._layouts[key]

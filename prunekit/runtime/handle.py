@@ -193,8 +193,10 @@ class PruningHandle(ValidationMixin, ProbingMixin, DecisionsMixin, VisionMixin, 
                     hook(layer.register_forward_pre_hook(functools.partial(self._on_vision_layer, i), with_kwargs=True))
                     if a.vision_mask_module(i) is not layer:  # the layer passes no mask on: give it to its attention
                         hook(a.vision_mask_module(i).register_forward_pre_hook(self._on_vision_mask, with_kwargs=True))
-            if a.full_grid_features:  # survivors back into each unit's full grid before the model reshapes it
-                hook(a.vision_layers[a.vision_feature_layer].register_forward_hook(self._restore_vision_grid))
+            if a.full_grid_features or a.pools_video:  # survivors back into each unit's full grid before the model groups
+                # first of the layer's hooks: transformers' output recorders (hidden_states) then record the full grid
+                hook(a.vision_layers[a.vision_feature_layer].register_forward_hook(self._restore_vision_grid,
+                                                                                   prepend=True))
         llm_layers = sorted(s.layer for s in self.sites if s.stage is Stage.LLM_LAYER)
         if llm_layers:
             for i, layer in enumerate(a.decoder_layers):

@@ -39,13 +39,17 @@ class LayoutMixin:
         trace.unit_tokens = [[vision.images[u].span_length for u in units] for units in sample_units]
         trace.vision_tokens = [sum(tokens) for tokens in trace.unit_tokens]
         trace.merge_size = self.adapter.merge_size
+        # each unit's encoder patches: merge groups of merge_size patches, or a pooled video frame's whole grid
+        patches = [vision.grouped.patches if vision.pooled else d.span_length * trace.merge_size for d in vision.images]
+        trace.unit_patches = [[patches[u] for u in units] for units in sample_units]
         if vision.projector_counts is not None:
             trace.projector_tokens = [int(vision.projector_counts[units].sum()) for units in sample_units]
         layers = len(self.adapter.vision_layers)
-        per_unit = vision.layer_counts
+        per_unit = vision.layer_counts  # tokens (pooled videos: patches already) entering each layer
         if per_unit is None:
-            per_unit = torch.tensor([[d.span_length] * layers for d in vision.images], dtype=torch.long).reshape(-1, layers)
-        per_unit = per_unit * self.adapter.merge_size  # encoder rows (patches), not merge groups
+            per_unit = torch.tensor([[p] * layers for p in patches], dtype=torch.long).reshape(-1, layers)
+        elif not vision.pooled:
+            per_unit = per_unit * self.adapter.merge_size  # encoder rows (patches), not merge groups
         trace.vision_layer_counts = torch.stack(
             [per_unit[units].sum(0) if units else torch.zeros(layers, dtype=torch.long) for units in sample_units]
         )
@@ -72,11 +76,6 @@ class LayoutMixin:
         cuts = [e for e in vision.events  # any event that dropped or moved a token (only blended layouts ask)
                 if any(len(k) != n or not torch.equal(k.cpu(), torch.arange(n)) for n, k in zip(e[1], e[2]))
                 ] if any(lay.blended for lay in layouts) else []
-        if cuts and any(lay.video for lay in layouts):
-            raise PruningError(
-                f"{self.adapter.describe()} pools each video frame's grid 2x2 (bilinear) before the language model, so "
-                f"its video tokens blend up to 4 frame tokens each and the vision-side cut of {self.strategy.name!r} at "
-                f"{cuts[0][0]} has no place in the video's span. Prune videos at llm_layer (FastV, PDrop, SparseVLM).")
         if cuts:
             raise PruningError(
                 f"{self.adapter.describe()} downscaled an image's high-resolution grid (its tokens there blend up to 4 "

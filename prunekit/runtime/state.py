@@ -31,6 +31,7 @@ class VisionPass:
     grouped: GroupedRows | None = None  # encoders whose tokens are patch groups made after them (InternVL)
     projector_counts: Tensor | None = None  # (units,) tokens the projector maps (FLOPs)
     video_frames: list[int] | None = None  # per unit: the frames of its video, where the pass is a video's frames
+    pooled: bool = False  # a video whose frames the model pools after the projector (OneVision): units are frames
 
     def lengths(self) -> Tensor:
         """(images,) tokens each image still has."""

@@ -62,6 +62,17 @@ class VisionMixin:
         full = torch.cat([hidden[:, :prefix], vision.grouped.restore(hidden[:, prefix:])], 1)
         return (full,) + tuple(output[1:]) if isinstance(output, tuple) else full
 
+    def _pooled_video(self, vision: VisionPass, n_units: int, n_patches: int) -> bool:
+        """Where the pass is a video whose frames the model pools after the projector (LLaVA-OneVision): its units are
+        frames whose tokens are the pooled positions, each a group of the patches it blends (``GroupedRows``)."""
+        pooled = self.adapter.pooled_video(self._inputs, n_patches)
+        if pooled is None:
+            return False
+        groups, vision.video_frames = pooled
+        self._new_units(vision, n_units, len(groups))
+        vision.grouped, vision.pooled = GroupedRows(groups, n_patches), True
+        return True
+
     def _new_units(self, vision: VisionPass, n_units: int, n_tokens: int) -> None:
         vision.images = [SampleTrack.full([n_tokens], [self.adapter.unit_grid(u, n_tokens)]) for u in range(n_units)]
         vision.events = []
@@ -69,14 +80,15 @@ class VisionMixin:
     def _prune_vision(self, site: Site, hidden: Tensor, vision: VisionPass) -> Tensor:
         prefix = self.adapter.vision_prefix_tokens
         patches = hidden[:, prefix:]
-        if vision.images is None:
+        if vision.images is None and not self._pooled_video(vision, patches.shape[0], patches.shape[1]):
             size = self.adapter.merge_size if self.adapter.full_grid_features else 1
             self._new_units(vision, patches.shape[0], patches.shape[1] // size)
             if size > 1:  # tokens are the patch groups the model makes after the encoder
                 vision.grouped = GroupedRows(self.adapter.feature_groups(patches.shape[1] // size))
         lengths = vision.lengths()
-        if vision.layer_counts is None:
-            vision.layer_counts = lengths[:, None].repeat(1, len(self.adapter.vision_layers))
+        if vision.layer_counts is None:  # tokens entering each layer (pooled videos: patches)
+            first = torch.full_like(lengths, patches.shape[1]) if vision.pooled else lengths
+            vision.layer_counts = first[:, None].repeat(1, len(self.adapter.vision_layers))
         grouped, ids = vision.grouped, [d.kept for d in vision.images]
         if grouped is not None:
             columns, valid = grouped.columns(ids)
@@ -96,9 +108,12 @@ class VisionMixin:
         vision.layer_counts[:, site.layer + 1 :] = counts[:, None]
         if grouped is not None:
             if grouped.live is None and bool((counts == lengths).all()):
+                if vision.pooled:
+                    vision.layer_counts[:, site.layer + 1 :] = patches.shape[1]
                 return hidden  # every group kept: the rows stay in the model's order (keep-all is exact)
-            kept = grouped.keep(patches, [d.kept for d in vision.images])
-            counts = counts * grouped.size  # encoder rows
+            kept, counts = grouped.keep(patches, [d.kept for d in vision.images])  # counts: encoder rows
+            if vision.pooled:  # overlapping windows: the rows themselves (merge_size is 1)
+                vision.layer_counts[:, site.layer + 1 :] = counts[:, None]
         else:
             kept = _assemble(patches, keep)
         counts = counts.to(hidden.device)
@@ -172,6 +187,18 @@ class VisionMixin:
             return self._packed_projector_input(site, vision, args)
         features = args[0]
         n_images, n_tokens = features.shape[:2]
+        if vision.images is None:
+            self._pooled_video(vision, n_images, n_tokens)
+        if vision.pooled:  # the full grid of every frame (restored after a cut) goes through; pooling follows
+            if n_tokens != vision.grouped.patches:
+                raise compat.seam_error(f"the projector received {n_tokens} patches per video frame, not the full grid of "
+                                        f"{vision.grouped.patches} that the model pools")
+            if site is not None:  # a pooled position: the mean of its patches' features
+                full = GroupedRows(vision.grouped.groups, n_tokens)
+                columns, valid = full.columns([d.kept for d in vision.images])
+                self._decide_pooled(site, vision, full.tokens(features, columns, valid), columns)
+            vision.projector_counts = torch.full((n_images,), n_tokens)
+            return None
         if vision.images is None or len(vision.images) != n_images:  # no vision_layer site pruned in this pass
             self._new_units(vision, n_images, n_tokens)
         lengths = vision.lengths()
@@ -193,6 +220,21 @@ class VisionMixin:
         vision.projector_counts = vision.lengths()
         return (_assemble(features, keep),) + tuple(args[1:])
 
+    def _decide_pooled(self, site: Site, vision: VisionPass, tokens: Tensor, columns: Tensor | None) -> None:
+        """A decision over each frame's live pooled positions (a video the model pools after the projector). The model
+        pools the full grids whatever is decided; the language model's entry drops the positions cut."""
+        lengths = vision.lengths()
+        valid = torch.arange(tokens.shape[1])[None] < lengths[:, None]
+        ctx = self._image_context(site, tokens, vision, lengths, 0,
+                                  columns=None if columns is None else (columns, valid))
+        keep = self._decide_all(ctx)
+        if keep.features is not None or keep.order is not None:
+            raise PruningError(
+                f"{self.strategy.name} merged or reordered tokens at {site} on {self.adapter.describe()}'s video, whose "
+                "frames the model pools itself after the projector: positions can be kept or dropped there, not merged. "
+                "Merge in the language model instead.")
+        self._apply_to_images(vision, keep, str(site))
+
     def _packed_projector_input(self, site: Site | None, vision: VisionPass, args):
         vision.projector_counts = vision.lengths()
         if site is None:
@@ -209,6 +251,15 @@ class VisionMixin:
         if vision.packed is not None:
             return self._packed_projector_output(vision, output)
         site = self._site(Stage.PROJECTOR_OUTPUT)
+        if vision.pooled:  # the model pools the full grids; the language model's entry drops the cut positions
+            if site is not None:  # the pooled positions themselves, by the model's own pooling
+                pooled = self.adapter.pool_video(output)
+                ids = [d.kept for d in vision.images]
+                tokens = pooled.new_zeros(len(ids), max(len(i) for i in ids), pooled.shape[-1])
+                for u, i in enumerate(ids):
+                    tokens[u, : len(i)] = pooled[u, i.to(pooled.device)]
+                self._decide_pooled(site, vision, tokens, None)
+            return None
         if site is not None:
             ctx = self._image_context(site, output, vision, vision.lengths(), self.adapter.vision_prefix_tokens)
             keep = self._decide_all(ctx)
@@ -286,7 +337,8 @@ class VisionMixin:
         return PruneContext(
             site=site, tokens=tokens, lengths=lengths, grids=grids, sample_of=list(range(n_images)),
             budget=self.strategy.budget, num_layers=len(self.adapter.vision_layers), signals=signals,
-            budget_units=self.adapter.budget_units(), video_frames=vision.video_frames,
+            budget_units=1 if vision.video_frames is not None else self.adapter.budget_units(),
+            video_frames=vision.video_frames,
             _prefix_source=(lambda: vision.prefix) if vision.prefix is not None else None,
             _instruction_source=self._instruction_source(site, vision),
             _seed_source=vision.seed, _grid_source=lambda u: vision.images[u].grid_positions(self.adapter.image_grid),
