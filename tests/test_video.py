@@ -294,3 +294,28 @@ def test_the_instruction_of_a_video_prompt_leaves_the_video_out(built, family):
     _, processor = built[family]
     x = videos(processor, [4], questions=["is the ball red?"])
     assert InstructionReader(processor).text(x["input_ids"][0].tolist(), 0) == "is the ball red?"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("family", ["qwen3-vl", "onevision"])
+def test_a_video_prunes_in_half_precision(family, dtype):
+    """The twin in bf16 / fp16 on two padded videos: a cut in the ViT, FlowCut and an LLM cut give finite logits of that
+    dtype, a vision-side budget per video (8 over 2 units: 4 each) and generate runs on the pruned cache."""
+    model, processor = BUILDERS[family]()
+    model = model.to(dtype)
+    processor.tokenizer.padding_side = "left"
+    x = videos(processor, [4, 4])
+    x["pixel_values_videos"] = x["pixel_values_videos"].to(dtype)
+    units = 2 if family == "qwen3-vl" else 4  # temporal patches of 2 frames; OneVision: frames
+    for spec in [dict(name="keep_all"), dict(name="random", budget=8, stage="vision_layer", layer=1),
+                 dict(name="flowcut", budget=8), dict(name="fastv", budget=8, layer=2)]:
+        with torch.no_grad(), prunekit.attach(model, spec) as h:
+            logits = model(**x).logits
+            assert logits.dtype == dtype and torch.isfinite(logits).all(), spec
+            if spec["name"] == "random":
+                (event,) = h.trace.events
+                assert event.n_out == [units * (8 // units)] * 2
+            elif spec["name"] != "keep_all":
+                assert all(n <= 8 + (family == "onevision") for n in h.trace.n_final), spec  # + the newline
+            out = model.generate(**x, max_new_tokens=2, min_new_tokens=2, do_sample=False)
+            assert out.shape[1] == x["input_ids"].shape[1] + 2
