@@ -233,7 +233,7 @@ def test_a_corrupt_image_is_skipped_and_counted_and_the_rest_answered(tiny_dir, 
     scores = model.loglikelihood([loglikelihood_request("Any?", " yes", 4), loglikelihood_request("Any?", " yes", 1)])
     assert scores[0].text == (float("inf"), False) and scores[1].text[0] < float("inf")
     model.task_dict[TASK]["test"].append({"image": None})
-    with pytest.raises(PruningError, match="no image of this batch of 2 requests could be read"):
+    with pytest.raises(PruningError, match="no visual of this batch of 2 requests could be read"):
         model.generate_until([generate_request("Any?", 4), generate_request("Any?", 5)])
     lines = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
     assert [(line["doc_id"], line.get("skipped", False)) for line in lines] == [(0, False), (4, True), (0, False),
@@ -296,3 +296,68 @@ def test_the_means_reach_an_active_wandb_runs_summary(tiny_dir, images, monkeypa
     assert summary["prunekit/prefill_ms"] > 0 and summary["prunekit/samples"] == 2
     model.generate_until([generate_request("Is there a red circle?", 0)])
     assert sys.modules["wandb"].run.summary["prunekit/samples"] == 3  # the run's means so far, not the last call's
+
+
+def write_video(path, n_frames=12, fps=4, side=64):
+    """Frame k a solid colour with red rising by 20 a frame; mpeg4 in yuv420p."""
+    import numpy as np
+
+    av = pytest.importorskip("av")
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mpeg4", rate=fps)
+        stream.width = stream.height = side
+        stream.pix_fmt = "yuv420p"
+        for k in range(n_frames):
+            pixels = np.full((side, side, 3), (10 + 20 * k, 100, 120), np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+def test_a_video_task_answers_and_scores_through_the_plugin(tmp_path):
+    """A task whose doc_to_visual gives a video's path: max_frames_num=4 of its 12 frames, sampled at 0, 3, 7, 11
+    (np.linspace(0, 11, 4) truncated), reach the model with their metadata; keep_all's loss is the plain forward's on
+    those frames; FastV prunes the video's tokens; an unreadable file is skipped and counted."""
+    import av
+
+    write_video(tmp_path / "v.mp4")
+    (tmp_path / "bad.mp4").write_bytes(b"not a video" * 100)
+    docs = [{"video": str(tmp_path / "v.mp4")}, {"video": str(tmp_path / "bad.mp4")}]
+    model = PrunekitLMM(pretrained="tiny-qwen3-vl", strategy="keep_all", max_frames_num=4)
+    model.task_dict = {TASK: {"test": docs}}
+
+    def video(doc):
+        return [doc["video"]]
+
+    request = Instance("loglikelihood", ("What happens?", " yes", video, 0, TASK, "test"), idx=0,
+                       metadata={"task": TASK, "doc_id": 0, "repeats": 1})
+    (result,) = model.loglikelihood([request])
+    with av.open(str(tmp_path / "v.mp4")) as container:
+        frames = [f.to_image() for f in container.decode(video=0)]
+    processor = model.processor
+    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "video"},
+                                                                      {"type": "text", "text": "What happens?"}]}],
+                                         add_generation_prompt=True)
+    meta = [{"fps": 4.0, "frames_indices": [0, 3, 7, 11], "total_num_frames": 12}]
+    clip = [frames[i] for i in (0, 3, 7, 11)]
+    head = processor(text=[text], videos=[clip], video_metadata=meta, return_tensors="pt")
+    whole = processor(text=[text + " yes"], videos=[clip], video_metadata=meta, return_tensors="pt")
+    n = whole["input_ids"].shape[1] - head["input_ids"].shape[1]
+    with torch.no_grad():
+        logits = model.model(**whole).logits[0].float().log_softmax(-1)
+    expected = -logits[-n - 1:-1].gather(1, whole["input_ids"][0, -n:, None]).mean().item()
+    assert result.text[0] == pytest.approx(expected, abs=1e-4)
+    # the temporal patches' times: frames 0 and 3 at 4 fps, (0 + 0.75) / 2 = 0.375 s; frames 7 and 11: 2.25 s (a tie,
+    # written half to even)
+    decoded = processor.tokenizer.decode(whole["input_ids"][0])
+    assert "<0.4 seconds>" in decoded and "<2.2 seconds>" in decoded
+
+    pruned = PrunekitLMM(pretrained="tiny-qwen3-vl", strategy="fastv", budget=4, max_frames_num=4, batch_size=2)
+    pruned.task_dict = model.task_dict
+    answers = pruned.generate_until([
+        Instance("generate_until", ("What happens?", {"max_new_tokens": 2, "until": []}, video, d, TASK, "test"),
+                 idx=0, metadata={"task": TASK, "doc_id": d, "repeats": 1}) for d in (0, 1)])
+    counts = answers[0].token_counts.prunekit
+    assert counts["n_vanilla"] == int((head["input_ids"] == processor.video_token_id).sum()) and counts["n_final"] == 4
+    assert answers[1].text == "" and answers[1].token_counts.prunekit["skipped"] is True

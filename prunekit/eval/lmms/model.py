@@ -10,6 +10,8 @@ Model args (``--model_args k=v,...``; lmms-eval passes ``batch_size`` and ``devi
 - ``dtype``, ``attn_implementation``: override the model config's.
 - ``stats_path``: append one JSON line per sample (``doc_id``, ``task``, ``n_in``, ``n_final``, ``n_avg``,
   ``prefill_ms``, ...); unset, ``$PRUNEKIT_LMMS_STATS`` names the file.
+- ``max_frames_num`` (default 32, as lmms-eval's LLaVA-OneVision and Qwen-VL models): frames sampled uniformly from a
+  video task's file (``doc_to_visual`` gives its path), decoded with PyAV (``.[video]``) as prunekit's evaluator does.
 
 Requests are answered as prunekit's own evaluator answers them (``prompting``: the images first, then the
 context, under the processor's chat template; greedy unless the task asks to sample; the text cut at the task's
@@ -48,7 +50,8 @@ from ..run import RANDOM_WEIGHTS_NOTE, strategy_config
 
 log = logging.getLogger("prunekit")
 STATS_ENV = "PRUNEKIT_LMMS_STATS"
-OWN_ARGS = ("pretrained", "strategy", "budget", "dtype", "attn_implementation", "device", "batch_size", "stats_path")
+OWN_ARGS = ("pretrained", "strategy", "budget", "dtype", "attn_implementation", "device", "batch_size", "stats_path",
+            "max_frames_num")
 MEANS = ("n_vanilla", "n_in", "n_final", "n_avg", "prefill_ms")  # averaged over the answered samples
 DEFAULT_MAX_NEW_TOKENS = 1024  # lmms-eval's Hugging Face models, for a task that sets none
 
@@ -95,7 +98,8 @@ class PrunekitLMM(lmms):
 
     def __init__(self, pretrained: str = "tiny", strategy: str = "keep_all", budget: int | None = None,
                  dtype: str | None = None, attn_implementation: str | None = None, device: str | None = None,
-                 batch_size: int | str = 1, stats_path: str | None = None, max_batch_size=None, **knobs):
+                 batch_size: int | str = 1, stats_path: str | None = None, max_frames_num: int = 32,
+                 max_batch_size=None, **knobs):
         # max_batch_size: lmms-eval passes it for batch_size=auto, which is refused below
         super().__init__()
         settings = model_settings(str(pretrained))
@@ -116,6 +120,8 @@ class PrunekitLMM(lmms):
         stats_path = stats_path or os.environ.get(STATS_ENV)
         self.stats_path = Path(stats_path) if stats_path else None
         self.image_token = getattr(self.processor, "image_token", None)
+        self.video_token = getattr(self.processor, "video_token", None)
+        self.max_frames_num = int(max_frames_num)
         self._totals: dict[str, float] = {}  # sums over the run, for the W&B summary
         if settings.get("random_weights"):
             log.warning(RANDOM_WEIGHTS_NOTE)
@@ -126,13 +132,13 @@ class PrunekitLMM(lmms):
         stats = []
         for batch in self._batches(requests, by_generation=True):
             gen = batch[0][1].args[1]
-            batch, contexts, images, skipped = self._readable(batch)
+            batch, contexts, images, videos, skipped = self._readable(batch)
             for i, record in skipped:
                 answers[i] = GenerationResult("", PrunedTokenCounts(prunekit=record))
                 stats.append(record)
             if not batch:
                 continue
-            inputs = chat_inputs(self.processor, images, contexts, self._device, self.model.dtype)
+            inputs = chat_inputs(self.processor, images, contexts, self._device, self.model.dtype, videos=videos)
             timer = PrefillTimer(self.model, self.vision_tower)
             with attach(self.model, self.strategy, processor=self.processor) as handle, \
                     handle.instructions(contexts), timer:
@@ -175,16 +181,17 @@ class PrunekitLMM(lmms):
         stats = []
         tokenizer = self.processor.tokenizer
         for batch in self._batches(requests, by_generation=False):
-            batch, contexts, images, skipped = self._readable(batch)
+            batch, contexts, images, videos, skipped = self._readable(batch)
             for i, record in skipped:
                 results[i] = GenerationResult((float("inf"), False), PrunedTokenCounts(prunekit=record))
                 stats.append(record)
             if not batch:
                 continue
-            inputs = chat_inputs(self.processor, images, contexts, self._device, self.model.dtype)
-            continuations = [self._continuation_ids(tokenizer, chat_text(self.processor, len(row), context),
+            inputs = chat_inputs(self.processor, images, contexts, self._device, self.model.dtype, videos=videos)
+            continuations = [self._continuation_ids(tokenizer, chat_text(self.processor, len(row), context,
+                                                                         n_videos=int(video is not None)),
                                                     self._continuation(r))
-                             for row, context, (_, r) in zip(images, contexts, batch)]
+                             for row, context, video, (_, r) in zip(images, contexts, videos, batch)]
             longest = max(len(c) for c in continuations)
             forced = torch.tensor([c + [c[-1]] * (longest - len(c)) for c in continuations], device=self._device)
             timer = PrefillTimer(self.model, self.vision_tower)
@@ -244,33 +251,47 @@ class PrunekitLMM(lmms):
                 yield group[start:start + self.batch_size]
 
     def _readable(self, batch: list):
-        """``batch`` split into the requests whose images decode (with their contexts and RGB images) and the
-        others, ``(index, record)``: a corrupt image is skipped and counted, never the end of the run. lmms-eval
-        still scores a skipped request (an empty answer, log-probability -inf), as wrong."""
-        readable, contexts, images, skipped = [], [], [], []
+        """``batch`` split into the requests whose visuals decode (with their contexts, RGB images and video) and the
+        others, ``(index, record)``: a corrupt image or video is skipped and counted, never the end of the run.
+        lmms-eval still scores a skipped request (an empty answer, log-probability -inf), as wrong. A visual given as
+        a path is a video file: ``max_frames_num`` frames sampled uniformly (``prunekit.eval.video``)."""
+        readable, contexts, images, videos, skipped = [], [], [], [], []
         for i, r in batch:
             doc_to_visual, doc_id, task, split = r.args[2], r.args[3], r.args[4], r.args[5]
             doc = self.task_dict[task][split][doc_id]
             try:
                 visuals = doc_to_visual(doc) or []
                 visuals = [v for item in visuals for v in (item if isinstance(item, list) else [item])]
-                if any(isinstance(v, str) for v in visuals):
-                    raise NotImplementedError(f"task {task!r} gives videos; prunekit's lmms-eval model takes images")
-                rgb = [v.convert("RGB") for v in visuals]
-            except (OSError, ValueError, AttributeError, SyntaxError) as error:  # PIL's ways to fail on bad bytes
-                log.warning("skipping doc %s of %s: its image cannot be read (%s)", doc_id, task, error)
+                paths = [v for v in visuals if isinstance(v, (str, os.PathLike))]
+                if len(paths) > 1 or (paths and len(paths) != len(visuals)):
+                    raise NotImplementedError(f"task {task!r} gives {len(paths)} videos and {len(visuals) - len(paths)} "
+                                              "images per question; prunekit's lmms-eval model takes images or one video")
+                video = self._video(paths[0]) if paths else None
+                rgb = [] if paths else [v.convert("RGB") for v in visuals]
+            except (OSError, ValueError, AttributeError, SyntaxError) as error:  # PIL's (and PyAV's) ways to fail
+                log.warning("skipping doc %s of %s: its visual cannot be read (%s)", doc_id, task, error)
                 skipped.append((i, {"doc_id": doc_id, "task": task, "skipped": True, "error": repr(error)}))
                 continue
             context = r.args[0]
-            if self.image_token and self.image_token in context:  # the template places the images itself
-                context = context.replace(self.image_token, "").strip()
+            for token in (self.image_token, self.video_token):  # the template places the visuals itself
+                if token and token in context:
+                    context = context.replace(token, "").strip()
             readable.append((i, r))
             contexts.append(context)
             images.append(rgb)
+            videos.append(video)
         if len(batch) > 1 and not readable:  # a whole batch unreadable is a wrong task or layout, not bad luck
-            raise PruningError(f"no image of this batch of {len(batch)} requests could be read, e.g. "
+            raise PruningError(f"no visual of this batch of {len(batch)} requests could be read, e.g. "
                                f"{skipped[0][1]['error']}; check the task's doc_to_visual against the dataset")
-        return readable, contexts, images, skipped
+        return readable, contexts, images, videos, skipped
+
+    def _video(self, path):
+        from ..video import read_video
+
+        video, error = read_video(path, self.max_frames_num)
+        if video is None:
+            raise OSError(error)
+        return video
 
     def _record(self, request: Instance, trace, row: int, timing, batch_size: int) -> dict:
         """One sample's token counts (n_in / n_final / n_avg, docs/evaluation.md) and its batch's timings."""
