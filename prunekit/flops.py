@@ -134,8 +134,9 @@ def trace_flops(flops: FlopsModel, trace, sample: int, text_tokens: int, unprune
     ``unpruned``: the same sample with every visual token kept everywhere (the vanilla model)."""
     track = trace.samples[sample]
     if trace.vision_units is not None:  # encoder units (images; LLaVA-NeXT: crops) and their projector-level tokens
-        images, tokens = trace.vision_units[sample], trace.vision_tokens[sample]
+        images = trace.vision_units[sample]
         per_image = trace.unit_patches[sample]  # each unit's patches (Qwen: own sizes; a pooled video frame: its grid)
+        tokens = sum(per_image) // trace.merge_size  # the projector's input, unpruned (a pooled frame: its whole grid)
     else:
         images = int(track.image_of.max()) + 1 if track.span_length else 0
         tokens = track.span_length

@@ -186,11 +186,18 @@ class FlowCut(TokenPruner):
         if self._tokens_key != key:
             lengths = ctx.lengths.to(ctx.tokens.device)
             live = torch.arange(ctx.tokens.shape[1], device=lengths.device)[None] < lengths[:, None]
-            target = torch.tensor([ctx.target(u) if self._unit_target is None
-                                   else min(max(self._unit_target // ctx.frames(u), 1), n)  # per video: over its frames
-                                   for u, n in enumerate(key[1])], device=lengths.device)
+            target = torch.tensor([self.unit_target(ctx, u, n) for u, n in enumerate(key[1])], device=lengths.device)
             self._tokens_key, self._tokens = key, (lengths, live, target, (lengths - target).clamp(min=0))
         return self._tokens
+
+    def unit_target(self, ctx: PruneContext, unit: int, n: int) -> int:
+        """The unit's tokens after the encoder stage: the budget's share (one stage), int(T/2) per crop, 2T per image on
+        Qwen (the references); a video keeps 2T over its frames before the LLM cut to T, on every family."""
+        if self._unit_target is None:
+            return ctx.target(unit)
+        if ctx.video_frames is not None:
+            return min(max(2 * self.budget.tokens // ctx.frames(unit), 1), n)
+        return min(self._unit_target, n)
 
     def layer_signals(self, ctx: PruneContext) -> "LayerSignals":
         """One layer's signals as recorded (views, any dtype): what its score needs."""

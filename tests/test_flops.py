@@ -157,3 +157,6 @@ def test_exact_count_of_a_video(family, strategy):
     counted, analytic, handle = counted_and_analytic(model, inputs, *strategy)
     assert handle.trace.unit_patches == ([[48, 48, 48]] if family == "qwen3-vl" else [[64] * 6])
     assert analytic == counted
+    text = int(inputs["attention_mask"].sum()) - handle.trace.n_vanilla[0]
+    unpruned = trace_flops(FlopsModel.from_model(model), handle.trace, 0, text, unpruned=True)["exact"]
+    assert (unpruned == analytic) if strategy[0] == "keep_all" else (unpruned > analytic)  # the vanilla model's count

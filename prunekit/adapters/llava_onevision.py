@@ -111,6 +111,5 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         key = ("video", frames, n)
         if key not in self._layouts:
             source = torch.cat([torch.arange(frames * n), torch.tensor([-1])])
-            side = int(round(n**0.5))
-            self._layouts[key] = ImageLayout(frames, n, source, (side, side), video=True)
+            self._layouts[key] = ImageLayout(frames, n, source, None, video=True)  # frames' grids: unit_grid
         return self._layouts[key]

@@ -87,7 +87,7 @@ class LayoutMixin:
         for lay in layouts:
             units = list(range(start, start + lay.units))
             start += lay.units
-            images.append(_Image(lay, units, [vision.images[u] for u in units], newlines))
+            images.append(_Image(lay, units, [vision.images[u] for u in units], newlines or lay.video))  # a video's end
         return images
 
 

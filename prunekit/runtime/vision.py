@@ -68,6 +68,12 @@ class VisionMixin:
         pooled = self.adapter.pooled_video(self._inputs, n_patches)
         if pooled is None:
             return False
+        last = len(self.adapter.vision_layers) - 1
+        if self.adapter.vision_feature_layer != last and any(s.stage is Stage.VISION_LAYER for s in self.sites):
+            raise PruningError(
+                f"{self.strategy.name!r} cuts a video inside the vision tower of {self.adapter.describe()}, whose "
+                f"projector reads layer {self.adapter.vision_feature_layer}, not the last ({last}): the frames' full "
+                "grids are restored only after the last layer. Prune the video at vision_output or in the LLM.")
         groups, vision.video_frames = pooled
         self._new_units(vision, n_units, len(groups))
         vision.grouped, vision.pooled = GroupedRows(groups, n_patches), True
@@ -99,6 +105,8 @@ class VisionMixin:
         keep = self._decide(ctx)
         if keep is None:
             return hidden
+        if grouped is not None and keep.features is not None and vision.pooled:
+            raise PruningError(self._no_merge_on_pooled_video(site))
         if grouped is not None and keep.features is not None:
             raise PruningError(
                 f"{self.strategy.name} merged tokens at {site} on {self.adapter.describe()}; inside this encoder the "
@@ -193,10 +201,11 @@ class VisionMixin:
             if n_tokens != vision.grouped.patches:
                 raise compat.seam_error(f"the projector received {n_tokens} patches per video frame, not the full grid of "
                                         f"{vision.grouped.patches} that the model pools")
-            if site is not None:  # a pooled position: the mean of its patches' features
+            if site is not None:  # a pooled position: the mean of its patches' features (the restored full grid)
+                ids = [d.kept for d in vision.images]
                 full = GroupedRows(vision.grouped.groups, n_tokens)
-                columns, valid = full.columns([d.kept for d in vision.images])
-                self._decide_pooled(site, vision, full.tokens(features, columns, valid), columns)
+                columns, valid = full.columns(ids)
+                self._decide_pooled(site, vision, full.tokens(features, columns, valid))
             vision.projector_counts = torch.full((n_images,), n_tokens)
             return None
         if vision.images is None or len(vision.images) != n_images:  # no vision_layer site pruned in this pass
@@ -220,20 +229,24 @@ class VisionMixin:
         vision.projector_counts = vision.lengths()
         return (_assemble(features, keep),) + tuple(args[1:])
 
-    def _decide_pooled(self, site: Site, vision: VisionPass, tokens: Tensor, columns: Tensor | None) -> None:
+    def _decide_pooled(self, site: Site, vision: VisionPass, tokens: Tensor) -> None:
         """A decision over each frame's live pooled positions (a video the model pools after the projector). The model
-        pools the full grids whatever is decided; the language model's entry drops the positions cut."""
+        pools the full grids whatever is decided; the language model's entry drops the positions cut. Signals are the
+        feature layer's, over each position's patches in the rows that layer ran on."""
         lengths = vision.lengths()
-        valid = torch.arange(tokens.shape[1])[None] < lengths[:, None]
-        ctx = self._image_context(site, tokens, vision, lengths, 0,
-                                  columns=None if columns is None else (columns, valid))
+        columns, valid = vision.grouped.columns([d.kept for d in vision.images])
+        prefix = self.adapter.vision_prefix_tokens
+        ctx = self._image_context(site, tokens, vision, lengths, prefix, columns=(prefix + columns, valid))
         keep = self._decide_all(ctx)
         if keep.features is not None or keep.order is not None:
-            raise PruningError(
-                f"{self.strategy.name} merged or reordered tokens at {site} on {self.adapter.describe()}'s video, whose "
-                "frames the model pools itself after the projector: positions can be kept or dropped there, not merged. "
-                "Merge in the language model instead.")
+            raise PruningError(self._no_merge_on_pooled_video(site))
         self._apply_to_images(vision, keep, str(site))
+
+    def _no_merge_on_pooled_video(self, site: Site) -> str:
+        return (f"{self.strategy.name} merged or reordered tokens at {site} on a video of {self.adapter.describe()}, "
+                "whose frames the model pools itself after the projector: at every vision-side site a video's pooled "
+                "positions are kept or dropped whole, never merged. Use a selecting strategy there (random, DivPrune, "
+                "FlowCut, ...) or prune the video in the language model (FastV, PDrop, SparseVLM).")
 
     def _packed_projector_input(self, site: Site | None, vision: VisionPass, args):
         vision.projector_counts = vision.lengths()
@@ -258,7 +271,7 @@ class VisionMixin:
                 tokens = pooled.new_zeros(len(ids), max(len(i) for i in ids), pooled.shape[-1])
                 for u, i in enumerate(ids):
                     tokens[u, : len(i)] = pooled[u, i.to(pooled.device)]
-                self._decide_pooled(site, vision, tokens, None)
+                self._decide_pooled(site, vision, tokens)
             return None
         if site is not None:
             ctx = self._image_context(site, output, vision, vision.lengths(), self.adapter.vision_prefix_tokens)

@@ -261,6 +261,7 @@ class PrunekitLMM(lmms):
             doc = self.task_dict[task][split][doc_id]
             try:
                 visuals = doc_to_visual(doc) or []
+                visuals = [visuals] if isinstance(visuals, (str, os.PathLike)) else visuals  # one path, not a list
                 visuals = [v for item in visuals for v in (item if isinstance(item, list) else [item])]
                 paths = [v for v in visuals if isinstance(v, (str, os.PathLike))]
                 if len(paths) > 1 or (paths and len(paths) != len(visuals)):
