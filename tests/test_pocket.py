@@ -224,6 +224,30 @@ def test_the_curriculum_shows_questions_every_object_token_and_a_growing_share_o
         assert hidden[image].sum() == round(background * (1 - shown))
 
 
+def test_the_object_curriculum_grows_from_few_objects_to_six():
+    """objects_start=3, objects_anneal=0.5 over 20 samples: at most 3 objects for samples 0-4, then one more every 2.5
+    samples (3 + int(4 i / 10)) up to 6 from sample 8; the default draws the scenes of every other split."""
+    from prunekit.pocket.model import build_tokenizer
+    from prunekit.pocket.training import QuestionDataset
+
+    data = QuestionDataset(build_tokenizer(), seed=3, length=20, questions=1, objects_start=3, objects_anneal=0.5)
+    assert [data.max_objects(i) for i in (0, 2, 3, 5, 6, 8, 19)] == [3, 3, 4, 5, 5, 6, 6]
+    assert all(len(S.draw_scene(np.random.default_rng([5, i]), max_objects=2).objects) <= 2 for i in range(30))
+    default = QuestionDataset(build_tokenizer(), seed=3, length=20, questions=1)
+    assert all(default.max_objects(i) == 6 for i in range(20))
+    a, b = S.draw_scene(np.random.default_rng([3, 7])), S.draw_scene(np.random.default_rng([3, 7]), max_objects=6)
+    assert np.array_equal(a.pixels, b.pixels)
+
+
+def test_the_language_model_can_be_narrowed():
+    from prunekit.pocket.model import build_pocket
+
+    model, _ = build_pocket(text={"num_hidden_layers": 3, "hidden_size": 128, "intermediate_size": 384})
+    text = model.config.text_config
+    assert (text.num_hidden_layers, text.hidden_size, text.intermediate_size) == (3, 128, 384)
+    assert model.model.multi_modal_projector.linear_2.out_features == 128  # the projector maps to the LM's width
+
+
 def test_descriptions_list_every_object_top_to_bottom_in_the_vocabulary():
     scene = scene_of(RED_CROSS, BLUE_SQUARE, RED_CIRCLE)
     assert S.caption(scene) == "small red circle , large blue square , large red cross"

@@ -51,14 +51,15 @@ def build_processor(tokenizer):
                           chat_template=LLAVA_CHAT_TEMPLATE)
 
 
-def build_pocket(seed: int = 0, attn_implementation: str = "sdpa"):
-    """(untrained model, processor) of the pocket architecture."""
+def build_pocket(seed: int = 0, attn_implementation: str = "sdpa", text: dict | None = None):
+    """(untrained model, processor) of the pocket architecture; ``text``: overrides of the Llama's config (``TEXT``)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     tok = build_tokenizer()
     vision = CLIPVisionConfig(**VISION, image_size=SIZE, patch_size=PATCH, projection_dim=VISION["hidden_size"])
-    text = LlamaConfig(**TEXT, vocab_size=len(tok), max_position_embeddings=1024, pad_token_id=tok.pad_token_id,
-                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=False)
+    text = LlamaConfig(**(TEXT | dict(text or {})), vocab_size=len(tok), max_position_embeddings=1024,  # text: overrides
+                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                       tie_word_embeddings=False)
     cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids(IMAGE_TOKEN),
                       image_seq_length=GRID * GRID, vision_feature_layer=-2, vision_feature_select_strategy="default",
                       projector_hidden_act="gelu", pad_token_id=tok.pad_token_id)

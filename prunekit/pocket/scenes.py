@@ -145,12 +145,12 @@ def _background(rng: np.random.Generator) -> tuple[np.ndarray, str]:
     return np.clip(img, 0, 255).astype(np.uint8), kind
 
 
-def draw_scene(rng: np.random.Generator, n_objects: int | None = None) -> Scene:
-    """1-6 non-overlapping objects of distinct colour-shape kinds, each with a little colour jitter."""
+def draw_scene(rng: np.random.Generator, n_objects: int | None = None, max_objects: int = 6) -> Scene:
+    """1-``max_objects`` (6) non-overlapping objects of distinct colour-shape kinds, each with a little colour jitter."""
     pixels, kind = _background(rng)
     pixels = pixels.astype(np.int16)
     owner = np.full((SIZE, SIZE), -1, np.int8)
-    n = int(rng.integers(1, 7)) if n_objects is None else n_objects
+    n = int(rng.integers(1, max_objects + 1)) if n_objects is None else n_objects
     kinds = rng.choice(len(KINDS), size=n, replace=False, p=KIND_PRIOR)
     objects: list[Obj] = []
     boxes: list[tuple[int, int, int]] = []

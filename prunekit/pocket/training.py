@@ -104,9 +104,10 @@ class QuestionDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, tokenizer, seed: int, length: int, questions: int, describe: float = 0.0,
-                 background_start: float = 1.0, anneal: float = 0.0):
+                 background_start: float = 1.0, anneal: float = 0.0, objects_start: int = 6, objects_anneal: float = 0.0):
         self.tok, self.seed, self.length, self.questions, self.describe = tokenizer, seed, length, questions, describe
         self.background_start, self.anneal = background_start, anneal
+        self.objects_start, self.objects_anneal = objects_start, objects_anneal
         self.image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
 
     def background_shown(self, i: int) -> float:
@@ -116,12 +117,19 @@ class QuestionDataset(torch.utils.data.Dataset):
             return 1.0
         return min(1.0, self.background_start + (1 - self.background_start) * i / (self.anneal * self.length))
 
+    def max_objects(self, i: int) -> int:
+        """The most objects a picture of sample ``i`` holds: ``objects_start`` at first, one more at each equal step up to
+        6 at ``objects_anneal`` x the run's samples (a curriculum from few objects to many; 0: 6 throughout)."""
+        if self.objects_anneal <= 0:
+            return 6
+        return min(6, self.objects_start + int((7 - self.objects_start) * i / (self.objects_anneal * self.length)))
+
     def __len__(self):
         return self.length
 
     def __getitem__(self, i):
         rng = np.random.default_rng([self.seed, i])
-        scene = S.draw_scene(rng)
+        scene = S.draw_scene(rng, max_objects=self.max_objects(i))
         prefix = [self.tok.bos_token_id] + self._ids("USER:") + [self.image_id] * (S.GRID * S.GRID)
         ids, labels, positions, segments, types = list(prefix), [-100] * len(prefix), list(range(len(prefix))), \
             [0] * len(prefix), []
@@ -394,7 +402,7 @@ def train(cfg, loggers: list = ()) -> str:
 
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
-    model, processor = build_pocket(seed=cfg.seed)
+    model, processor = build_pocket(seed=cfg.seed, text=cfg.get("language_model"))
     if cfg.init_from:  # a saved VLM (e.g. <run>/stage1) to start from instead of the random initialisation
         from transformers import LlavaForConditionalGeneration
 
@@ -429,7 +437,8 @@ def train(cfg, loggers: list = ()) -> str:
     fit(InstructionTuning(model, s2.lr, s2.warmup, s2.steps, unfreeze=s2.unfreeze_tower_layers,
                           tower_lr_scale=s2.tower_lr_scale, held_out=held_out, check_every=s2.check_every),
         QuestionDataset(processor.tokenizer, cfg.train_seed + 1000, s2.steps * s2.batch_size, s2.questions,
-                        s2.describe, s2.background_start, s2.anneal), s2,
+                        s2.describe, s2.background_start, s2.anneal, s2.get("objects_start", 6),
+                        s2.get("objects_anneal", 0.0)), s2,
         collate=lambda batch: collate_questions(batch, pad))
     model.to(getattr(torch, cfg.save_dtype)).eval()
     model.config.dtype = cfg.save_dtype
