@@ -267,10 +267,7 @@ class VisionMixin:
         if vision.pooled:  # the model pools the full grids; the language model's entry drops the cut positions
             if site is not None:  # the pooled positions themselves, by the model's own pooling
                 pooled = self.adapter.pool_video(output)
-                ids = [d.kept for d in vision.images]
-                tokens = pooled.new_zeros(len(ids), max(len(i) for i in ids), pooled.shape[-1])
-                for u, i in enumerate(ids):
-                    tokens[u, : len(i)] = pooled[u, i.to(pooled.device)]
+                tokens = _assemble(pooled, Keep([d.kept.to(pooled.device) for d in vision.images]))
                 self._decide_pooled(site, vision, tokens)
             return None
         if site is not None:
